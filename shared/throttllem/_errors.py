@@ -1,0 +1,52 @@
+"""One errors module: every error throttLL'eM raises derives from ThrottllemError and from
+the builtin a caller would naturally catch, so `except ValueError` keeps working."""
+
+from __future__ import annotations
+
+
+class ThrottllemError(Exception):
+    """Base of every throttLL'eM error."""
+
+
+class ConfigError(ThrottllemError, ValueError):
+    """A setting, profile file or command-line option is invalid."""
+
+
+class MalformedEventError(ThrottllemError, ValueError):
+    """A message on the bus could not be decoded as the event its subject promises."""
+
+
+class ClockOutOfRangeError(ThrottllemError, ValueError):
+    """An SM clock that the GPU does not support was requested."""
+
+
+class BusError(ThrottllemError, ConnectionError):
+    """The NATS bus is unreachable or refused an operation."""
+
+
+class NatsServerNotFoundError(ThrottllemError, FileNotFoundError):
+    """No nats-server binary to start an embedded bus with."""
+
+
+class GpuError(ThrottllemError, RuntimeError):
+    """A GPU backend (NVML or the twin) failed."""
+
+
+class GpuNotFoundError(GpuError, LookupError):
+    """No NVIDIA driver, or no GPU at the requested index."""
+
+
+class GpuPermissionError(GpuError, PermissionError):
+    """The GPU backend lacks the privilege for an operation (usually setting clocks)."""
+
+
+class GpuNotSupportedError(GpuError, NotImplementedError):
+    """The GPU or driver does not support an operation."""
+
+
+class TraceError(ThrottllemError, ValueError):
+    """A request trace file is missing, malformed or empty."""
+
+
+class ModelError(ThrottllemError, RuntimeError):
+    """A trained model (ONNX) is missing, corrupt or disagrees with its card."""

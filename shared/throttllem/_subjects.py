@@ -1,0 +1,73 @@
+"""NATS subjects: one place that names them all (the README's subjects table mirrors this).
+
+Tokens that identify an instance, node or service must be single NATS tokens: no dots,
+spaces or wildcards. `token()` checks that, so a bad name fails where it is configured
+rather than as a silently unroutable subject.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from throttllem._errors import ConfigError
+
+PREFIX: Final = "tllm.v1"
+
+REQUEST_ARRIVED: Final = f"{PREFIX}.request.arrived"
+REQUEST_PREDICTED: Final = f"{PREFIX}.request.predicted"
+REQUEST_ADMITTED: Final = f"{PREFIX}.request.admitted"
+REQUEST_DEFERRED: Final = f"{PREFIX}.request.deferred"
+REQUEST_COMPLETED: Final = f"{PREFIX}.request.completed"
+REQUEST_ALL: Final = f"{PREFIX}.request.>"
+PREDICT_RPC: Final = f"{PREFIX}.rpc.predict"
+
+ENERGY_REQUEST: Final = f"{PREFIX}.energy.request"
+SCALE_TARGET: Final = f"{PREFIX}.scale.target"
+SCALE_APPLIED: Final = f"{PREFIX}.scale.applied"
+
+# JetStream: requests and completions are durable so that a restarted service loses none.
+REQUEST_STREAM: Final = "TLLM_REQUESTS"
+
+_TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def token(name: str) -> str:
+    """Validate one subject token (instance, node or service name)."""
+    if not _TOKEN_RE.fullmatch(name):
+        raise ConfigError(
+            f"{name!r} cannot be a NATS subject token: use letters, digits, '_' or '-' only"
+        )
+    return name
+
+
+def engine_iteration(instance: str) -> str:
+    return f"{PREFIX}.engine.iteration.{token(instance)}"
+
+
+def gpu_sample(node: str, gpu_index: int) -> str:
+    return f"{PREFIX}.gpu.sample.{token(node)}.{int(gpu_index)}"
+
+
+def freq_target(instance: str) -> str:
+    return f"{PREFIX}.freq.target.{token(instance)}"
+
+
+def freq_applied(instance: str) -> str:
+    return f"{PREFIX}.freq.applied.{token(instance)}"
+
+
+def health(service: str) -> str:
+    return f"{PREFIX}.health.{token(service)}"
+
+
+def twin_gpu(instance: str) -> str:
+    """Request/reply surface of a twin GPU (the NVML calls the actuator and collector make)."""
+    return f"{PREFIX}.twin.gpu.{token(instance)}"
+
+
+ENGINE_ITERATION_ALL: Final = f"{PREFIX}.engine.iteration.*"
+GPU_SAMPLE_ALL: Final = f"{PREFIX}.gpu.sample.>"
+FREQ_TARGET_ALL: Final = f"{PREFIX}.freq.target.*"
+FREQ_APPLIED_ALL: Final = f"{PREFIX}.freq.applied.*"
+HEALTH_ALL: Final = f"{PREFIX}.health.*"
