@@ -111,7 +111,9 @@ class RequestCompleted(_Event, frozen=True, kw_only=True, tag="request.completed
     energy_mj: float | None = None
 
 
-RequestEvent = RequestArrived | RequestPredicted | RequestAdmitted | RequestDeferred | RequestCompleted
+RequestEvent = (
+    RequestArrived | RequestPredicted | RequestAdmitted | RequestDeferred | RequestCompleted
+)
 
 
 # --------------------------------------------------------------------------- engines

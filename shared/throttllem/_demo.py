@@ -1,0 +1,258 @@
+"""`throttllem demo`: the whole system on one machine.
+
+Starts a nats-server (embedded unless --nats is given), the services as separate processes
+(forecaster, one engine twin per instance, telemetry), replays a window of a real trace in
+event time, and prints the run summary. Energy comes from the twin GPUs' energy counters:
+it is simulated, and every output says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+
+from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._core.report import ClockAccumulator, RunReport, format_table, summarize
+from throttllem._errors import ConfigError, ThrottllemError
+from throttllem._events import (
+    ENGINE_CODEC,
+    HEALTH_CODEC,
+    REQUEST_CODEC,
+    EngineIteration,
+    Heartbeat,
+    RequestArrived,
+    RequestCompleted,
+    RequestEvent,
+)
+from throttllem._gpu.remote import RemoteGpu
+from throttllem._runtime import Clock
+from throttllem._services.replayer import replay
+from throttllem._subjects import ENGINE_ITERATION_ALL, HEALTH_ALL, REQUEST_COMPLETED, twin_gpu
+from throttllem._trace import iter_trace, resolve_trace
+
+log = structlog.get_logger("throttllem.demo")
+
+TENANTS = ("tenant-a", "tenant-b", "tenant-c")
+
+
+class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str | None = None
+    trace: str = "conv"
+    minutes: float = 2.0
+    start_minute: float = 0.0
+    instances: int = 2
+    seed: int = 0
+    speed: float = 1.0
+    policy: str = "default"
+    setup: str = "h100-llama3-8b-tp1"
+    json_path: Path | None = None
+    log_dir: Path | None = None
+    startup_timeout_s: float = 60.0
+    drain_timeout_s: float = 120.0
+    progress: bool = True
+
+
+def trace_requests(opts: DemoOptions, *, offset_s: float) -> Iterator[RequestArrived]:
+    """The window's requests as arrivals, shifted so the window starts at `offset_s`."""
+    rng = random.Random(opts.seed)
+    start_s = opts.start_minute * 60.0
+    path = resolve_trace(opts.trace)
+    for row in iter_trace(path, start_s=start_s, duration_s=opts.minutes * 60.0):
+        yield RequestArrived(
+            id=f"{opts.trace}-{row.index}",
+            arrival_s=offset_s + row.arrival_s - start_s,
+            prompt_tokens=row.prompt_tokens,
+            max_tokens=max(4096, row.output_tokens),
+            tenant=rng.choice(TENANTS),
+            true_output_tokens=row.output_tokens,
+        )
+
+
+def _spawn(args: list[str], log_path: Path, clock: Clock, nats_url: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "throttllem", "run", *args, "--nats", nats_url,
+           "--epoch-wall", repr(clock.epoch_wall_s), "--speed", repr(clock.speed)]
+    log_file = log_path.open("ab")
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def show(self, *, submitted: int, done: int, total: int, now_s: float, end_s: float,
+             force: bool = False) -> None:
+        if not self.enabled:
+            return
+        wall = time.monotonic()
+        if not force and wall - self._last < (0.25 if self.tty else 15.0):
+            return
+        self._last = wall
+        frac = done / total if total else 1.0
+        bar = "#" * int(30 * frac)
+        line = (f"[{bar:<30}] {done}/{total} done, {submitted} sent, "
+                f"trace t={max(now_s, 0):.0f}/{end_s:.0f}s")
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
+    instances = [f"i{n}" for n in range(opts.instances)]
+    requests = list(trace_requests(opts, offset_s=0.0))
+    if not requests:
+        raise ConfigError(f"the trace window (start {opts.start_minute} min, "
+                          f"{opts.minutes} min) holds no requests")
+    clock = Clock(epoch_wall_s=time.time(), speed=opts.speed)
+    procs: list[subprocess.Popen[bytes]] = []
+    bus = await Bus.connect(nats_url, name="demo")
+    try:
+        await bus.ensure_request_stream()
+        ready: dict[str, set[str]] = {}
+
+        async def on_health(beat: Heartbeat) -> None:
+            ready.setdefault(beat.service, set()).add(beat.instance_id)
+
+        await bus.subscribe(HEALTH_ALL, HEALTH_CODEC, on_health)
+        for inst in instances:
+            procs.append(_spawn(["engine", "--instance", inst, "--setup", opts.setup],
+                                log_dir / f"engine-{inst}.log", clock, nats_url))
+        procs.append(_spawn(["forecaster", "--instances", ",".join(instances),
+                             "--policy", opts.policy], log_dir / "forecaster.log", clock, nats_url))
+        procs.append(_spawn(["telemetry", "--gpu", "twin", "--instances", ",".join(instances)],
+                            log_dir / "telemetry.log", clock, nats_url))
+        expected = {"engine": len(instances), "forecaster": 1, "telemetry": 1}
+        with anyio.move_on_after(opts.startup_timeout_s):
+            while any(len(ready.get(s, ())) < n for s, n in expected.items()):
+                for proc in procs:
+                    if proc.poll() is not None:
+                        raise ThrottllemError(
+                            f"a service exited at start-up ({proc.args!r}); see logs in {log_dir}")
+                await anyio.sleep(0.1)
+        missing = {s: n - len(ready.get(s, ())) for s, n in expected.items()
+                   if len(ready.get(s, ())) < n}
+        if missing:
+            raise ThrottllemError(f"services not ready after {opts.startup_timeout_s} s: "
+                                  f"{missing}; see logs in {log_dir}")
+
+        # Shift the window so that it starts just after now, in event time.
+        offset_s = clock.now_s() + 0.5
+        requests = [msgspec.structs.replace(r, arrival_s=r.arrival_s + offset_s) for r in requests]
+        end_s = requests[-1].arrival_s
+        completions: list[RequestCompleted] = []
+        clocks = ClockAccumulator()
+        submitted = 0
+
+        async def on_completed(event: RequestEvent) -> None:
+            if isinstance(event, RequestCompleted):
+                completions.append(event)
+
+        async def on_iteration(it: EngineIteration) -> None:
+            clocks.add(it)
+
+        await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC, on_completed)
+        await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, on_iteration)
+        gpus = [RemoteGpu(bus, twin_gpu(inst)) for inst in instances]
+
+        async def energy_mj() -> float:
+            total = 0.0
+            for gpu in gpus:
+                for index in range(await gpu.gpu_count()):
+                    total += (await gpu.read(index)).energy_mj
+            return total
+
+        energy_start_mj = await energy_mj()
+        progress = _Progress(opts.progress)
+
+        def on_published(_: RequestArrived) -> None:
+            nonlocal submitted
+            submitted += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(replay, bus, clock, requests, on_published)
+            with anyio.move_on_after((end_s - clock.now_s()) / opts.speed + opts.drain_timeout_s):
+                while len(completions) < len(requests):
+                    progress.show(submitted=submitted, done=len(completions), total=len(requests),
+                                  now_s=clock.now_s() - offset_s, end_s=end_s - offset_s)
+                    await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+        progress.show(submitted=submitted, done=len(completions), total=len(requests),
+                      now_s=clock.now_s() - offset_s, end_s=end_s - offset_s, force=True)
+        progress.close()
+        # Let the engines account idle energy up to now before the final read.
+        await anyio.sleep(0.3)
+        energy_j = (await energy_mj() - energy_start_mj) / 1e3
+        return summarize(completions, policy=opts.policy, submitted=len(requests),
+                         energy_j=energy_j, clocks=clocks,
+                         duration_s=clock.now_s() - offset_s)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await bus.close()
+        _stop(procs)
+
+
+def run_demo(opts: DemoOptions) -> RunReport:
+    """Run the demo end to end; prints the table, writes JSON if asked, returns the report."""
+    if opts.instances < 1:
+        raise ConfigError("--instances must be at least 1")
+    if opts.minutes <= 0 or opts.speed <= 0:
+        raise ConfigError("--minutes and --speed must be positive")
+    log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="tllm-demo-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = None
+    nats_url = opts.nats_url
+    try:
+        if nats_url is None:
+            server = EmbeddedNatsServer()
+            nats_url = server.start()
+        report = anyio.run(_run, opts, nats_url, log_dir)
+    finally:
+        if server is not None:
+            server.stop()
+    print(format_table([report]))
+    print(f"(energy and latencies come from the serving twin, not measured hardware; "
+          f"service logs in {log_dir})")
+    if opts.json_path is not None:
+        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+        # Top level: this run's figures; "policies": the layout `throttllem evaluate` shares.
+        document = {**msgspec.structs.asdict(report), "policies": {report.policy: report},
+                    "options": _jsonable(opts)}
+        opts.json_path.write_bytes(msgspec.json.format(msgspec.json.encode(document)))
+    return report
+
+
+def _jsonable(opts: DemoOptions) -> dict[str, object]:
+    out = msgspec.structs.asdict(opts)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()
+            if not (isinstance(v, float) and math.isinf(v))}
+

@@ -1,0 +1,101 @@
+"""The engine-twin service: one simulated engine instance (and its GPUs) on the bus.
+
+It consumes its own admissions from JetStream, runs iteration-level inflight batching in
+event time paced to the shared clock, publishes `engine.iteration.<instance>` for every
+forward pass and `request.completed` (durable) for every finished request, and answers
+NVML-shaped calls for its twin GPU on `twin.gpu.<instance>` for the collector and actuator.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import anyio
+import anyio.abc
+import structlog
+
+from throttllem._bus import Bus
+from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestEvent
+from throttllem._gpu.remote import serve_gpu
+from throttllem._runtime import Clock
+from throttllem._subjects import (
+    REQUEST_COMPLETED,
+    engine_iteration,
+    request_admitted,
+    token,
+    twin_gpu,
+)
+from throttllem._twin.engine import EngineTwin
+from throttllem._twin.gpu import GpuTwin
+from throttllem._twin.profile import load_profile
+
+log = structlog.get_logger("throttllem.engine")
+
+# While idle, how often (wall seconds) the loop wakes to let idle energy accrue.
+_IDLE_POLL_WALL_S = 0.25
+
+
+class EngineTwinService:
+    name = "engine"
+
+    def __init__(self, *, instance: str, setup: str = "h100-llama3-8b-tp1") -> None:
+        self.instance = token(instance)
+        self.profile = load_profile(setup)
+        self.gpu = GpuTwin(self.profile)
+        self.engine = EngineTwin(self.profile, self.instance, self.gpu)
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[RequestAdmitted](
+            max_buffer_size=math.inf)
+
+    async def _on_admitted(self, event: RequestEvent) -> None:
+        if isinstance(event, RequestAdmitted) and event.instance == self.instance:
+            await self._inbox_send.send(event)
+
+    async def _loop(self, bus: Bus, clock: Clock) -> None:
+        iteration_subject = engine_iteration(self.instance)
+        # Admissions not yet due in engine time (the engine may run a little behind the wall).
+        pending: list[RequestAdmitted] = []
+        now_s = clock.now_s()
+        self.gpu.idle_until(now_s)
+        while True:
+            while True:
+                try:
+                    pending.append(self._inbox.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            if pending:
+                pending.sort(key=lambda a: a.decided_s)
+                due = [a for a in pending if a.decided_s <= now_s]
+                pending = pending[len(due):]
+                for admission in due:
+                    self.engine.admit(admission.request, admitted_s=max(now_s, admission.decided_s))
+            outcome = self.engine.step(now_s)
+            if outcome is None:
+                if pending:  # nothing runnable until the next admission is due
+                    now_s = max(now_s, pending[0].decided_s)
+                    self.gpu.idle_until(now_s)
+                    continue
+                with anyio.move_on_after(_IDLE_POLL_WALL_S):
+                    pending.append(await self._inbox.receive())
+                now_s = max(now_s, clock.now_s())
+                self.gpu.idle_until(now_s)
+                continue
+            it = outcome.iteration
+            now_s = it.start_s + it.duration_ms / 1e3
+            await bus.publish(iteration_subject, it)
+            for done in outcome.completed:
+                await bus.publish_durable(REQUEST_COMPLETED, done, msg_id=f"done-{done.id}")
+            await clock.sleep_until(now_s)
+
+    async def run(self, bus: Bus, clock: Clock, *,
+                  task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await bus.ensure_request_stream()
+        await serve_gpu(bus, twin_gpu(self.instance), self.gpu)
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(
+                bus.consume, durable=f"engine-{self.instance}",
+                subject=request_admitted(self.instance), codec=REQUEST_CODEC,
+                handler=self._on_admitted))
+            tg.start_soon(self._loop, bus, clock)
+            log.info("engine.started", instance=self.instance, setup=self.profile.name)
+            task_status.started()
