@@ -8,6 +8,7 @@ from functools import partial
 import anyio
 import pytest
 from structlog.testing import capture_logs
+
 from throttllem import BusError
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._events import REQUEST_CODEC, RequestArrived, RequestEvent, encode
@@ -22,7 +23,7 @@ def arrived(n: int) -> RequestArrived:
 
 async def wait_for(predicate: object, timeout_s: float = 5.0) -> None:
     with anyio.fail_after(timeout_s):
-        while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
+        while not predicate():  # type: ignore[operator]
             await anyio.sleep(0.01)
 
 

@@ -83,9 +83,9 @@ def trace_requests(opts: DemoOptions, *, offset_s: float) -> Iterator[RequestArr
 def _spawn(args: list[str], log_path: Path, clock: Clock, nats_url: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "throttllem", "run", *args, "--nats", nats_url,
            "--epoch-wall", repr(clock.epoch_wall_s), "--speed", repr(clock.speed)]
-    log_file = log_path.open("ab")
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with log_path.open("ab") as log_file:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
