@@ -52,7 +52,8 @@ def _replayer(args: argparse.Namespace) -> Service:
 
     opts = DemoOptions(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
                        seed=args.seed)
-    return ReplayerService(lambda: trace_requests(opts, offset_s=args.offset))
+    return ReplayerService(lambda offset_s: trace_requests(opts, offset_s=offset_s),
+                           offset_s=args.offset)
 
 
 SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
@@ -93,8 +94,8 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--minutes", type=float, default=2.0)
                 p.add_argument("--start-minute", type=float, default=0.0)
                 p.add_argument("--seed", type=int, default=0)
-                p.add_argument("--offset", type=float, default=0.0,
-                               help="event time at which the window starts")
+                p.add_argument("--offset", type=float, default=None,
+                               help="event time at which the window starts (default: now + 1 s)")
         p.set_defaults(func=_cmd_run)
 
 

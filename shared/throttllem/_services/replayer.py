@@ -33,13 +33,18 @@ async def replay(bus: Bus, clock: Clock, requests: Iterable[RequestArrived], *,
 class ReplayerService:
     name = "replayer"
 
-    def __init__(self, requests: Callable[[], Iterable[RequestArrived]]) -> None:
+    def __init__(self, requests: Callable[[float], Iterable[RequestArrived]], *,
+                 offset_s: float | None = None) -> None:
+        """`requests(offset_s)` yields the trace shifted to start at event time `offset_s`;
+        without an offset the trace starts one second after the service is ready."""
         self._requests = requests
+        self._offset_s = offset_s
         self.published = 0
 
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await bus.ensure_request_stream()
         task_status.started()
-        self.published = await replay(bus, clock, self._requests())
+        offset_s = self._offset_s if self._offset_s is not None else clock.now_s() + 1.0
+        self.published = await replay(bus, clock, self._requests(offset_s))
         log.info("replayer.done", published=self.published)

@@ -1,0 +1,22 @@
+# throttLL'eM tasks. `just --list` shows them.
+
+# run the test suite (the same command CI runs)
+test *ARGS:
+    pytest {{ARGS}}
+
+# the whole system on a 2-minute window of the Azure conversation trace, against the twin
+demo *ARGS:
+    throttllem demo {{ARGS}}
+
+# lint and type-check
+lint:
+    ruff check .
+    mypy
+
+# benchmarks: each prints one table and writes JSON under runs/
+bench:
+    for b in benchmarks/bench_*.py; do python "$b"; done
+
+# container images, one per service (podman or docker)
+images engine="podman":
+    for s in services/*/; do n=$(basename "$s"); {{engine}} build -f "$s/Containerfile" -t "throttllem-$n" .; done
