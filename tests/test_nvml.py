@@ -1,0 +1,386 @@
+"""The NVML backend: for real where this machine allows (no driver here), the rest through
+the narrow `NvmlLib` seam with a small fake that raises the real pynvml errors."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+import pynvml
+import pytest
+from structlog.testing import capture_logs
+
+from throttllem import (
+    ClockOutOfRangeError,
+    GpuError,
+    GpuNotFoundError,
+    GpuNotSupportedError,
+    GpuPermissionError,
+)
+from throttllem._gpu.backend import GpuBackend
+from throttllem._gpu.nvml import NvmlBackend, NvmlLib, probe
+
+H100_SM_CLOCKS_DESCENDING = list(range(1980, 344, -15))  # NVML lists them high to low
+
+
+def _driver_present() -> bool:
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
+no_driver = pytest.mark.skipif(_driver_present(), reason="an NVIDIA driver is installed here")
+
+
+@dataclass
+class Utilization:
+    gpu: int
+    memory: int
+
+
+@dataclass
+class FakeNvml:
+    """One or more identical fake GPUs behind exactly the NvmlLib functions.
+
+    `fail` maps a function name to the NVML error code it raises. Setters raise
+    AssertionError unless `allow_set`, so a dry-run test fails if one is ever called.
+    """
+
+    count: int = 1
+    power_mw: int = 250_500
+    energy_mj: int = 123_456_789
+    sm_clock_mhz: int = 1980
+    mem_clock_mhz: int = 2619
+    mem_clocks_mhz: list[int] = field(default_factory=lambda: [2619, 1593])
+    sm_clocks_mhz: list[int] = field(default_factory=lambda: list(H100_SM_CLOCKS_DESCENDING))
+    fail: dict[str, int] = field(default_factory=dict)
+    allow_set: bool = False
+    calls: list[tuple[object, ...]] = field(default_factory=list)
+
+    def _enter(self, name: str, *args: object) -> None:
+        self.calls.append((name, *args))
+        if name in self.fail:
+            raise pynvml.NVMLError(self.fail[name])
+
+    def called(self, name: str) -> list[tuple[object, ...]]:
+        return [c for c in self.calls if c[0] == name]
+
+    def nvmlInit(self) -> None:
+        self._enter("nvmlInit")
+
+    def nvmlShutdown(self) -> None:
+        self._enter("nvmlShutdown")
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._enter("nvmlSystemGetDriverVersion")
+        return "570.86.15"
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._enter("nvmlDeviceGetCount")
+        return self.count
+
+    def nvmlDeviceGetHandleByIndex(self, index: int, /) -> object:
+        self._enter("nvmlDeviceGetHandleByIndex", index)
+        return f"handle-{index}"
+
+    def nvmlDeviceGetName(self, handle: object, /) -> bytes:
+        self._enter("nvmlDeviceGetName", handle)
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetUUID(self, handle: object, /) -> str:
+        self._enter("nvmlDeviceGetUUID", handle)
+        return "GPU-0b9c3a52-0000-0000-0000-000000000000"
+
+    def nvmlDeviceGetPowerUsage(self, handle: object, /) -> int:
+        self._enter("nvmlDeviceGetPowerUsage", handle)
+        return self.power_mw
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: object, /) -> int:
+        self._enter("nvmlDeviceGetTotalEnergyConsumption", handle)
+        return self.energy_mj
+
+    def nvmlDeviceGetClockInfo(self, handle: object, clock_type: int, /) -> int:
+        self._enter("nvmlDeviceGetClockInfo", handle, clock_type)
+        return self.sm_clock_mhz if clock_type == pynvml.NVML_CLOCK_SM else self.mem_clock_mhz
+
+    def nvmlDeviceGetUtilizationRates(self, handle: object, /) -> Utilization:
+        self._enter("nvmlDeviceGetUtilizationRates", handle)
+        return Utilization(gpu=87, memory=41)
+
+    def nvmlDeviceGetTemperature(self, handle: object, sensor: int, /) -> int:
+        self._enter("nvmlDeviceGetTemperature", handle, sensor)
+        return 54
+
+    def nvmlDeviceGetSupportedMemoryClocks(self, handle: object, /) -> list[int]:
+        self._enter("nvmlDeviceGetSupportedMemoryClocks", handle)
+        return list(self.mem_clocks_mhz)
+
+    def nvmlDeviceGetSupportedGraphicsClocks(self, handle: object, mem_mhz: int, /) -> list[int]:
+        self._enter("nvmlDeviceGetSupportedGraphicsClocks", handle, mem_mhz)
+        return list(self.sm_clocks_mhz) if mem_mhz == max(self.mem_clocks_mhz) else [1410]
+
+    def nvmlDeviceSetGpuLockedClocks(self, handle: object, low: int, high: int, /) -> None:
+        self._enter("nvmlDeviceSetGpuLockedClocks", handle, low, high)
+        assert self.allow_set, "a setter was called"
+
+    def nvmlDeviceResetGpuLockedClocks(self, handle: object, /) -> None:
+        self._enter("nvmlDeviceResetGpuLockedClocks", handle)
+        assert self.allow_set, "a setter was called"
+
+
+def backend(fake: NvmlLib, *, dry_run: bool = False) -> NvmlBackend:
+    return NvmlBackend(dry_run=dry_run, lib=fake)
+
+
+# --------------------------------------------------------------------------- for real
+
+
+@no_driver
+def test_real_pynvml_without_a_driver_says_to_use_the_twin() -> None:
+    with pytest.raises(GpuNotFoundError) as info:
+        NvmlBackend()
+
+    message = str(info.value)
+    assert message.startswith("nvmlInit failed")
+    assert "no NVIDIA driver: use the twin backend with --gpu twin" in message
+    assert "NVML_ERROR_LIBRARY_NOT_FOUND" in message
+    assert isinstance(info.value, LookupError)
+    cause = info.value.__cause__
+    assert isinstance(cause, pynvml.NVMLError)
+    assert cause.value == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+
+
+@no_driver
+def test_real_probe_without_a_driver_fails_the_same_way() -> None:
+    with pytest.raises(GpuNotFoundError, match="--gpu twin"):
+        probe()
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def test_read_converts_units_and_decodes_names() -> None:
+    fake = FakeNvml()
+
+    with backend(fake) as gpu:
+        reading = gpu.read(0)
+
+    assert isinstance(gpu, GpuBackend)
+    assert gpu.name == "nvml"
+    assert reading.power_w == 250.5  # NVML reports milliwatts
+    assert reading.energy_mj == 123_456_789.0
+    assert (reading.sm_clock_mhz, reading.mem_clock_mhz) == (1980.0, 2619.0)
+    assert (reading.gpu_util_pct, reading.mem_util_pct) == (87.0, 41.0)
+    assert reading.temperature_c == 54.0
+    assert reading.name == "NVIDIA H100 80GB HBM3"
+    assert reading.uuid.startswith("GPU-")
+    assert fake.called("nvmlDeviceGetTemperature")[0][2] == pynvml.NVML_TEMPERATURE_GPU
+
+
+def test_counters_a_gpu_lacks_read_as_zero_but_required_ones_raise() -> None:
+    fake = FakeNvml(
+        fail={
+            "nvmlDeviceGetUtilizationRates": pynvml.NVML_ERROR_NOT_SUPPORTED,
+            "nvmlDeviceGetTemperature": pynvml.NVML_ERROR_NOT_SUPPORTED,
+        }
+    )
+    gpu = backend(fake)
+
+    reading = gpu.read(0)
+    assert (reading.gpu_util_pct, reading.temperature_c) == (0.0, 0.0)
+
+    fake.fail["nvmlDeviceGetTotalEnergyConsumption"] = pynvml.NVML_ERROR_NOT_SUPPORTED
+    with pytest.raises(GpuNotSupportedError, match="nvmlDeviceGetTotalEnergyConsumption failed"):
+        gpu.read(0)
+
+
+def test_supported_clocks_are_ascending_at_the_top_memory_clock_and_cached() -> None:
+    fake = FakeNvml()
+    gpu = backend(fake)
+
+    clocks = gpu.supported_clocks_mhz(0)
+
+    assert clocks == tuple(range(345, 1981, 15))
+    assert len(clocks) == 110
+    assert gpu.supported_clocks_mhz(0) is clocks
+    [graphics_call] = fake.called("nvmlDeviceGetSupportedGraphicsClocks")
+    assert graphics_call[2] == 2619
+
+
+def test_an_index_past_the_gpus_is_not_found() -> None:
+    gpu = backend(FakeNvml(count=2))
+
+    with pytest.raises(GpuNotFoundError, match=r"no GPU at NVML index 2: NVML sees 2 GPU\(s\)"):
+        gpu.read(2)
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def test_clock_targets_are_validated_against_supported_clocks() -> None:
+    fake = FakeNvml(allow_set=True)
+    gpu = backend(fake)
+
+    with pytest.raises(ClockOutOfRangeError) as info:
+        gpu.set_locked_clocks(0, 1000, 1000)
+    message = str(info.value)
+    assert "1000 MHz is not a supported SM clock of GPU 0" in message
+    assert "345–1980 MHz in 15 MHz steps" in message
+    assert "nearest: 990 or 1005 MHz" in message
+    assert fake.called("nvmlDeviceSetGpuLockedClocks") == []
+
+    gpu.set_locked_clocks(0, 1005, 1005)
+    assert fake.called("nvmlDeviceSetGpuLockedClocks") == [
+        ("nvmlDeviceSetGpuLockedClocks", "handle-0", 1005, 1005)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "message"),
+    [
+        (2000, 2000, "nearest: 1980 MHz"),
+        (300, 300, "nearest: 345 MHz"),
+        (1500, 1200, "min_mhz 1500 is above max_mhz 1200"),
+        (1200.5, 1200.5, "whole MHz"),
+    ],
+)
+def test_other_invalid_clock_targets(low: int, high: int, message: str) -> None:
+    with pytest.raises(ClockOutOfRangeError, match=message):
+        backend(FakeNvml(allow_set=True)).set_locked_clocks(0, low, high)
+
+
+def test_permission_denied_says_what_to_do() -> None:
+    fake = FakeNvml(fail={"nvmlDeviceSetGpuLockedClocks": pynvml.NVML_ERROR_NO_PERMISSION})
+
+    with pytest.raises(GpuPermissionError) as info:
+        backend(fake).set_locked_clocks(0, 1200, 1200)
+
+    message = str(info.value)
+    assert message.startswith("nvmlDeviceSetGpuLockedClocks failed on GPU 0")
+    assert "root or CAP_SYS_ADMIN" in message
+    assert "privileged" in message
+    assert "--dry-run" in message
+    assert isinstance(info.value, PermissionError)
+    assert isinstance(info.value.__cause__, pynvml.NVMLError)
+    assert info.value.__cause__.value == pynvml.NVML_ERROR_NO_PERMISSION
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "hint"),
+    [
+        (pynvml.NVML_ERROR_NOT_SUPPORTED, GpuNotSupportedError, "does not support"),
+        (pynvml.NVML_ERROR_DRIVER_NOT_LOADED, GpuNotFoundError, "--gpu twin"),
+        (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, GpuNotFoundError, "--gpu twin"),
+        (pynvml.NVML_ERROR_INVALID_ARGUMENT, GpuError, "rejected the arguments"),
+        (pynvml.NVML_ERROR_GPU_IS_LOST, GpuError, "fell off the bus"),
+        (pynvml.NVML_ERROR_UNKNOWN, GpuError, "NVML_ERROR_UNKNOWN"),
+    ],
+)
+def test_nvml_errors_map_through_one_table(code: int, error: type[GpuError], hint: str) -> None:
+    fake = FakeNvml(fail={"nvmlDeviceResetGpuLockedClocks": code})
+
+    with pytest.raises(error, match=hint) as info:
+        backend(fake).reset_locked_clocks(0)
+
+    assert isinstance(info.value.__cause__, pynvml.NVMLError)
+    if error is GpuError:  # the generic codes must not pose as a more specific error
+        assert type(info.value) is GpuError
+
+
+def test_driver_not_loaded_at_init() -> None:
+    fake = FakeNvml(fail={"nvmlInit": pynvml.NVML_ERROR_DRIVER_NOT_LOADED})
+
+    with pytest.raises(GpuNotFoundError, match="kernel driver is not running; no NVIDIA driver"):
+        NvmlBackend(lib=fake)
+
+
+# --------------------------------------------------------------------------- dry-run
+
+
+def test_dry_run_reads_for_real_records_exact_calls_and_never_sets() -> None:
+    fake = FakeNvml(allow_set=False)  # a setter call would raise AssertionError
+    gpu = backend(fake, dry_run=True)
+
+    with capture_logs() as logs:
+        gpu.set_locked_clocks(0, 1200, 1200)
+        gpu.reset_locked_clocks(0)
+    reading = gpu.read(0)
+
+    assert gpu.dry_run_calls == [
+        "nvmlDeviceSetGpuLockedClocks(handle=<index 0>, minGpuClockMHz=1200, maxGpuClockMHz=1200)",
+        "nvmlDeviceResetGpuLockedClocks(handle=<index 0>)",
+    ]
+    assert [(e["event"], e["call"], e["gpu_index"]) for e in logs] == [
+        ("nvml.dry_run", gpu.dry_run_calls[0], 0),
+        ("nvml.dry_run", gpu.dry_run_calls[1], 0),
+    ]
+    assert fake.called("nvmlDeviceSetGpuLockedClocks") == []
+    assert fake.called("nvmlDeviceResetGpuLockedClocks") == []
+    assert reading.power_w == 250.5
+
+
+def test_dry_run_still_validates() -> None:
+    gpu = backend(FakeNvml(), dry_run=True)
+
+    with pytest.raises(ClockOutOfRangeError, match="nearest: 990 or 1005 MHz"):
+        gpu.set_locked_clocks(0, 1000, 1000)
+    assert gpu.dry_run_calls == []
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_close_shuts_nvml_down_once_and_never_resets_clocks() -> None:
+    fake = FakeNvml(allow_set=True)
+
+    with backend(fake) as gpu:
+        gpu.set_locked_clocks(0, 1200, 1200)
+    gpu.close()
+
+    assert len(fake.called("nvmlInit")) == 1
+    assert len(fake.called("nvmlShutdown")) == 1
+    assert fake.called("nvmlDeviceResetGpuLockedClocks") == []
+    with pytest.raises(GpuError, match="closed"):
+        gpu.read(0)
+    with pytest.raises(GpuError, match="closed"):
+        gpu.supported_clocks_mhz(0)
+
+
+def test_each_backend_owns_its_nvml_session() -> None:
+    fake = FakeNvml()
+
+    first, second = backend(fake), backend(fake)
+    first.close()
+
+    assert second.read(0).power_w == 250.5
+    assert len(fake.called("nvmlInit")) == 2
+
+
+# --------------------------------------------------------------------------- probe
+
+
+def test_probe_reads_everything_once_and_only_dry_runs() -> None:
+    fake = FakeNvml(allow_set=False)
+
+    result = probe(0, dry_run_clock_mhz=1410, lib=fake)
+
+    assert result["power_w"] == 250.5
+    assert result["sm_clock_mhz"] == 1980.0
+    assert result["driver_version"] == "570.86.15"
+    assert result["gpu_count"] == 1
+    assert result["supported_clocks_mhz"] == {
+        "count": 110,
+        "min": 345,
+        "max": 1980,
+        "described": "345–1980 MHz in 15 MHz steps",
+    }
+    assert "power.draw,clocks.sm,clocks.mem,utilization.gpu,temperature.gpu" in str(
+        result["nvidia_smi_query"]
+    )
+    assert result["dry_run_calls"] == [
+        "nvmlDeviceSetGpuLockedClocks(handle=<index 0>, minGpuClockMHz=1410, maxGpuClockMHz=1410)",
+        "nvmlDeviceResetGpuLockedClocks(handle=<index 0>)",
+    ]
+    assert len(fake.called("nvmlShutdown")) == 1
