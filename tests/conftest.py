@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from throttllem._bus import EmbeddedNatsServer
 from throttllem.testing import nats_server
 

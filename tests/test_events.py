@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+
 from throttllem import MalformedEventError
 from throttllem._events import (
     ENGINE_CODEC,
