@@ -135,14 +135,20 @@ class Bus:
         self.name = name
         self.counters: Counter[str] = Counter()
         self._log = log.bind(client=name)
+        self._closing: list[bool] = []
 
     @classmethod
     async def connect(cls, url: str, *, name: str, connect_timeout_s: float = 5.0) -> Bus:
         """Connect with unbounded reconnects; fail fast with a clear error if never reachable."""
         log_ = log.bind(client=name, url=url)
 
+        closing: list[bool] = []  # set by Bus.close(): a disconnect we asked for is no news
+
         async def on_disconnect() -> None:
-            log_.warning("nats.disconnected")
+            if closing:
+                log_.debug("nats.disconnected")
+            else:
+                log_.warning("nats.disconnected")
 
         async def on_reconnect() -> None:
             log_.info("nats.reconnected")
@@ -164,9 +170,12 @@ class Bus:
         # Bounded tries to connect at first (a wrong URL fails fast), unbounded reconnects once
         # connected (a restarting server is waited for).
         nc.options["max_reconnect_attempts"] = -1
-        return cls(nc, name=name)
+        bus = cls(nc, name=name)
+        bus._closing = closing
+        return bus
 
     async def close(self) -> None:
+        self._closing.append(True)
         if self.nc.is_connected:
             with contextlib.suppress(Exception):
                 await self.nc.drain()

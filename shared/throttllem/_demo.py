@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -199,7 +200,7 @@ async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
             submitted += 1
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(replay, bus, clock, requests, on_published)
+            tg.start_soon(partial(replay, bus, clock, requests, on_published=on_published))
             with anyio.move_on_after((end_s - clock.now_s()) / opts.speed + opts.drain_timeout_s):
                 while len(completions) < len(requests):
                     progress.show(submitted=submitted, done=len(completions), total=len(requests),

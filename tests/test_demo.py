@@ -1,0 +1,68 @@
+"""The whole system end to end: services as separate processes on a real nats-server,
+a real trace window, the twin; then the durable records a billing consumer would read."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import anyio
+import pytest
+
+from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._demo import DemoOptions, run_demo
+from throttllem._events import ENERGY_CODEC, RequestEnergy
+from throttllem._subjects import ENERGY_REQUEST
+
+pytestmark = pytest.mark.slow
+
+
+async def read_energy_records(url: str, expected: int) -> list[RequestEnergy]:
+    bus = await Bus.connect(url, name="billing")
+    records: list[RequestEnergy] = []
+    async with anyio.create_task_group() as tg:
+        async def collect(record: RequestEnergy) -> None:
+            records.append(record)
+            if len(records) >= expected:
+                tg.cancel_scope.cancel()
+
+        await tg.start(partial(bus.consume, durable="billing", subject=ENERGY_REQUEST,
+                               codec=ENERGY_CODEC, handler=collect))
+        with anyio.move_on_after(15):
+            await anyio.sleep_forever()
+        tg.cancel_scope.cancel()
+    await bus.close()
+    return records
+
+
+def test_demo_serves_every_request_and_accounts_energy(
+        nats: EmbeddedNatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    json_path = tmp_path / "demo.json"
+    report = run_demo(DemoOptions(nats_url=nats.url, trace="conv", minutes=0.25, speed=4.0,
+                                  instances=2, json_path=json_path, log_dir=tmp_path / "logs",
+                                  progress=False))
+    out = capsys.readouterr().out
+    assert "SLO attainment" in out
+    assert "not measured hardware" in out
+
+    assert report.requests_submitted > 10
+    assert report.requests_served == report.requests_submitted
+    assert 0.0 <= report.slo_attainment <= 1.0
+    # Two twin H100s for at least the window: above idle power, below the 700 W cap each.
+    assert 2 * 60.0 * 15 < report.energy_j < 2 * 700.0 * report.duration_s
+    assert 345 <= report.mean_sm_clock_mhz <= 1980
+
+    document = json.loads(json_path.read_text())
+    assert document["energy_j"] == pytest.approx(report.energy_j)
+    assert 0.0 <= document["slo_attainment"] <= 1.0
+    assert set(document["ttft_ms"]) == {"p50", "p99"}
+    assert document["policies"]["default"]["requests_served"] == report.requests_served
+
+    # A billing consumer reads one durable energy record per request from JetStream.
+    records = anyio.run(read_energy_records, nats.url, report.requests_served)
+    assert len({r.id for r in records}) == report.requests_served
+    attributed_j = sum(r.energy_mj for r in records) / 1e3
+    assert 0 < attributed_j <= report.energy_j  # the rest is idle energy, billed to nobody
+    assert {r.source for r in records} == {"engine"}
+    assert {r.tenant for r in records} <= {"tenant-a", "tenant-b", "tenant-c"}
