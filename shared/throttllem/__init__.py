@@ -13,6 +13,7 @@ from throttllem._errors import (
     MalformedEventError,
     ModelError,
     NatsServerNotFoundError,
+    RequestRejectedError,
     ThrottllemError,
     TraceError,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "MalformedEventError",
     "ModelError",
     "NatsServerNotFoundError",
+    "RequestRejectedError",
     "ThrottllemError",
     "TraceError",
     "__version__",

@@ -50,3 +50,7 @@ class TraceError(ThrottllemError, ValueError):
 
 class ModelError(ThrottllemError, RuntimeError):
     """A trained model (ONNX) is missing, corrupt or disagrees with its card."""
+
+
+class RequestRejectedError(ThrottllemError, ValueError):
+    """An engine cannot take a request (already in flight, or it can never fit)."""

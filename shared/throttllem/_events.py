@@ -17,7 +17,7 @@ wall time), `_ms` milliseconds, `_mhz`, `_w`, `_mj` (millijoules, the NVML energ
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Generic, TypeVar
+from typing import Annotated, Any, Final, Generic, TypeVar
 
 import msgspec
 
@@ -267,7 +267,7 @@ def encode(event: msgspec.Struct) -> bytes:
 class Codec(Generic[E]):
     """A decoder for one subject family that turns bad payloads into MalformedEventError."""
 
-    def __init__(self, family: str, union: type[E]) -> None:
+    def __init__(self, family: str, union: Any) -> None:  # a type or a union of types
         self.family = family
         self._decoder: msgspec.json.Decoder[E] = msgspec.json.Decoder(union)
 
@@ -278,10 +278,10 @@ class Codec(Generic[E]):
             raise MalformedEventError(f"bad {self.family} event: {e}") from e
 
 
-REQUEST_CODEC: Final = Codec("request", RequestEvent)
-ENGINE_CODEC: Final = Codec("engine", EngineIteration)
-GPU_CODEC: Final = Codec("gpu", GpuSample)
-ENERGY_CODEC: Final = Codec("energy", RequestEnergy)
-FREQ_CODEC: Final = Codec("freq", FreqEvent)
-SCALE_CODEC: Final = Codec("scale", ScaleEvent)
-HEALTH_CODEC: Final = Codec("health", Heartbeat)
+REQUEST_CODEC: Final[Codec[RequestEvent]] = Codec("request", RequestEvent)
+ENGINE_CODEC: Final[Codec[EngineIteration]] = Codec("engine", EngineIteration)
+GPU_CODEC: Final[Codec[GpuSample]] = Codec("gpu", GpuSample)
+ENERGY_CODEC: Final[Codec[RequestEnergy]] = Codec("energy", RequestEnergy)
+FREQ_CODEC: Final[Codec[FreqEvent]] = Codec("freq", FreqEvent)
+SCALE_CODEC: Final[Codec[ScaleEvent]] = Codec("scale", ScaleEvent)
+HEALTH_CODEC: Final[Codec[Heartbeat]] = Codec("health", Heartbeat)

@@ -19,7 +19,8 @@ def split_energy_mj(energy_mj: float, tokens: npt.ArrayLike) -> npt.NDArray[np.f
     total = share.sum()
     if total <= 0:
         return np.zeros_like(share)
-    return share * (energy_mj / total)
+    out: npt.NDArray[np.float64] = share * (energy_mj / total)
+    return out
 
 
 class EnergyLedger:

@@ -16,11 +16,13 @@ import anyio.abc
 import structlog
 
 from throttllem._bus import Bus
-from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestEvent
+from throttllem._errors import RequestRejectedError
+from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
 from throttllem._gpu.remote import serve_gpu
 from throttllem._runtime import Clock
 from throttllem._subjects import (
     REQUEST_COMPLETED,
+    REQUEST_DEFERRED,
     engine_iteration,
     request_admitted,
     token,
@@ -51,6 +53,19 @@ class EngineTwinService:
         if isinstance(event, RequestAdmitted) and event.instance == self.instance:
             await self._inbox_send.send(event)
 
+    async def _admit(self, bus: Bus, admission: RequestAdmitted, admitted_s: float) -> None:
+        request = admission.request
+        try:
+            self.engine.admit(request, admitted_s=admitted_s)
+        except RequestRejectedError as e:
+            bus.counters["requests_rejected"] += 1
+            log.warning("engine.request_rejected", instance=self.instance, id=request.id,
+                        error=str(e))
+            if "already in engine" not in str(e):  # a duplicate is harmless; the rest is news
+                await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
+                    id=request.id, decided_s=admitted_s, reason=f"{self.instance}: {e}"),
+                    msg_id=f"rejected-{request.id}")
+
     async def _loop(self, bus: Bus, clock: Clock) -> None:
         iteration_subject = engine_iteration(self.instance)
         # Admissions not yet due in engine time (the engine may run a little behind the wall).
@@ -68,7 +83,7 @@ class EngineTwinService:
                 due = [a for a in pending if a.decided_s <= now_s]
                 pending = pending[len(due):]
                 for admission in due:
-                    self.engine.admit(admission.request, admitted_s=max(now_s, admission.decided_s))
+                    await self._admit(bus, admission, max(now_s, admission.decided_s))
             outcome = self.engine.step(now_s)
             if outcome is None:
                 if pending:  # nothing runnable until the next admission is due
