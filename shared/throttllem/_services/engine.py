@@ -46,8 +46,6 @@ class EngineTwinService:
         self.profile = load_profile(setup)
         self.gpu = GpuTwin(self.profile)
         self.engine = EngineTwin(self.profile, self.instance, self.gpu)
-        self._inbox_send, self._inbox = anyio.create_memory_object_stream[RequestAdmitted](
-            max_buffer_size=math.inf)
 
     async def _on_admitted(self, event: RequestEvent) -> None:
         if isinstance(event, RequestAdmitted) and event.instance == self.instance:
@@ -106,6 +104,12 @@ class EngineTwinService:
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await bus.ensure_request_stream()
         await serve_gpu(bus, twin_gpu(self.instance), self.gpu)
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[RequestAdmitted](
+            max_buffer_size=math.inf)
+        with self._inbox_send, self._inbox:
+            await self._serve(bus, clock, task_status)
+
+    async def _serve(self, bus: Bus, clock: Clock, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(partial(
                 bus.consume, durable=f"engine-{self.instance}",

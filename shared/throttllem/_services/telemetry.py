@@ -102,17 +102,23 @@ class TelemetryService:
     async def _on_completed(self, bus: Bus, event: RequestEvent) -> None:
         if not isinstance(event, RequestCompleted):
             return
+        # Wait (briefly) until the request's last iteration has reached the ledger.
+        with anyio.move_on_after(_LEDGER_GRACE_WALL_S):
+            # A short bounded poll: an Event per request would cost more than it saves.
+            while self._ledger_until_s.get(  # noqa: ASYNC110
+                    event.instance, -1.0) < event.completed_s - 1e-9:
+                await anyio.sleep(0.01)
+        ledger_mj = self.ledger.pop(event.id)
         if event.energy_mj is not None:
             energy_mj, source = event.energy_mj, "engine"
-            self.ledger.pop(event.id)
+            # Two attributions of the same iterations must agree; a gap means lost
+            # iteration events or an engine that attributes differently.
+            if abs(ledger_mj - energy_mj) > 0.01 * max(energy_mj, 1.0):
+                bus.counters["attribution_mismatch"] += 1
+                log.warning("energy.attribution_mismatch", id=event.id, engine_mj=energy_mj,
+                            collector_mj=ledger_mj)
         else:
-            # Wait (briefly) until the request's last iteration has reached the ledger.
-            with anyio.move_on_after(_LEDGER_GRACE_WALL_S):
-                # A short bounded poll: an Event per request would cost more than it saves.
-                while self._ledger_until_s.get(  # noqa: ASYNC110
-                        event.instance, -1.0) < event.completed_s - 1e-9:
-                    await anyio.sleep(0.01)
-            energy_mj, source = self.ledger.pop(event.id), "collector"
+            energy_mj, source = ledger_mj, "collector"
         record = RequestEnergy(
             id=event.id, tenant=event.tenant, instance=event.instance, energy_mj=energy_mj,
             prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens,
