@@ -83,3 +83,20 @@ async def test_killed_forecaster_resumes_without_loss_or_duplicates(
     assert sorted(stored) == sorted(f"r{n}" for n in range(300))
     assert info.num_pending == 0, "more admissions stored than requests: a duplicate"
     assert "service.ready" in log_path.read_text()
+
+
+async def test_sigterm_stops_a_service_gracefully(nats: EmbeddedNatsServer, tmp_path: Path) -> None:
+    log_path = tmp_path / "forecaster.log"
+    proc = start_forecaster(nats.url, log_path)
+    try:
+        with anyio.fail_after(30):
+            while "service.ready" not in log_path.read_text():
+                await anyio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log_path.read_text()
+    assert '"signal": "SIGTERM"' in text
+    assert "service.stopped" in text
