@@ -16,7 +16,7 @@ import anyio.abc
 import structlog
 
 from throttllem._bus import Bus
-from throttllem._errors import RequestRejectedError
+from throttllem._errors import ConfigError, RequestRejectedError
 from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
 from throttllem._gpu.remote import serve_gpu
 from throttllem._runtime import Clock
@@ -41,7 +41,14 @@ _IDLE_POLL_WALL_S = 0.25
 class EngineTwinService:
     name = "engine"
 
-    def __init__(self, *, instance: str, setup: str = "h100-llama3-8b-tp1") -> None:
+    def __init__(self, *, instance: str, setup: str = "h100-llama3-8b-tp1",
+                 slack_s: float = 0.5) -> None:
+        """`slack_s`: how far (event seconds) the engine's time trails the shared clock, so that
+        an admission delayed on the bus by less than slack_s/speed wall seconds still starts
+        at its own decision time. Without it, bus latency would be magnified by --speed."""
+        if slack_s < 0:
+            raise ConfigError("--slack must be non-negative")
+        self.slack_s = slack_s
         self.instance = token(instance)
         self.profile = load_profile(setup)
         self.gpu = GpuTwin(self.profile)
@@ -68,7 +75,7 @@ class EngineTwinService:
         iteration_subject = engine_iteration(self.instance)
         # Admissions not yet due in engine time (the engine may run a little behind the wall).
         pending: list[RequestAdmitted] = []
-        now_s = clock.now_s()
+        now_s = clock.now_s() - self.slack_s
         self.gpu.idle_until(now_s)
         while True:
             while True:
@@ -90,7 +97,7 @@ class EngineTwinService:
                     continue
                 with anyio.move_on_after(_IDLE_POLL_WALL_S):
                     pending.append(await self._inbox.receive())
-                now_s = max(now_s, clock.now_s())
+                now_s = max(now_s, clock.now_s() - self.slack_s)
                 self.gpu.idle_until(now_s)
                 continue
             it = outcome.iteration
@@ -98,7 +105,7 @@ class EngineTwinService:
             await bus.publish(iteration_subject, it)
             for done in outcome.completed:
                 await bus.publish_durable(REQUEST_COMPLETED, done, msg_id=f"done-{done.id}")
-            await clock.sleep_until(now_s)
+            await clock.sleep_until(now_s + self.slack_s)
 
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
