@@ -66,3 +66,16 @@ def test_demo_serves_every_request_and_accounts_energy(
     assert 0 < attributed_j <= report.energy_j  # the rest is idle energy, billed to nobody
     assert {r.source for r in records} == {"engine"}
     assert {r.tenant for r in records} <= {"tenant-a", "tenant-b", "tenant-c"}
+
+
+def test_a_request_that_can_never_fit_is_reported_not_waited_for(
+        nats: EmbeddedNatsServer, tmp_path: Path) -> None:
+    # conv row 5442 (t≈1109.5 s) has a 14,050-token prompt: longer than Llama-3-8B's window.
+    report = run_demo(DemoOptions(nats_url=nats.url, trace="conv", start_minute=1109.0 / 60,
+                                  minutes=2.0 / 60, speed=2.0, instances=1,
+                                  log_dir=tmp_path / "logs", progress=False,
+                                  drain_timeout_s=60.0))
+    assert report.requests_rejected == 1
+    assert report.requests_served == report.requests_submitted - 1
+    assert report.slo_attainment <= (report.requests_submitted - 1) / report.requests_submitted
+    assert report.duration_s < 30.0, "the demo waited out its drain timeout"

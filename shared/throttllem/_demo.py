@@ -35,12 +35,19 @@ from throttllem._events import (
     Heartbeat,
     RequestArrived,
     RequestCompleted,
+    RequestDeferred,
     RequestEvent,
 )
 from throttllem._gpu.remote import RemoteGpu
 from throttllem._runtime import Clock
 from throttllem._services.replayer import replay
-from throttllem._subjects import ENGINE_ITERATION_ALL, HEALTH_ALL, REQUEST_COMPLETED, twin_gpu
+from throttllem._subjects import (
+    ENGINE_ITERATION_ALL,
+    HEALTH_ALL,
+    REQUEST_COMPLETED,
+    REQUEST_DEFERRED,
+    twin_gpu,
+)
 from throttllem._trace import iter_trace, resolve_trace
 
 log = structlog.get_logger("throttllem.demo")
@@ -174,14 +181,23 @@ async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
         clocks = ClockAccumulator()
         submitted = 0
 
+        rejected: dict[str, str] = {}
+
         async def on_completed(event: RequestEvent) -> None:
             if isinstance(event, RequestCompleted):
                 completions.append(event)
+
+        async def on_deferred(event: RequestEvent) -> None:
+            # This stage has no retry path: an engine's refusal (a prompt longer than the
+            # context window) is final, and counts as unserved.
+            if isinstance(event, RequestDeferred):
+                rejected[event.id] = event.reason
 
         async def on_iteration(it: EngineIteration) -> None:
             clocks.add(it)
 
         await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC, on_completed)
+        await bus.subscribe(REQUEST_DEFERRED, REQUEST_CODEC, on_deferred)
         await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, on_iteration)
         gpus = [RemoteGpu(bus, twin_gpu(inst)) for inst in instances]
 
@@ -202,7 +218,7 @@ async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(replay, bus, clock, requests, on_published=on_published))
             with anyio.move_on_after((end_s - clock.now_s()) / opts.speed + opts.drain_timeout_s):
-                while len(completions) < len(requests):
+                while len(completions) + len(rejected) < len(requests):
                     progress.show(submitted=submitted, done=len(completions), total=len(requests),
                                   now_s=clock.now_s() - offset_s, end_s=end_s - offset_s)
                     await anyio.sleep(0.1)
@@ -213,8 +229,11 @@ async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
         # Let the engines account idle energy up to now before the final read.
         await anyio.sleep(0.3)
         energy_j = (await energy_mj() - energy_start_mj) / 1e3
+        if rejected:
+            log.warning("demo.requests_rejected", count=len(rejected),
+                        example=next(iter(rejected.values())))
         return summarize(completions, policy=opts.policy, submitted=len(requests),
-                         energy_j=energy_j, clocks=clocks,
+                         energy_j=energy_j, clocks=clocks, rejected=len(rejected),
                          duration_s=clock.now_s() - offset_s)
     finally:
         with anyio.CancelScope(shield=True):

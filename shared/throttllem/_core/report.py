@@ -60,6 +60,7 @@ class RunReport(msgspec.Struct, frozen=True, kw_only=True):
     e2e_attainment: float
     duration_s: float
     energy_source: str = "twin (simulated)"
+    requests_rejected: int = 0
 
 
 def _pct(values: Sequence[float]) -> Percentiles:
@@ -71,10 +72,11 @@ def _pct(values: Sequence[float]) -> Percentiles:
 
 
 def summarize(completions: Sequence[RequestCompleted], *, policy: str, submitted: int,
-              energy_j: float, clocks: ClockAccumulator, duration_s: float,
+              energy_j: float, clocks: ClockAccumulator, duration_s: float, rejected: int = 0,
               slo_classes: Mapping[str, SloClass] = DEFAULT_SLO_CLASSES,
               energy_source: str = "twin (simulated)") -> RunReport:
-    """Summarize a run. Unserved requests count against SLO attainment."""
+    """Summarize a run. Unserved requests (rejected or never finished) count against SLO
+    attainment."""
     outcomes = [check_slo(c, slo_classes) for c in completions]
     denominator = max(submitted, 1)
     generated = sum(c.generated_tokens for c in completions)
@@ -99,6 +101,7 @@ def summarize(completions: Sequence[RequestCompleted], *, policy: str, submitted
         e2e_attainment=sum(o.e2e_ok for o in outcomes) / denominator,
         duration_s=duration_s,
         energy_source=energy_source,
+        requests_rejected=rejected,
     )
 
 
@@ -107,6 +110,7 @@ def format_table(reports: Sequence[RunReport]) -> str:
     rows: list[tuple[str, list[str]]] = [
         ("policy", [r.policy for r in reports]),
         ("requests served", [f"{r.requests_served}/{r.requests_submitted}" for r in reports]),
+        ("  rejected (never fit)", [f"{r.requests_rejected}" for r in reports]),
         ("prompt tokens", [f"{r.prompt_tokens:,}" for r in reports]),
         ("generated tokens", [f"{r.generated_tokens:,}" for r in reports]),
         ("energy (J)", [f"{r.energy_j:,.0f}" for r in reports]),
