@@ -79,3 +79,15 @@ def test_a_request_that_can_never_fit_is_reported_not_waited_for(
     assert report.requests_served == report.requests_submitted - 1
     assert report.slo_attainment <= (report.requests_submitted - 1) / report.requests_submitted
     assert report.duration_s < 30.0, "the demo waited out its drain timeout"
+
+
+def test_demo_time_scales_the_window_to_a_peak_rate() -> None:
+    from throttllem._demo import trace_requests  # noqa: PLC0415
+    from throttllem._trace import peak_rate_per_s  # noqa: PLC0415
+
+    plain = list(trace_requests(DemoOptions(minutes=2.0), offset_s=100.0))
+    scaled = list(trace_requests(DemoOptions(minutes=2.0, peak_rps=6.0), offset_s=100.0))
+    assert [r.id for r in scaled] == [r.id for r in plain]
+    assert scaled[0].arrival_s == pytest.approx(100.0, abs=1.0)
+    assert peak_rate_per_s([r.arrival_s for r in scaled]) == pytest.approx(6.0)
+    assert peak_rate_per_s([r.arrival_s for r in plain]) < 6.0

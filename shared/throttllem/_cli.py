@@ -122,7 +122,11 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--nats", default=None,
                    help="use this NATS server instead of starting an embedded one")
     p.add_argument("--trace", default="conv", help="conv, code, or a CSV path")
-    p.add_argument("--minutes", type=float, default=2.0, help="trace window length")
+    p.add_argument("--minutes", type=float, default=2.0,
+                   help="trace window length (minutes of the original trace)")
+    p.add_argument("--peak-rps", type=float, default=None,
+                   help="time-scale the window so its busiest minute has this many requests/s "
+                        "(the paper scales the trace to the system's peak capacity)")
     p.add_argument("--start-minute", type=float, default=0.0, help="trace window start")
     p.add_argument("--instances", type=int, default=2, help="engine instances")
     p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix")
@@ -144,6 +148,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         nats_url=args.nats, trace=args.trace, minutes=args.minutes,
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
         speed=args.speed, policy=args.policy, setup=args.setup, json_path=args.json,
+        peak_rps=args.peak_rps,
         log_dir=args.log_dir, progress=not args.no_progress))
     return 0
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from throttllem._subjects import (
     REQUEST_DEFERRED,
     twin_gpu,
 )
-from throttllem._trace import iter_trace, resolve_trace
+from throttllem._trace import TraceRequest, iter_trace, load_window, resolve_trace
 
 log = structlog.get_logger("throttllem.demo")
 
@@ -65,6 +65,7 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     speed: float = 1.0
     policy: str = "default"
     setup: str = "h100-llama3-8b-tp1"
+    peak_rps: float | None = None
     json_path: Path | None = None
     log_dir: Path | None = None
     startup_timeout_s: float = 60.0
@@ -77,7 +78,17 @@ def trace_requests(opts: DemoOptions, *, offset_s: float) -> Iterator[RequestArr
     rng = random.Random(opts.seed)
     start_s = opts.start_minute * 60.0
     path = resolve_trace(opts.trace)
-    for row in iter_trace(path, start_s=start_s, duration_s=opts.minutes * 60.0):
+    rows: Iterable[TraceRequest]
+    if opts.peak_rps is None:
+        rows = iter_trace(path, start_s=start_s, duration_s=opts.minutes * 60.0)
+    else:  # time-scale the window so that its busiest minute carries `peak_rps`
+        window = load_window(path, start_s=start_s, duration_s=opts.minutes * 60.0)
+        if len(window) < 2:
+            raise ConfigError("the trace window holds too few requests to time-scale")
+        window = window.scale_to_peak(opts.peak_rps)
+        start_s = start_s / window.rate_factor
+        rows = window.requests()
+    for row in rows:
         yield RequestArrived(
             id=f"{opts.trace}-{row.index}",
             arrival_s=offset_s + row.arrival_s - start_s,
