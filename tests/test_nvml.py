@@ -4,7 +4,6 @@ the narrow `NvmlLib` seam with a small fake that raises the real pynvml errors."
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
 
 import pynvml
 import pytest
@@ -19,8 +18,7 @@ from throttllem import (
 )
 from throttllem._gpu.backend import GpuBackend
 from throttllem._gpu.nvml import NvmlBackend, NvmlLib, probe
-
-H100_SM_CLOCKS_DESCENDING = list(range(1980, 344, -15))  # NVML lists them high to low
+from throttllem.testing import FakeNvml
 
 
 def _driver_present() -> bool:
@@ -32,102 +30,6 @@ def _driver_present() -> bool:
 
 
 no_driver = pytest.mark.skipif(_driver_present(), reason="an NVIDIA driver is installed here")
-
-
-@dataclass
-class Utilization:
-    gpu: int
-    memory: int
-
-
-@dataclass
-class FakeNvml:
-    """One or more identical fake GPUs behind exactly the NvmlLib functions.
-
-    `fail` maps a function name to the NVML error code it raises. Setters raise
-    AssertionError unless `allow_set`, so a dry-run test fails if one is ever called.
-    """
-
-    count: int = 1
-    power_mw: int = 250_500
-    energy_mj: int = 123_456_789
-    sm_clock_mhz: int = 1980
-    mem_clock_mhz: int = 2619
-    mem_clocks_mhz: list[int] = field(default_factory=lambda: [2619, 1593])
-    sm_clocks_mhz: list[int] = field(default_factory=lambda: list(H100_SM_CLOCKS_DESCENDING))
-    fail: dict[str, int] = field(default_factory=dict)
-    allow_set: bool = False
-    calls: list[tuple[object, ...]] = field(default_factory=list)
-
-    def _enter(self, name: str, *args: object) -> None:
-        self.calls.append((name, *args))
-        if name in self.fail:
-            raise pynvml.NVMLError(self.fail[name])
-
-    def called(self, name: str) -> list[tuple[object, ...]]:
-        return [c for c in self.calls if c[0] == name]
-
-    def nvmlInit(self) -> None:
-        self._enter("nvmlInit")
-
-    def nvmlShutdown(self) -> None:
-        self._enter("nvmlShutdown")
-
-    def nvmlSystemGetDriverVersion(self) -> str:
-        self._enter("nvmlSystemGetDriverVersion")
-        return "570.86.15"
-
-    def nvmlDeviceGetCount(self) -> int:
-        self._enter("nvmlDeviceGetCount")
-        return self.count
-
-    def nvmlDeviceGetHandleByIndex(self, index: int, /) -> object:
-        self._enter("nvmlDeviceGetHandleByIndex", index)
-        return f"handle-{index}"
-
-    def nvmlDeviceGetName(self, handle: object, /) -> bytes:
-        self._enter("nvmlDeviceGetName", handle)
-        return b"NVIDIA H100 80GB HBM3"
-
-    def nvmlDeviceGetUUID(self, handle: object, /) -> str:
-        self._enter("nvmlDeviceGetUUID", handle)
-        return "GPU-0b9c3a52-0000-0000-0000-000000000000"
-
-    def nvmlDeviceGetPowerUsage(self, handle: object, /) -> int:
-        self._enter("nvmlDeviceGetPowerUsage", handle)
-        return self.power_mw
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, handle: object, /) -> int:
-        self._enter("nvmlDeviceGetTotalEnergyConsumption", handle)
-        return self.energy_mj
-
-    def nvmlDeviceGetClockInfo(self, handle: object, clock_type: int, /) -> int:
-        self._enter("nvmlDeviceGetClockInfo", handle, clock_type)
-        return self.sm_clock_mhz if clock_type == pynvml.NVML_CLOCK_SM else self.mem_clock_mhz
-
-    def nvmlDeviceGetUtilizationRates(self, handle: object, /) -> Utilization:
-        self._enter("nvmlDeviceGetUtilizationRates", handle)
-        return Utilization(gpu=87, memory=41)
-
-    def nvmlDeviceGetTemperature(self, handle: object, sensor: int, /) -> int:
-        self._enter("nvmlDeviceGetTemperature", handle, sensor)
-        return 54
-
-    def nvmlDeviceGetSupportedMemoryClocks(self, handle: object, /) -> list[int]:
-        self._enter("nvmlDeviceGetSupportedMemoryClocks", handle)
-        return list(self.mem_clocks_mhz)
-
-    def nvmlDeviceGetSupportedGraphicsClocks(self, handle: object, mem_mhz: int, /) -> list[int]:
-        self._enter("nvmlDeviceGetSupportedGraphicsClocks", handle, mem_mhz)
-        return list(self.sm_clocks_mhz) if mem_mhz == max(self.mem_clocks_mhz) else [1410]
-
-    def nvmlDeviceSetGpuLockedClocks(self, handle: object, low: int, high: int, /) -> None:
-        self._enter("nvmlDeviceSetGpuLockedClocks", handle, low, high)
-        assert self.allow_set, "a setter was called"
-
-    def nvmlDeviceResetGpuLockedClocks(self, handle: object, /) -> None:
-        self._enter("nvmlDeviceResetGpuLockedClocks", handle)
-        assert self.allow_set, "a setter was called"
 
 
 def backend(fake: NvmlLib, *, dry_run: bool = False) -> NvmlBackend:

@@ -224,7 +224,11 @@ class Bus:
                 self.counters[f"handler_errors.{codec.family}"] += 1
                 self._log.exception("handler.failed", subject=msg.subject)
 
-        return await self.nc.subscribe(subject, queue=queue, cb=callback)
+        sub = await self.nc.subscribe(subject, queue=queue, cb=callback)
+        # Round-trip so the server has the interest before we report ready: a message
+        # published right after start-up (from another connection) is then not missed.
+        await self.nc.flush()
+        return sub
 
     # ---- JetStream
 
@@ -261,9 +265,14 @@ class Bus:
     async def consume(
         self, *, durable: str, subject: str, codec: Codec[E], handler: Handler[E],
         batch: int = 64, deliver_new_only: bool = False, ack_wait_s: float = 10.0,
+        concurrent: bool = False,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Pull from a durable JetStream consumer until cancelled; ack after the handler.
+
+        Several processes consuming the same durable share its messages (a work queue), which
+        is how a service scales out. `concurrent=True` runs each fetched batch's handlers
+        concurrently (for handlers that batch work themselves, like model inference).
 
         A malformed message is terminated (never redelivered); a handler failure is nak'ed
         with a delay so that a transient error does not lose the request.
@@ -286,6 +295,11 @@ class Bus:
                     continue
                 except nats.errors.ConnectionClosedError:
                     return
+                if concurrent:  # order does not matter to this handler: run the batch at once
+                    async with anyio.create_task_group() as batch_tg:
+                        for msg in msgs:
+                            batch_tg.start_soon(self._handle_one, codec, handler, msg)
+                    continue
                 for n, msg in enumerate(msgs):
                     try:
                         await self._handle_one(codec, handler, msg)

@@ -46,6 +46,24 @@ def _telemetry(args: argparse.Namespace) -> Service:
                             interval_s=args.interval)
 
 
+def _length_predictor(args: argparse.Namespace) -> Service:
+    from throttllem._services.length_predictor import (  # noqa: PLC0415
+        LengthPredictorService,
+        parse_oracle,
+    )
+
+    oracle = parse_oracle(args.oracle) if args.oracle is not None else None
+    return LengthPredictorService(model_dir=args.model, oracle=oracle, seed=args.seed,
+                                  generator=args.generator)
+
+
+def _actuator(args: argparse.Namespace) -> Service:
+    from throttllem._services.actuator import ActuatorService  # noqa: PLC0415
+
+    return ActuatorService(instance=args.instance, backend=args.gpu, gpus=args.gpus,
+                           dry_run=args.dry_run)
+
+
 def _replayer(args: argparse.Namespace) -> Service:
     from throttllem._demo import DemoOptions, trace_requests  # noqa: PLC0415
     from throttllem._services.replayer import ReplayerService  # noqa: PLC0415
@@ -60,6 +78,10 @@ SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
     "engine": ("one engine-twin instance with its simulated GPU", _engine),
     "telemetry": ("GPU samples (NVML or twin) and per-request energy records", _telemetry),
+    "length-predictor": ("generation-length predictions (ONNX model, or oracle for traces)",
+                         _length_predictor),
+    "actuator": ("applies clock targets to an instance's GPUs (NVML, dry-run or twin)",
+                 _actuator),
     "replayer": ("publishes a trace's requests at their arrival times", _replayer),
 }
 
@@ -91,6 +113,22 @@ def _add_run(sub: Any) -> None:
                                help="engine-twin instances to sample (twin backend)")
                 p.add_argument("--node", default=os.environ.get("THROTTLLEM_NODE", "node0"))
                 p.add_argument("--interval", type=float, default=0.5, help="seconds")
+            case "length-predictor":
+                p.add_argument("--model", type=Path, default=None,
+                               help="model folder (default: the shipped models/length/)")
+                p.add_argument("--oracle", default=None,
+                               help="trace replay only: true length with this relative error "
+                                    "(0, 0.15, 30%%) or 'measured' (the real model's errors)")
+                p.add_argument("--seed", type=int, default=0)
+                p.add_argument("--generator", default=None,
+                               help="the serving model's name, a feature of the length model")
+            case "actuator":
+                p.add_argument("--instance", required=True)
+                p.add_argument("--gpu", choices=("twin", "nvml"), default="nvml")
+                p.add_argument("--gpus", type=lambda v: [int(i) for i in _csv(v)], default=[0],
+                               help="NVML indices of the instance's GPUs (all locked together)")
+                p.add_argument("--dry-run", action="store_true",
+                               help="validate and log the exact NVML calls, change nothing")
             case "replayer":
                 p.add_argument("--trace", default="conv")
                 p.add_argument("--minutes", type=float, default=2.0)

@@ -66,6 +66,8 @@ class RequestPredicted(_Event, frozen=True, kw_only=True, tag="request.predicted
     # which only exists for trace replay.
     oracle: bool = False
     decided_s: float = 0.0
+    # The request itself, so that a consumer (the controller) needs no join with arrivals.
+    request: RequestArrived | None = None
 
 
 class RequestAdmitted(_Event, frozen=True, kw_only=True, tag="request.admitted"):
@@ -247,6 +249,7 @@ class Heartbeat(_Event, frozen=True, kw_only=True, tag="health.heartbeat"):
     uptime_s: float
     counters: dict[str, int] = {}
     status: str = "ok"
+    metrics: dict[str, float] = {}
 
 
 HealthEvent = Heartbeat

@@ -71,9 +71,11 @@ async def _heartbeats(bus: Bus, service: Service, clock: Clock, instance_id: str
     started = time.monotonic()
     subject = health(service.name)
     while True:
+        metrics_fn = getattr(service, "health_metrics", None)
+        metrics: dict[str, float] = metrics_fn() if callable(metrics_fn) else {}
         beat = Heartbeat(service=service.name, instance_id=instance_id, version=__version__,
                          now_s=clock.now_s(), uptime_s=time.monotonic() - started,
-                         counters=dict(bus.counters))
+                         counters=dict(bus.counters), metrics=metrics)
         await bus.publish(subject, beat)
         await anyio.sleep(period_s)
 

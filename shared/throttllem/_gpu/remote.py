@@ -124,7 +124,9 @@ async def serve_gpu(bus: Bus, subject: str, backend: GpuBackend) -> object:
     async def callback(msg: Msg) -> None:
         await msg.respond(msgspec.json.encode(answer_gpu_call(backend, msg.data)))
 
-    return await bus.nc.subscribe(subject, cb=callback)
+    sub = await bus.nc.subscribe(subject, cb=callback)
+    await bus.nc.flush()  # the server knows we answer before anyone is told we are ready
+    return sub
 
 
 class RemoteGpu:

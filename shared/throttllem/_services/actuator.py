@@ -1,0 +1,129 @@
+"""The frequency actuator: applies `freq.target.<instance>` to the instance's GPUs and
+publishes `freq.applied.<instance>`.
+
+All GPUs of a tensor-parallel instance are locked together (and rolled back together when one
+fails). Backends: NVML (real; `--dry-run` reads the real supported clocks and validates, but
+only logs the exact NVML calls), or the twin over NATS. Fail-safe: a lease that runs out, or
+a shutdown, resets the GPUs to their default clocks.
+"""
+
+from __future__ import annotations
+
+import anyio
+import anyio.abc
+import structlog
+
+from throttllem._bus import Bus
+from throttllem._core.actuation import Action, Decision, LeaseState, on_target, on_tick
+from throttllem._errors import ClockOutOfRangeError, ConfigError, GpuError
+from throttllem._events import FREQ_CODEC, FreqApplied, FreqEvent, FreqTarget
+from throttllem._gpu.remote import AsyncGpu, RemoteGpu, ThreadedGpu
+from throttllem._runtime import Clock
+from throttllem._subjects import freq_applied, freq_target, token, twin_gpu
+
+log = structlog.get_logger("throttllem.actuator")
+
+
+class ActuatorService:
+    name = "actuator"
+
+    def __init__(self, *, instance: str, backend: str = "twin", gpus: list[int] | None = None,
+                 dry_run: bool = False, tick_s: float = 0.5,
+                 gpu: AsyncGpu | None = None) -> None:
+        """`gpu` injects a ready backend (tests, embedding); otherwise `backend` picks one."""
+        if backend not in ("twin", "nvml"):
+            raise ConfigError(f"--gpu must be 'twin' or 'nvml', not {backend!r}")
+        self.instance = token(instance)
+        self.backend_name = backend
+        self.gpu_indices = list(gpus) if gpus else [0]
+        self.dry_run = dry_run
+        self.tick_s = tick_s
+        self._gpu = gpu
+        self.state = LeaseState()
+        self.supported_mhz: tuple[int, ...] = ()
+        self.applied: list[FreqApplied] = []
+
+    def _open(self, bus: Bus) -> AsyncGpu:
+        if self._gpu is not None:
+            return self._gpu
+        if self.backend_name == "twin":
+            return RemoteGpu(bus, twin_gpu(self.instance))
+        from throttllem._gpu.nvml import NvmlBackend  # noqa: PLC0415 - pynvml only when asked
+
+        return ThreadedGpu(NvmlBackend(dry_run=self.dry_run))
+
+    async def _apply(self, bus: Bus, gpu: AsyncGpu, decision: Decision, now_s: float) -> None:
+        if decision.action is Action.NONE:
+            return
+        error: str | None = None
+        try:
+            if decision.action is Action.LOCK:
+                assert decision.clock_mhz is not None
+                locked: list[int] = []
+                try:
+                    for index in self.gpu_indices:
+                        await gpu.set_locked_clocks(index, decision.clock_mhz, decision.clock_mhz)
+                        locked.append(index)
+                except GpuError:
+                    for index in locked:  # never leave a TP group at mixed clocks
+                        await gpu.reset_locked_clocks(index)
+                    raise
+            else:
+                for index in self.gpu_indices:
+                    await gpu.reset_locked_clocks(index)
+        except (GpuError, ClockOutOfRangeError) as e:
+            error = str(e)
+            bus.counters["apply_errors"] += 1
+            log.error("actuator.apply_failed", instance=self.instance, error=error,
+                      action=decision.action.value, clock_mhz=decision.clock_mhz)
+            self.state = LeaseState()  # what we know: not the target; default is the safe guess
+        applied = FreqApplied(instance=self.instance, clock_mhz=decision.clock_mhz,
+                              applied_s=now_s, backend=gpu.name, dry_run=self.dry_run,
+                              error=error)
+        self.applied.append(applied)
+        await bus.publish(freq_applied(self.instance), applied)
+        log.info("actuator.applied", instance=self.instance, clock_mhz=decision.clock_mhz,
+                 reason=decision.reason, error=error)
+
+    async def run(self, bus: Bus, clock: Clock, *,
+                  task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        gpu = self._open(bus)
+        self.supported_mhz = await gpu.supported_clocks_mhz(self.gpu_indices[0])
+        lock = anyio.Lock()  # targets and lease ticks change the GPU one at a time
+
+        async def on_freq(event: FreqEvent) -> None:
+            if not isinstance(event, FreqTarget) or event.instance != self.instance:
+                return
+            async with lock:
+                now_s = clock.now_s()
+                try:
+                    self.state, decision = on_target(self.state, event, now_s, self.supported_mhz)
+                except ClockOutOfRangeError as e:
+                    bus.counters["targets_refused"] += 1
+                    log.warning("actuator.target_refused", instance=self.instance, error=str(e))
+                    refused = FreqApplied(instance=self.instance, clock_mhz=event.clock_mhz,
+                                          applied_s=now_s, backend=gpu.name,
+                                          dry_run=self.dry_run, error=f"refused: {e}")
+                    self.applied.append(refused)
+                    await bus.publish(freq_applied(self.instance), refused)
+                    return
+                await self._apply(bus, gpu, decision, now_s)
+
+        try:
+            await bus.subscribe(freq_target(self.instance), FREQ_CODEC, on_freq)
+            log.info("actuator.started", instance=self.instance, backend=gpu.name,
+                     gpus=self.gpu_indices, dry_run=self.dry_run,
+                     clocks=f"{self.supported_mhz[0]}–{self.supported_mhz[-1]} MHz")
+            task_status.started()
+            while True:
+                await anyio.sleep(self.tick_s)
+                async with lock:
+                    now_s = clock.now_s()
+                    self.state, decision = on_tick(self.state, now_s)
+                    await self._apply(bus, gpu, decision, now_s)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self.state.clock_mhz is not None:
+                    self.state = LeaseState()
+                    await self._apply(bus, gpu, Decision(
+                        action=Action.RESET, clock_mhz=None, reason="shutdown"), clock.now_s())
