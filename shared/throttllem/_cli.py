@@ -194,6 +194,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- main
 
 
+def _leaves(group: BaseExceptionGroup[ThrottllemError]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="throttllem", description=__doc__)
     parser.add_argument("--version", action="version", version=f"throttllem {__version__}")
@@ -210,6 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ThrottllemError as e:
         print(f"throttllem: error: {e}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:  # a service's task group failed
+        matched, rest = group.split(ThrottllemError)
+        if matched is None or rest is not None:
+            raise
+        for leaf in _leaves(matched):
+            print(f"throttllem: error: {leaf}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

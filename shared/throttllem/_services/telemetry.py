@@ -71,8 +71,8 @@ class TelemetryService:
 
         return [(self.node, ThreadedGpu(NvmlBackend()))]
 
-    async def _sample_forever(self, bus: Bus, clock: Clock) -> None:
-        gpus = self._gpus(bus)
+    async def _sample_forever(self, bus: Bus, clock: Clock,
+                              gpus: list[tuple[str, AsyncGpu]]) -> None:
         counts: dict[str, int] = {}
         source = "twin" if self.backend == "twin" else "nvml"
         while True:
@@ -127,12 +127,13 @@ class TelemetryService:
 
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        gpus = self._gpus(bus)  # at start: no driver / no permission fails here, clearly
         await bus.ensure_request_stream()
         await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
         async with anyio.create_task_group() as tg:
             await tg.start(partial(
                 bus.consume, durable="telemetry", subject=REQUEST_COMPLETED,
                 codec=REQUEST_CODEC, handler=partial(self._on_completed, bus)))
-            tg.start_soon(self._sample_forever, bus, clock)
+            tg.start_soon(self._sample_forever, bus, clock, gpus)
             log.info("telemetry.started", backend=self.backend, instances=self.instances)
             task_status.started()

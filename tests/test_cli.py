@@ -1,0 +1,48 @@
+"""The command line: errors a user sees are one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from throttllem._bus import EmbeddedNatsServer
+from throttllem._cli import build_parser, main
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "throttllem", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_unreachable_nats_is_one_clear_line() -> None:
+    result = run_cli("run", "forecaster", "--instances", "i0", "--nats", "nats://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "throttllem: error: cannot reach NATS at nats://127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nvml_without_a_driver_says_what_to_do(nats: EmbeddedNatsServer) -> None:
+    for args in (("actuator", "--instance", "i0", "--gpu", "nvml", "--dry-run"),
+                 ("telemetry", "--gpu", "nvml")):
+        result = run_cli("run", *args, "--nats", nats.url)
+        assert result.returncode == 2, result.stderr
+        assert "use the twin backend with --gpu twin" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_bad_instance_names_are_refused_before_starting() -> None:
+    assert main(["run", "engine", "--instance", "i.0", "--nats", "nats://127.0.0.1:1"]) == 2
+
+
+def test_every_service_has_a_run_subcommand() -> None:
+    parser = build_parser()
+    for name in ("engine", "forecaster", "telemetry", "actuator", "length-predictor",
+                 "replayer"):
+        args = parser.parse_args(["run", name, *{
+            "engine": ["--instance", "i0"], "forecaster": ["--instances", "i0"],
+            "actuator": ["--instance", "i0"]}.get(name, [])])
+        assert args.service == name
