@@ -207,7 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     _add_run(sub)
+    _add_models(sub)
     return parser
+
+
+def _add_models(sub: Any) -> None:
+    """Model commands: `train length`, `length score`."""
+    from throttllem._length.cli import add_length_parser, add_train_length_parser  # noqa: PLC0415
+
+    train = sub.add_parser("train", help="train a model and export it to ONNX")
+    train_sub = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    add_train_length_parser(train_sub)
+    add_length_parser(sub)
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
