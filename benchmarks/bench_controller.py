@@ -1,0 +1,217 @@
+"""Cost of one controller decision: forecast + SLO check + clock search over 110 clocks.
+
+A decision is what the forecaster service does per candidate request: append the
+candidate's SLO row, project the instance with the candidate at the end of the queue, and
+search the lowest feasible clock among the H100's 110 (345–1980 MHz), with the per-request
+report at the chosen clock. Instance states are synthetic but Azure-conversation-like:
+prompts lognormal (median 1,000 tokens), outputs lognormal (median 200, long tail, capped
+at 2,048), each running request somewhere along its output, 4 queued requests and the
+candidate. The SLO class is set per size so the chosen clock lands mid-range (a decision
+that is infeasible at the top clock exits after one round and would flatter the timings):
+"standard" (50 ms TBT) at 256 running, a 130 ms-TBT class at 1,024.
+
+Strategies compared on the very same decisions: the secant search (what "auto" uses for a
+monotone model), the k-ary search at two fan-outs, binary search and the full scan (one
+110 × T evaluation). Performance models: the affine roofline (cheap, analytic)
+and the twin's clock model through an adapter (roofline with a smooth max: pow-heavy).
+Timings are wall time on one core (numpy element-wise work is single-threaded; BLAS threads
+are pinned to 1), p50/p99 over `--decisions` decisions, all in one run with the strategies
+taking turns on each decision, so ratios compare. "fcst" is the forecast alone (candidate
+SLO row + projection); "total" adds the SLO check and the clock search (no report).
+
+    python benchmarks/bench_controller.py [--decisions 300] [--json runs/bench_controller.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from throttllem._core.clock_search import (  # noqa: E402
+    DEFAULT_FANOUT,
+    FeasibleClock,
+    Strategy,
+    SupportedClocks,
+    min_feasible_clock,
+)
+from throttllem._core.forecast import Candidate, InstanceState, project  # noqa: E402
+from throttllem._core.perf import AffinePerfModel, FunctionPerfModel, PerfModel  # noqa: E402
+from throttllem._core.slo import SloClass  # noqa: E402
+from throttllem._core.slo_check import RequestSlo  # noqa: E402
+
+CLOCKS = SupportedClocks(tuple(range(345, 1981, 15)))
+NOW_S = 10_000.0
+QUEUED = 4
+# Chosen so that the lowest feasible clock is mid-range under the affine model.
+SLO_BY_SIZE = {256: SloClass(name="standard"),
+               1024: SloClass(name="batch-ish", tbt_ms=130.0, ttft_base_ms=3000.0)}
+
+
+@dataclass
+class Case:
+    state: InstanceState
+    slo: RequestSlo  # running + queued rows, kept by the service between decisions
+    candidate: Candidate
+    candidate_slo: SloClass
+
+
+def make_case(rng: np.random.Generator, n: int, slo: SloClass) -> Case:
+    def prompts(k: int) -> Any:
+        return np.clip(rng.lognormal(np.log(1000), 0.8, k), 16, 8000).astype(np.int64)
+
+    def outputs(k: int) -> Any:
+        return np.clip(rng.lognormal(np.log(200), 1.0, k), 1, 2048)
+
+    r_prompt = prompts(n)
+    r_pred = outputs(n)
+    r_gen = np.maximum(1, (rng.random(n) * r_pred).astype(np.int64))
+    q_prompt = prompts(QUEUED)
+    q_pred = outputs(QUEUED)
+    peak = int(np.sum(np.concatenate((r_prompt + 1.6 * r_pred, q_prompt + 1.6 * q_pred))))
+    state = InstanceState(
+        running_prompt_tokens=r_prompt, running_generated_tokens=r_gen,
+        running_predicted_tokens=r_pred, running_upper_tokens=1.6 * r_pred,
+        queued_prompt_tokens=q_prompt, queued_predicted_tokens=q_pred,
+        queued_upper_tokens=1.6 * q_pred, kv_block_tokens=16,
+        kv_blocks_total=peak // 16 + 4096, max_batch=n + QUEUED + 1,
+        max_batched_tokens=16384, kv_watermark_blocks=64)
+    # Running requests: decoded so far at ~0.6 of their bound per token.
+    tbt_so_far_s = 0.6 * slo.tbt_ms / 1e3
+    first = NOW_S - (r_gen - 1) * tbt_so_far_s
+    arrival = np.concatenate((first - rng.uniform(0.05, 0.5, n),
+                              NOW_S - rng.uniform(0.0, 0.2, QUEUED)))
+    nan = np.full(QUEUED, np.nan)
+    rows = RequestSlo.from_classes(
+        [slo] * (n + QUEUED), prompt_tokens=np.concatenate((r_prompt, q_prompt)),
+        arrival_s=arrival, first_token_s=np.concatenate((first, nan)),
+        last_token_s=np.concatenate((NOW_S - rng.uniform(0, tbt_so_far_s, n), nan)))
+    cand = Candidate(prompt_tokens=int(prompts(1)[0]), predicted_tokens=float(outputs(1)[0]),
+                     upper_tokens=0.0)
+    cand = Candidate(cand.prompt_tokens, cand.predicted_tokens, 1.6 * cand.predicted_tokens)
+    return Case(state, rows, cand, slo)
+
+
+def decide(case: Case, perf: PerfModel, strategy: Strategy,
+           fanout: int) -> tuple[float, float, int, int, int]:
+    """One decision; returns (forecast s, total s, chosen clock or 0, clocks evaluated, T)."""
+    t0 = time.perf_counter()
+    cand_row = RequestSlo.for_request(case.candidate_slo,
+                                      prompt_tokens=case.candidate.prompt_tokens,
+                                      arrival_s=NOW_S)
+    slo = RequestSlo.concat((case.slo, cand_row))
+    p = project(case.state, candidate=case.candidate)
+    t1 = time.perf_counter()
+    res = min_feasible_clock(p, perf, CLOCKS, slo, now_s=NOW_S, strategy=strategy,
+                             fanout=fanout)
+    t2 = time.perf_counter()
+    clock = res.clock_mhz if isinstance(res, FeasibleClock) else 0
+    return t1 - t0, t2 - t0, clock, res.clocks_evaluated, p.n_iterations
+
+
+def twin_model() -> PerfModel | None:
+    try:
+        from throttllem._twin import clockmodel  # noqa: PLC0415
+        from throttllem._twin.profile import load_profile  # noqa: PLC0415
+    except ImportError:
+        return None
+    profile = load_profile("h100-llama3-8b-tp1")
+
+    def fn(b: Any, kv: Any, pf: Any, c: Any) -> Any:
+        return clockmodel.iteration_time_s(profile, batch=b, kv_tokens=kv, prefill_tokens=pf,
+                                           clock_mhz=c)
+
+    return FunctionPerfModel(fn, name="twin clockmodel")
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--decisions", type=int, default=300, help="decisions per row (≥ 200)")
+    ap.add_argument("--states", type=int, default=30, help="distinct instance states per size")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--json", type=Path, default=Path("runs/bench_controller.json"))
+    args = ap.parse_args()
+
+    models: list[tuple[str, PerfModel]] = [("affine", AffinePerfModel())]
+    twin = twin_model()
+    if twin is not None:
+        models.append(("twin", twin))
+    strategies: list[tuple[str, Strategy, int]] = [
+        ("secant (default)", "secant", DEFAULT_FANOUT),
+        (f"kary-{DEFAULT_FANOUT}", "kary", DEFAULT_FANOUT), ("kary-6", "kary", 6),
+        ("binary", "binary", 1), ("scan-110", "scan", len(CLOCKS))]
+
+    rows: list[dict[str, Any]] = []
+    for n in args.sizes:
+        rng = np.random.default_rng(args.seed + n)
+        slo = SLO_BY_SIZE.get(n, SloClass(name="standard"))
+        cases = [make_case(rng, n, slo) for _ in range(args.states)]
+        for model_name, perf in models:
+            for _, strategy, fanout in strategies:  # warm-up (and the monotonicity probe)
+                for case in cases[:5]:
+                    decide(case, perf, strategy, fanout)
+            # Strategies take turns on every decision, in a shuffled order (the first to see
+            # a new state pays for cold caches, the one after the full scan for the memory
+            # it released), so noise on the machine hits them alike and ratios compare.
+            samples: list[list[tuple[float, float, int, int, int]]] = [[] for _ in strategies]
+            for k in range(args.decisions):
+                case = cases[k % len(cases)]
+                for i in rng.permutation(len(strategies)).tolist():
+                    _, strategy, fanout = strategies[i]
+                    samples[i].append(decide(case, perf, strategy, fanout))
+            for (label, _, fanout), got in zip(strategies, samples, strict=True):
+                fc = [g[0] for g in got]
+                tot = [g[1] for g in got]
+                clocks = [g[2] for g in got]
+                feasible_clocks = [c for c in clocks if c]
+                rows.append({
+                    "running": n, "model": model_name, "strategy": label,
+                    "fanout": fanout, "decisions": args.decisions,
+                    "passes_T_mean": float(np.mean([g[4] for g in got])),
+                    "clocks_evaluated_mean": float(np.mean([g[3] for g in got])),
+                    "forecast_ms_p50": pct(fc, 50) * 1e3,
+                    "total_ms_p50": pct(tot, 50) * 1e3, "total_ms_p99": pct(tot, 99) * 1e3,
+                    "chosen_mhz_p50": (float(np.median(feasible_clocks))
+                                       if feasible_clocks else None),
+                    "infeasible_share": 1.0 - len(feasible_clocks) / len(clocks),
+                })
+
+    head = (f"{'N':>5} {'model':<7} {'strategy':<20} {'T':>6} {'evals':>5} "
+            f"{'fcst p50':>9} {'total p50':>10} {'total p99':>10} {'clock p50':>9} "
+            f"{'infeas':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        chosen = "—" if r["chosen_mhz_p50"] is None else f"{r['chosen_mhz_p50']:.0f}"
+        print(f"{r['running']:>5} {r['model']:<7} {r['strategy']:<20} "
+              f"{r['passes_T_mean']:>6.0f} {r['clocks_evaluated_mean']:>5.1f} "
+              f"{r['forecast_ms_p50']:>7.3f}ms {r['total_ms_p50']:>8.3f}ms "
+              f"{r['total_ms_p99']:>8.3f}ms {chosen:>9} {r['infeasible_share']:>6.0%}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "benchmark": "controller decision (forecast + SLO check + clock search, 110 clocks)",
+        "python": platform.python_version(), "numpy": np.__version__,
+        "machine": platform.machine(), "processor": platform.processor(),
+        "default_fanout": DEFAULT_FANOUT, "rows": rows,
+    }, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Performance models: how long one engine iteration takes at a given SM clock.
+
+The forecaster projects iteration *shapes* (decode batch, KV tokens read, prefill tokens);
+a `PerfModel` turns shapes into seconds for many clocks at once. Implementations: the affine
+roofline below (cheap, monotone, used by tests and as a baseline), an adapter around any
+function (`FunctionPerfModel`, e.g. the twin's `clockmodel.iteration_time_s`), and later the
+ONNX gradient-boosted model and a precompiled grid. The core never imports the twin.
+
+Contract: numpy broadcasting, finite seconds > 0. The SLO check calls it with pass rows of
+shape (1, T) and clocks of shape (C, 1) and expects (C, T) back (clock-major: element-wise
+models then run long inner loops over passes, ≈2× faster than (T, 1) × (1, C)); any
+broadcastable shapes work.
+
+`is_monotone_in_clock` probes a model once per (model, clock list) and caches the answer:
+the clock search may binary-search only when a higher clock never makes an iteration slower.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+AnyArray = npt.NDArray[Any]
+
+
+@runtime_checkable
+class PerfModel(Protocol):
+    """Seconds per iteration, vectorized over broadcastable shapes and clocks."""
+
+    def iteration_time_s(self, batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+                         clock_mhz: AnyArray) -> AnyArray:
+        """`batch` decoding sequences, `kv_tokens` = Σ their contexts, `prefill_tokens` new
+        prompt tokens in the pass; returns seconds at `clock_mhz` (broadcast shape)."""
+        ...
+
+
+PerfFunction = Callable[[AnyArray, AnyArray, AnyArray, AnyArray], AnyArray]
+
+
+class FunctionPerfModel:
+    """Wrap `fn(batch, kv_tokens, prefill_tokens, clock_mhz) -> seconds` as a `PerfModel`.
+
+    A plain class (not a slotted dataclass) so it can be weak-referenced by the monotonicity
+    cache.
+    """
+
+    def __init__(self, fn: PerfFunction, *, name: str = "") -> None:
+        self._fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+
+    def iteration_time_s(self, batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+                         clock_mhz: AnyArray) -> AnyArray:
+        return self._fn(batch, kv_tokens, prefill_tokens, clock_mhz)
+
+    def __repr__(self) -> str:
+        return f"FunctionPerfModel({self.name})"
+
+
+@dataclass(frozen=True)
+class AffinePerfModel:
+    """t = fixed + memory-bound part + compute-bound part · f_ref/f.
+
+    memory part  = mem_s + kv_s_per_token · kv_tokens                  (HBM, clock-independent)
+    compute part = cpu_s + batch_s · batch + prefill_s_per_token · prefill_tokens   (∝ 1/f)
+
+    Monotone non-increasing in the clock by construction. Defaults are round numbers of the
+    H100/Llama-3-8B order (≈7 ms batch-1 decode, ≈20 µs per prefill token at the top clock),
+    not a fit: use it where a cheap, obviously monotone model is wanted.
+    """
+
+    mem_s: float = 5.5e-3
+    kv_s_per_token: float = 4.4e-8
+    cpu_s: float = 1.2e-3
+    batch_s: float = 2.0e-5
+    prefill_s_per_token: float = 2.0e-5
+    ref_clock_mhz: float = 1980.0
+
+    def iteration_time_s(self, batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+                         clock_mhz: AnyArray) -> AnyArray:
+        mem = self.mem_s + self.kv_s_per_token * kv_tokens
+        work = self.cpu_s + self.batch_s * batch + self.prefill_s_per_token * prefill_tokens
+        return np.asarray(mem + work * (self.ref_clock_mhz / clock_mhz))
+
+
+# --------------------------------------------------------------------------- monotonicity
+
+_PROBE_BATCH: Final = (0.0, 1.0, 2.0, 8.0, 32.0, 128.0, 256.0, 1024.0)
+_PROBE_KV: Final = (0.0, 1e3, 3e4, 2e5, 1e6)
+_PROBE_PREFILL: Final = (0.0, 64.0, 2048.0, 16384.0)
+
+# model -> {clock tuple: monotone?}; weak keys so models are not kept alive by the cache.
+_MONOTONE_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], bool]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _probe_monotone(model: PerfModel, clocks_mhz: tuple[int, ...]) -> bool:
+    b, kv, pf = np.meshgrid(_PROBE_BATCH, _PROBE_KV, _PROBE_PREFILL, indexing="ij")
+    clocks = np.asarray(clocks_mhz, dtype=np.float64)[None, :]
+    t = np.asarray(model.iteration_time_s(b.reshape(-1, 1), kv.reshape(-1, 1),
+                                          pf.reshape(-1, 1), clocks), dtype=np.float64)
+    if t.shape != (b.size, clocks.size) or not np.all(np.isfinite(t)) or np.any(t <= 0):
+        return False
+    return bool(np.all(np.diff(t, axis=1) <= 0.0))
+
+
+def is_monotone_in_clock(model: PerfModel, clocks_mhz: tuple[int, ...]) -> bool:
+    """Whether iteration time never rises with the clock, on a probe grid of shapes (batch
+    0–1024, KV 0–1M tokens, prefill 0–16k tokens) × every clock. Probed once per model and
+    clock list and cached; models that cannot be weak-referenced are probed on every call.
+
+    A probe is evidence, not proof: a model that turns non-monotone only between probe
+    points passes. The shipped models are monotone by construction or by their tests.
+    """
+    try:
+        per_model = _MONOTONE_CACHE.get(model)
+    except TypeError:  # not weak-referenceable
+        return _probe_monotone(model, clocks_mhz)
+    if per_model is None:
+        per_model = {}
+        _MONOTONE_CACHE[model] = per_model
+    known = per_model.get(clocks_mhz)
+    if known is None:
+        known = _probe_monotone(model, clocks_mhz)
+        per_model[clocks_mhz] = known
+    return known
