@@ -39,9 +39,9 @@ async def read_energy_records(url: str, expected: int) -> list[RequestEnergy]:
 def test_demo_serves_every_request_and_accounts_energy(
         nats: EmbeddedNatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     json_path = tmp_path / "demo.json"
-    report = run_demo(DemoOptions(nats_url=nats.url, trace="conv", minutes=0.25, speed=4.0,
-                                  instances=2, json_path=json_path, log_dir=tmp_path / "logs",
-                                  progress=False))
+    [report] = run_demo(DemoOptions(nats_url=nats.url, trace="conv", minutes=0.25, speed=4.0,
+                                    instances=2, json_path=json_path, log_dir=tmp_path / "logs",
+                                    progress=False))
     out = capsys.readouterr().out
     assert "SLO attainment" in out
     assert "not measured hardware" in out
@@ -71,7 +71,7 @@ def test_demo_serves_every_request_and_accounts_energy(
 def test_a_request_that_can_never_fit_is_reported_not_waited_for(
         nats: EmbeddedNatsServer, tmp_path: Path) -> None:
     # conv row 5442 (t≈1109.5 s) has a 14,050-token prompt: longer than Llama-3-8B's window.
-    report = run_demo(DemoOptions(nats_url=nats.url, trace="conv", start_minute=1109.0 / 60,
+    [report] = run_demo(DemoOptions(nats_url=nats.url, trace="conv", start_minute=1109.0 / 60,
                                   minutes=2.0 / 60, speed=2.0, instances=1,
                                   log_dir=tmp_path / "logs", progress=False,
                                   drain_timeout_s=60.0))

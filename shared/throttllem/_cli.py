@@ -30,7 +30,8 @@ def _csv(value: str) -> list[str]:
 def _forecaster(args: argparse.Namespace) -> Service:
     from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
 
-    return ForecasterService(instances=args.instances, policy=args.policy)
+    return ForecasterService(instances=args.instances, policy=args.policy, setup=args.setup,
+                             use_upper=not args.median)
 
 
 def _engine(args: argparse.Namespace) -> Service:
@@ -101,7 +102,13 @@ def _add_run(sub: Any) -> None:
             case "forecaster":
                 p.add_argument("--instances", type=_csv, required=True,
                                help="comma-separated engine instance names")
-                p.add_argument("--policy", default="default")
+                p.add_argument("--policy", choices=("default", "throttllem"),
+                               default="default")
+                p.add_argument("--setup", default="h100-llama3-8b-tp1",
+                               help="serving setup (engine limits, clocks, performance model)")
+                p.add_argument("--median", action="store_true",
+                               help="plan with median length predictions (default: the upper "
+                                    "quantile, which is more cautious)")
             case "engine":
                 p.add_argument("--instance", required=True)
                 p.add_argument("--setup", default="h100-llama3-8b-tp1")
@@ -170,7 +177,12 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix")
     p.add_argument("--speed", type=float, default=1.0,
                    help="replay this many times faster than real time")
-    p.add_argument("--policy", default="default", help="controller policy")
+    p.add_argument("--policy", default="default",
+                   help="default, throttllem, or both as 'default,throttllem' (run one after "
+                        "the other on the same window, one table)")
+    p.add_argument("--length-error", default="0.15",
+                   help="throttllem policy on a trace (no prompt text): the oracle length "
+                        "predictor's relative error (0, 0.15, 0.3) or 'measured'")
     p.add_argument("--setup", default="h100-llama3-8b-tp1", help="twin setup profile")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--log-dir", type=Path, default=None, help="where service logs go")
@@ -182,10 +194,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from throttllem._demo import DemoOptions, run_demo  # noqa: PLC0415
 
     configure_logging(json=False, level="warning")
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     run_demo(DemoOptions(
         nats_url=args.nats, trace=args.trace, minutes=args.minutes,
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
-        speed=args.speed, policy=args.policy, setup=args.setup, json_path=args.json,
+        speed=args.speed, policies=policies, setup=args.setup, json_path=args.json,
+        length_error=args.length_error,
         peak_rps=args.peak_rps,
         log_dir=args.log_dir, progress=not args.no_progress))
     return 0

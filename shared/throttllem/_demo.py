@@ -63,7 +63,8 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     instances: int = 2
     seed: int = 0
     speed: float = 1.0
-    policy: str = "default"
+    policies: list[str] = msgspec.field(default_factory=lambda: ["default"])
+    length_error: str = "0.15"
     setup: str = "h100-llama3-8b-tp1"
     peak_rps: float | None = None
     json_path: Path | None = None
@@ -73,7 +74,8 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     progress: bool = True
 
 
-def trace_requests(opts: DemoOptions, *, offset_s: float) -> Iterator[RequestArrived]:
+def trace_requests(opts: DemoOptions, *, offset_s: float,
+                   run_tag: str = "") -> Iterator[RequestArrived]:
     """The window's requests as arrivals, shifted so the window starts at `offset_s`."""
     rng = random.Random(opts.seed)
     start_s = opts.start_minute * 60.0
@@ -90,7 +92,7 @@ def trace_requests(opts: DemoOptions, *, offset_s: float) -> Iterator[RequestArr
         rows = window.requests()
     for row in rows:
         yield RequestArrived(
-            id=f"{opts.trace}-{row.index}",
+            id=f"{run_tag}{opts.trace}-{row.index}",
             arrival_s=offset_s + row.arrival_s - start_s,
             prompt_tokens=row.prompt_tokens,
             max_tokens=max(4096, row.output_tokens),
@@ -146,9 +148,10 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
+async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path) -> RunReport:
     instances = [f"i{n}" for n in range(opts.instances)]
-    requests = list(trace_requests(opts, offset_s=0.0))
+    # Ids carry the policy: runs on one server must not de-duplicate each other's requests.
+    requests = list(trace_requests(opts, offset_s=0.0, run_tag=f"{policy}-"))
     if not requests:
         raise ConfigError(f"the trace window (start {opts.start_minute} min, "
                           f"{opts.minutes} min) holds no requests")
@@ -167,10 +170,20 @@ async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
             procs.append(_spawn(["engine", "--instance", inst, "--setup", opts.setup],
                                 log_dir / f"engine-{inst}.log", clock, nats_url))
         procs.append(_spawn(["forecaster", "--instances", ",".join(instances),
-                             "--policy", opts.policy], log_dir / "forecaster.log", clock, nats_url))
+                             "--policy", policy, "--setup", opts.setup],
+                            log_dir / "forecaster.log", clock, nats_url))
         procs.append(_spawn(["telemetry", "--gpu", "twin", "--instances", ",".join(instances)],
                             log_dir / "telemetry.log", clock, nats_url))
         expected = {"engine": len(instances), "forecaster": 1, "telemetry": 1}
+        if policy == "throttllem":
+            # Trace prompts have no text: the predictor runs as a labelled oracle.
+            procs.append(_spawn(["length-predictor", "--oracle", opts.length_error,
+                                 "--seed", str(opts.seed)],
+                                log_dir / "length-predictor.log", clock, nats_url))
+            for inst in instances:
+                procs.append(_spawn(["actuator", "--instance", inst, "--gpu", "twin"],
+                                    log_dir / f"actuator-{inst}.log", clock, nats_url))
+            expected |= {"length-predictor": 1, "actuator": len(instances)}
         with anyio.move_on_after(opts.startup_timeout_s):
             while any(len(ready.get(s, ())) < n for s, n in expected.items()):
                 for proc in procs:
@@ -199,9 +212,9 @@ async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
                 completions.append(event)
 
         async def on_deferred(event: RequestEvent) -> None:
-            # This stage has no retry path: an engine's refusal (a prompt longer than the
-            # context window) is final, and counts as unserved.
-            if isinstance(event, RequestDeferred):
+            # An engine's refusal (a prompt longer than the context window) is final and
+            # counts as unserved; the controller's deferrals are retried.
+            if isinstance(event, RequestDeferred) and event.final:
                 rejected[event.id] = event.reason
 
         async def on_iteration(it: EngineIteration) -> None:
@@ -243,7 +256,8 @@ async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
         if rejected:
             log.warning("demo.requests_rejected", count=len(rejected),
                         example=next(iter(rejected.values())))
-        return summarize(completions, policy=opts.policy, submitted=len(requests),
+        label = policy if policy == "default" else f"{policy} (length error {opts.length_error})"
+        return summarize(completions, policy=label, submitted=len(requests),
                          energy_j=energy_j, clocks=clocks, rejected=len(rejected),
                          duration_s=clock.now_s() - offset_s)
     finally:
@@ -252,12 +266,16 @@ async def _run(opts: DemoOptions, nats_url: str, log_dir: Path) -> RunReport:
         _stop(procs)
 
 
-def run_demo(opts: DemoOptions) -> RunReport:
-    """Run the demo end to end; prints the table, writes JSON if asked, returns the report."""
+def run_demo(opts: DemoOptions) -> list[RunReport]:
+    """Run the demo end to end, once per policy on the same window (each with fresh services
+    on one bus); prints one table, writes JSON if asked, returns the reports."""
     if opts.instances < 1:
         raise ConfigError("--instances must be at least 1")
     if opts.minutes <= 0 or opts.speed <= 0:
         raise ConfigError("--minutes and --speed must be positive")
+    unknown = [p for p in opts.policies if p not in ("default", "throttllem")]
+    if unknown or not opts.policies:
+        raise ConfigError(f"--policy takes default and/or throttllem, not {unknown}")
     log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="tllm-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     server = None
@@ -266,20 +284,29 @@ def run_demo(opts: DemoOptions) -> RunReport:
         if nats_url is None:
             server = EmbeddedNatsServer()
             nats_url = server.start()
-        report = anyio.run(_run, opts, nats_url, log_dir)
+        reports = []
+        for policy in opts.policies:
+            policy_logs = log_dir / policy
+            policy_logs.mkdir(exist_ok=True)
+            reports.append(anyio.run(_run, opts, policy, nats_url, policy_logs))
     finally:
         if server is not None:
             server.stop()
-    print(format_table([report]))
+    print(format_table(reports))
     print(f"(energy and latencies come from the serving twin, not measured hardware; "
           f"service logs in {log_dir})")
     if opts.json_path is not None:
         opts.json_path.parent.mkdir(parents=True, exist_ok=True)
-        # Top level: this run's figures; "policies": the layout `throttllem evaluate` shares.
-        document = {**msgspec.structs.asdict(report), "policies": {report.policy: report},
+        # Top level: the first policy's figures; "policies": every run, keyed by policy (the
+        # layout `throttllem evaluate` shares), with the saving against `default`.
+        base = next((r for r in reports if r.policy == "default"), None)
+        policies = {r.policy: {**msgspec.structs.asdict(r), "saving_vs_default":
+                               1 - r.energy_j / base.energy_j if base else None}
+                    for r in reports}
+        document = {**msgspec.structs.asdict(reports[0]), "policies": policies,
                     "options": _jsonable(opts)}
         opts.json_path.write_bytes(msgspec.json.format(msgspec.json.encode(document)))
-    return report
+    return reports
 
 
 def _jsonable(opts: DemoOptions) -> dict[str, object]:

@@ -88,6 +88,8 @@ class RequestDeferred(_Event, frozen=True, kw_only=True, tag="request.deferred")
     decided_s: float
     reason: str
     retry_after_s: float = 0.0
+    # True when no retry will ever succeed (e.g. a prompt longer than the context window).
+    final: bool = False
 
 
 class RequestCompleted(_Event, frozen=True, kw_only=True, tag="request.completed"):

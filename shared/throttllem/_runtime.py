@@ -12,6 +12,7 @@ so every process agrees on "now" without talking to each other.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -73,6 +74,8 @@ async def _heartbeats(bus: Bus, service: Service, clock: Clock, instance_id: str
     while True:
         metrics_fn = getattr(service, "health_metrics", None)
         metrics: dict[str, float] = metrics_fn() if callable(metrics_fn) else {}
+        # JSON has no NaN: a metric not known yet is left out rather than sent as null.
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         beat = Heartbeat(service=service.name, instance_id=instance_id, version=__version__,
                          now_s=clock.now_s(), uptime_s=time.monotonic() - started,
                          counters=dict(bus.counters), metrics=metrics)

@@ -107,6 +107,7 @@ def summarize(completions: Sequence[RequestCompleted], *, policy: str, submitted
 
 def format_table(reports: Sequence[RunReport]) -> str:
     """One plain-text table, a column per report."""
+    base = next((r for r in reports if r.policy == "default"), None)
     rows: list[tuple[str, list[str]]] = [
         ("policy", [r.policy for r in reports]),
         ("requests served", [f"{r.requests_served}/{r.requests_submitted}" for r in reports]),
@@ -115,6 +116,8 @@ def format_table(reports: Sequence[RunReport]) -> str:
         ("generated tokens", [f"{r.generated_tokens:,}" for r in reports]),
         ("energy (J)", [f"{r.energy_j:,.0f}" for r in reports]),
         ("energy (J/gen. token)", [f"{r.j_per_token:.3f}" for r in reports]),
+        *([("energy saved vs default", [f"{100 * (1 - r.energy_j / base.energy_j):.1f}%"
+                                        for r in reports])] if base is not None else []),
         ("TTFT p50/p99 (ms)", [f"{r.ttft_ms.p50:.0f} / {r.ttft_ms.p99:.0f}" for r in reports]),
         ("TBT p50/p99 (ms)", [f"{r.tbt_ms.p50:.1f} / {r.tbt_ms.p99:.1f}" for r in reports]),
         ("E2E p50/p99 (ms)", [f"{r.e2e_ms.p50:.0f} / {r.e2e_ms.p99:.0f}" for r in reports]),

@@ -15,7 +15,7 @@ import structlog
 
 from throttllem._bus import Bus
 from throttllem._core.actuation import Action, Decision, LeaseState, on_target, on_tick
-from throttllem._errors import ClockOutOfRangeError, ConfigError, GpuError
+from throttllem._errors import ClockOutOfRangeError, ConfigError, GpuError, GpuNotFoundError
 from throttllem._events import FREQ_CODEC, FreqApplied, FreqEvent, FreqTarget
 from throttllem._gpu.remote import AsyncGpu, RemoteGpu, ThreadedGpu
 from throttllem._runtime import Clock
@@ -29,7 +29,7 @@ class ActuatorService:
 
     def __init__(self, *, instance: str, backend: str = "twin", gpus: list[int] | None = None,
                  dry_run: bool = False, tick_s: float = 0.5,
-                 gpu: AsyncGpu | None = None) -> None:
+                 gpu: AsyncGpu | None = None, startup_wait_s: float = 30.0) -> None:
         """`gpu` injects a ready backend (tests, embedding); otherwise `backend` picks one."""
         if backend not in ("twin", "nvml"):
             raise ConfigError(f"--gpu must be 'twin' or 'nvml', not {backend!r}")
@@ -38,6 +38,7 @@ class ActuatorService:
         self.gpu_indices = list(gpus) if gpus else [0]
         self.dry_run = dry_run
         self.tick_s = tick_s
+        self.startup_wait_s = startup_wait_s
         self._gpu = gpu
         self.state = LeaseState()
         self.supported_mhz: tuple[int, ...] = ()
@@ -51,6 +52,18 @@ class ActuatorService:
         from throttllem._gpu.nvml import NvmlBackend  # noqa: PLC0415 - pynvml only when asked
 
         return ThreadedGpu(NvmlBackend(dry_run=self.dry_run))
+
+    async def _supported_clocks(self, gpu: AsyncGpu) -> tuple[int, ...]:
+        """A twin GPU lives in its engine process, which may start after us: wait for it a
+        while (a missing NVML driver fails at once, no waiting helps there)."""
+        deadline = anyio.current_time() + (self.startup_wait_s if gpu.name == "twin" else 0.0)
+        while True:
+            try:
+                return await gpu.supported_clocks_mhz(self.gpu_indices[0])
+            except GpuNotFoundError:
+                if anyio.current_time() >= deadline:
+                    raise
+                await anyio.sleep(0.2)
 
     async def _apply(self, bus: Bus, gpu: AsyncGpu, decision: Decision, now_s: float) -> None:
         if decision.action is Action.NONE:
@@ -88,7 +101,7 @@ class ActuatorService:
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         gpu = self._open(bus)
-        self.supported_mhz = await gpu.supported_clocks_mhz(self.gpu_indices[0])
+        self.supported_mhz = await self._supported_clocks(gpu)
         lock = anyio.Lock()  # targets and lease ticks change the GPU one at a time
 
         async def on_freq(event: FreqEvent) -> None:

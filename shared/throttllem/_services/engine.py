@@ -68,7 +68,8 @@ class EngineTwinService:
                         error=str(e))
             if "already in engine" not in str(e):  # a duplicate is harmless; the rest is news
                 await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
-                    id=request.id, decided_s=admitted_s, reason=f"{self.instance}: {e}"),
+                    id=request.id, decided_s=admitted_s, reason=f"{self.instance}: {e}",
+                    final=True),
                     msg_id=f"rejected-{request.id}")
 
     async def _loop(self, bus: Bus, clock: Clock) -> None:

@@ -1,68 +1,277 @@
-"""The forecaster / SLO checker service: decides where (and, later, at what clock) each
-request runs. This stage ships the default policy: admit at once to the least-loaded
-instance and leave clocks at the GPU default, as an engine shipped without throttLL'eM does.
+"""The forecaster / SLO checker service: decides where each request runs and at what clock.
+
+Policies:
+- `default`: admit at once to the least-loaded instance, leave clocks at the GPU default, as
+  an engine shipped without throttLL'eM does. Consumes `request.arrived`.
+- `throttllem`: consumes `request.predicted` (the length predictor's median and upper
+  quantile). On each prediction it projects every instance's future iterations with the
+  request added, checks every running request's SLOs and admits to the instance that can
+  run at the lowest clock, or defers the request (retried as requests complete). Every
+  `retune` period it searches each instance's lowest feasible clock for what it runs now
+  and publishes `freq.target.<instance>` with a lease (the actuator falls back to default
+  clocks when leases stop coming). Clock changes pass a hysteresis (raise at once, lower only
+  after a dwell time and by a margin) so clocks do not flap.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from functools import partial
 
 import anyio
 import anyio.abc
+import numpy as np
 import structlog
 
 from throttllem._bus import Bus
+from throttllem._core.clock_search import SupportedClocks, next_clock
+from throttllem._core.controller import (
+    EngineShape,
+    InstanceTracker,
+    Placement,
+    Policy,
+    place,
+    retune,
+)
+from throttllem._core.forecast import Candidate
+from throttllem._core.perf import AnyArray, FunctionPerfModel, PerfModel
 from throttllem._core.routing import least_loaded
+from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass
+from throttllem._core.slo_check import RequestSlo
 from throttllem._errors import ConfigError
 from throttllem._events import (
+    ENGINE_CODEC,
     REQUEST_CODEC,
+    EngineIteration,
+    FreqTarget,
     RequestAdmitted,
     RequestArrived,
     RequestCompleted,
+    RequestDeferred,
     RequestEvent,
+    RequestPredicted,
 )
 from throttllem._runtime import Clock
-from throttllem._subjects import REQUEST_ARRIVED, REQUEST_COMPLETED, request_admitted, token
+from throttllem._subjects import (
+    ENGINE_ITERATION_ALL,
+    REQUEST_ARRIVED,
+    REQUEST_COMPLETED,
+    REQUEST_DEFERRED,
+    REQUEST_PREDICTED,
+    freq_target,
+    request_admitted,
+    token,
+)
 
 log = structlog.get_logger("throttllem.forecaster")
 
-POLICIES = ("default",)
+POLICIES = ("default", "throttllem")
+
+
+def twin_perf_model(setup: str) -> PerfModel:
+    """The twin's own timing formula as the controller's performance model. This is an
+    oracle (the model the twin runs on); the trained ONNX model replaces it where present."""
+    from throttllem._twin.clockmodel import iteration_time_s  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    profile = load_profile(setup)
+
+    def fn(batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+           clock_mhz: AnyArray) -> AnyArray:
+        return iteration_time_s(profile, batch=batch, kv_tokens=kv_tokens,
+                                prefill_tokens=prefill_tokens, clock_mhz=clock_mhz)
+
+    return FunctionPerfModel(fn, name=f"twin-oracle:{setup}")
+
+
+def setup_policy(setup: str, perf: PerfModel | None = None, *,
+                 use_upper: bool = True) -> tuple[Policy, EngineShape]:
+    """The controller's knobs for a serving setup, from its profile.
+
+    The clock floor is the most energy-efficient clock of a typical decode pass (batch 32,
+    1k-token contexts) under the profile's power model: going lower saves power but costs
+    more static energy per token than it saves.
+    """
+    from throttllem._twin.clockmodel import estimate  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    profile = load_profile(setup)
+    mhz = tuple(int(c) for c in profile.gpu.supported_clocks_mhz)
+    clocks = np.asarray(mhz, dtype=np.float64)
+    energy = estimate(profile, batch=32, kv_tokens=32 * 1024, prefill_tokens=0,
+                      requested_clock_mhz=clocks).energy_mj
+    floor_mhz = mhz[int(np.argmin(energy))]
+    engine = profile.engine
+    shape = EngineShape(kv_block_tokens=engine.block_tokens, kv_blocks_total=engine.kv_blocks,
+                        max_batch=engine.max_batch, max_batched_tokens=engine.max_batched_tokens,
+                        kv_watermark_blocks=int(engine.kv_watermark * engine.kv_blocks))
+    policy = Policy(perf=perf or twin_perf_model(setup), clocks=SupportedClocks(mhz),
+                    floor_mhz=floor_mhz, use_upper=use_upper)
+    return policy, shape
 
 
 class ForecasterService:
     name = "forecaster"
 
-    def __init__(self, *, instances: list[str], policy: str = "default") -> None:
+    def __init__(self, *, instances: list[str], policy: str = "default",
+                 setup: str = "h100-llama3-8b-tp1", perf: PerfModel | None = None,
+                 use_upper: bool = True, lease_s: float = 3.0, retune_wall_s: float = 0.1,
+                 min_dwell_s: float = 1.0, down_margin_steps: int = 2,
+                 slo_classes: dict[str, SloClass] | None = None) -> None:
         if policy not in POLICIES:
-            raise ConfigError(f"unknown policy {policy!r}; this build knows {POLICIES}")
+            raise ConfigError(f"unknown policy {policy!r}; known: {POLICIES}")
         if not instances:
             raise ConfigError("the forecaster needs at least one engine instance (--instances)")
         self.instances = [token(i) for i in instances]
-        self.policy = policy
-        # Soft state: requests admitted and not yet completed, per instance.
+        self.policy_name = policy
+        # Soft state of the default policy: admitted and not yet completed, per instance.
         self.outstanding = dict.fromkeys(self.instances, 0)
+        self.slo_classes = dict(slo_classes or DEFAULT_SLO_CLASSES)
+        self.lease_s = lease_s
+        self.retune_wall_s = retune_wall_s
+        self.min_dwell_s = min_dwell_s
+        self.down_margin_steps = down_margin_steps
+        if policy == "throttllem":
+            self.policy, shape = setup_policy(setup, perf, use_upper=use_upper)
+            self.trackers = {i: InstanceTracker(i, shape) for i in self.instances}
+            top = self.policy.clocks.mhz[-1]
+            self.clock_mhz = dict.fromkeys(self.instances, top)
+            self.changed_s = dict.fromkeys(self.instances, -math.inf)
+            self.sent_s = dict.fromkeys(self.instances, -math.inf)
+            self.pending: deque[RequestPredicted] = deque()
+            log.info("forecaster.policy", policy=policy, perf_model=getattr(
+                self.policy.perf, "name", type(self.policy.perf).__name__),
+                floor_mhz=self.policy.floor_mhz, use_upper=use_upper)
 
-    async def _on_completed(self, event: RequestEvent) -> None:
-        if isinstance(event, RequestCompleted) and event.instance in self.outstanding:
-            self.outstanding[event.instance] = max(self.outstanding[event.instance] - 1, 0)
+    # ------------------------------------------------------------------ default policy
 
-    async def _on_arrived(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
+    async def _default_on_arrived(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
         if not isinstance(event, RequestArrived):
             return
         instance = least_loaded(self.outstanding)
         admitted = RequestAdmitted(request=event, instance=instance, decided_s=clock.now_s(),
-                                   reason=f"policy={self.policy}: least outstanding")
+                                   reason="policy=default: least outstanding")
         # The msg id makes a redelivered arrival (after a crash before its ack) admit once.
         await bus.publish_durable(request_admitted(instance), admitted, msg_id=f"admit-{event.id}")
         self.outstanding[instance] += 1
 
+    async def _on_completed(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
+        if not isinstance(event, RequestCompleted) or event.instance not in self.outstanding:
+            return
+        self.outstanding[event.instance] = max(self.outstanding[event.instance] - 1, 0)
+        if self.policy_name == "throttllem":
+            self.trackers[event.instance].completed(event.id)
+            await self._drain_pending(bus, clock)
+
+    # ------------------------------------------------------------------ throttllem policy
+
+    def _slo(self, request: RequestArrived) -> SloClass:
+        slo = self.slo_classes.get(request.slo_class)
+        if slo is None:
+            raise ConfigError(f"unknown SLO class {request.slo_class!r}")
+        return slo
+
+    def _try_place(self, prediction: RequestPredicted, now_s: float) -> Placement | None:
+        request = prediction.request
+        assert request is not None
+        slo = self._slo(request)
+        candidate = Candidate(prompt_tokens=request.prompt_tokens,
+                              predicted_tokens=prediction.predicted_tokens,
+                              upper_tokens=max(prediction.upper_tokens,
+                                               prediction.predicted_tokens))
+        candidate_slo = RequestSlo.for_request(slo, prompt_tokens=request.prompt_tokens,
+                                               arrival_s=request.arrival_s)
+        return place(self.trackers, candidate, candidate_slo, self.policy, now_s=now_s)
+
+    async def _admit(self, bus: Bus, clock: Clock, prediction: RequestPredicted,
+                     placement: Placement) -> None:
+        request = prediction.request
+        assert request is not None
+        now_s = clock.now_s()
+        self.trackers[placement.instance].admitted(
+            request.id, prompt_tokens=request.prompt_tokens,
+            predicted_tokens=prediction.predicted_tokens, upper_tokens=prediction.upper_tokens,
+            arrival_s=request.arrival_s, slo=self._slo(request))
+        self.outstanding[placement.instance] += 1
+        # Raise the clock first if the new request needs it, then admit.
+        await self._set_clock(bus, placement.instance, placement.clock_mhz, now_s,
+                              reason=f"admit {request.id}")
+        await bus.publish_durable(request_admitted(placement.instance), RequestAdmitted(
+            request=request, instance=placement.instance, decided_s=now_s,
+            reason=placement.reason, predicted_tokens=prediction.predicted_tokens,
+            upper_tokens=prediction.upper_tokens), msg_id=f"admit-{request.id}")
+
+    async def _on_predicted(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
+        if not isinstance(event, RequestPredicted) or event.request is None:
+            return
+        if self.pending:  # keep FCFS: nothing jumps ahead of a deferred request
+            self.pending.append(event)
+            await self._drain_pending(bus, clock)
+            return
+        placement = self._try_place(event, clock.now_s())
+        if placement is None:
+            self.pending.append(event)
+            bus.counters["deferred"] += 1
+            await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
+                id=event.id, decided_s=clock.now_s(),
+                reason="no instance meets every SLO with it; retried as requests complete"),
+                msg_id=f"deferred-{event.id}")
+            return
+        await self._admit(bus, clock, event, placement)
+
+    async def _drain_pending(self, bus: Bus, clock: Clock) -> None:
+        while self.pending:
+            placement = self._try_place(self.pending[0], clock.now_s())
+            if placement is None:
+                return
+            await self._admit(bus, clock, self.pending.popleft(), placement)
+
+    async def _on_iteration(self, it: EngineIteration) -> None:
+        tracker = self.trackers.get(it.instance)
+        if tracker is not None:
+            tracker.iteration(it.request_ids, it.start_s + it.duration_ms / 1e3)
+
+    async def _set_clock(self, bus: Bus, instance: str, proposed_mhz: int, now_s: float, *,
+                         reason: str) -> None:
+        step = next_clock(self.clock_mhz[instance], self.changed_s[instance], proposed_mhz,
+                          now_s, min_dwell_s=self.min_dwell_s,
+                          down_margin_steps=self.down_margin_steps, clocks=self.policy.clocks)
+        changed = step.clock_mhz != self.clock_mhz[instance]
+        self.clock_mhz[instance], self.changed_s[instance] = step.clock_mhz, step.changed_s
+        # Renew the lease well before it runs out; send at once on a change.
+        if changed or now_s - self.sent_s[instance] >= self.lease_s / 3:
+            self.sent_s[instance] = now_s
+            await bus.publish(freq_target(instance), FreqTarget(
+                instance=instance, clock_mhz=step.clock_mhz, lease_s=self.lease_s,
+                reason=f"{reason} ({step.reason})", decided_s=now_s))
+
+    async def _retune_forever(self, bus: Bus, clock: Clock) -> None:
+        while True:
+            now_s = clock.now_s()
+            for instance, tracker in self.trackers.items():
+                proposed = retune(tracker, self.policy, now_s=now_s)
+                await self._set_clock(bus, instance, proposed, now_s, reason="retune")
+            await self._drain_pending(bus, clock)
+            await anyio.sleep(self.retune_wall_s)
+
+    # ------------------------------------------------------------------ wiring
+
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await bus.ensure_request_stream()
-        await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC, self._on_completed)
+        await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC,
+                            partial(self._on_completed, bus, clock))
         async with anyio.create_task_group() as tg:
-            await tg.start(partial(
-                bus.consume, durable="forecaster", subject=REQUEST_ARRIVED, codec=REQUEST_CODEC,
-                handler=partial(self._on_arrived, bus, clock)))
-            log.info("forecaster.started", policy=self.policy, instances=self.instances)
+            if self.policy_name == "default":
+                await tg.start(partial(
+                    bus.consume, durable="forecaster", subject=REQUEST_ARRIVED,
+                    codec=REQUEST_CODEC, handler=partial(self._default_on_arrived, bus, clock)))
+            else:
+                await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
+                await tg.start(partial(
+                    bus.consume, durable="forecaster-throttllem", subject=REQUEST_PREDICTED,
+                    codec=REQUEST_CODEC, handler=partial(self._on_predicted, bus, clock)))
+                tg.start_soon(self._retune_forever, bus, clock)
+            log.info("forecaster.started", policy=self.policy_name, instances=self.instances)
             task_status.started()

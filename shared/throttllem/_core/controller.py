@@ -1,0 +1,203 @@
+"""throttLL'eM's decisions: where a request goes, and the lowest clock every instance can run.
+
+`InstanceTracker` is the controller's view of one engine instance, rebuilt only from events
+(admissions it made, `engine.iteration`, `request.completed`): prompts, predictions and
+tokens generated so far, never true lengths. `place` and `retune` are pure functions over
+those views (time passed in) that the forecaster service and the evaluator both call.
+
+Rules (the paper's, plus what a production controller needs):
+- admit a request to the instance whose projection, with it added, meets every SLO at the
+  lowest clock (ties: fewer requests, then name); projections whose KV cache would
+  overflow are not admissible;
+- requests that already miss their SLO even at the top clock (late arrivals, long queues)
+  are lost causes: they no longer constrain the search, so one late request cannot pin the
+  instance at the top clock forever;
+- if no instance can take the request within its SLOs but it would miss even on an idle
+  instance, holding it back only makes it later: it is admitted best-effort at the top clock;
+  otherwise it is deferred and retried;
+- clocks never go below `floor_mhz`, the setup's most energy-efficient clock: below it a
+  slower iteration costs more static energy than the lower clock saves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from throttllem._core.clock_search import (
+    FeasibleClock,
+    NoFeasibleClock,
+    SupportedClocks,
+    min_feasible_clock,
+)
+from throttllem._core.forecast import Candidate, InstanceState, project
+from throttllem._core.perf import PerfModel
+from throttllem._core.slo import SloClass
+from throttllem._core.slo_check import RequestSlo
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineShape:
+    """The scheduler limits of an engine instance, as the forecast needs them."""
+
+    kv_block_tokens: int
+    kv_blocks_total: int
+    max_batch: int
+    max_batched_tokens: int
+    kv_watermark_blocks: int = 0
+
+
+@dataclass(slots=True)
+class _Tracked:
+    prompt_tokens: int
+    predicted_tokens: float
+    upper_tokens: float
+    arrival_s: float
+    ttft_bound_ms: float
+    tbt_bound_ms: float
+    generated: int = 0
+    first_token_s: float = math.nan
+    last_token_s: float = math.nan
+
+
+@dataclass(slots=True)
+class InstanceTracker:
+    name: str
+    shape: EngineShape
+    requests: dict[str, _Tracked] = field(default_factory=dict)  # admission (FCFS) order
+
+    def admitted(self, request_id: str, *, prompt_tokens: int, predicted_tokens: float,
+                 upper_tokens: float, arrival_s: float, slo: SloClass) -> None:
+        self.requests[request_id] = _Tracked(
+            prompt_tokens=prompt_tokens, predicted_tokens=predicted_tokens,
+            upper_tokens=max(upper_tokens, predicted_tokens), arrival_s=arrival_s,
+            ttft_bound_ms=slo.ttft_bound_ms(prompt_tokens), tbt_bound_ms=slo.tbt_ms)
+
+    def iteration(self, request_ids: list[str], end_s: float) -> None:
+        """Every request in a pass emits one token at its end."""
+        for request_id in request_ids:
+            tracked = self.requests.get(request_id)
+            if tracked is None:  # admitted by someone else, or already completed
+                continue
+            tracked.generated += 1
+            if math.isnan(tracked.first_token_s):
+                tracked.first_token_s = end_s
+            tracked.last_token_s = end_s
+
+    def completed(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def snapshot(self) -> tuple[InstanceState, RequestSlo]:
+        """Running (has a token) then queued, in admission order, with their SLO arrays."""
+        running = [t for t in self.requests.values() if t.generated > 0]
+        queued = [t for t in self.requests.values() if t.generated == 0]
+        ordered = running + queued
+
+        def ints(rows: list[_Tracked], attr: str) -> npt.NDArray[np.int64]:
+            return np.fromiter((getattr(t, attr) for t in rows), np.int64, len(rows))
+
+        def floats(rows: list[_Tracked], attr: str) -> npt.NDArray[np.float64]:
+            return np.fromiter((getattr(t, attr) for t in rows), np.float64, len(rows))
+
+        s = self.shape
+        state = InstanceState(
+            ints(running, "prompt_tokens"), ints(running, "generated"),
+            floats(running, "predicted_tokens"), floats(running, "upper_tokens"),
+            ints(queued, "prompt_tokens"), floats(queued, "predicted_tokens"),
+            floats(queued, "upper_tokens"),
+            kv_block_tokens=s.kv_block_tokens, kv_blocks_total=s.kv_blocks_total,
+            max_batch=s.max_batch, max_batched_tokens=s.max_batched_tokens,
+            kv_watermark_blocks=s.kv_watermark_blocks)
+        slo = RequestSlo(floats(ordered, "arrival_s"), floats(ordered, "first_token_s"),
+                         floats(ordered, "last_token_s"), floats(ordered, "ttft_bound_ms"),
+                         floats(ordered, "tbt_bound_ms"))
+        return state, slo
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The knobs of the controller."""
+
+    perf: PerfModel
+    clocks: SupportedClocks
+    floor_mhz: int
+    use_upper: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    instance: str
+    clock_mhz: int
+    reason: str
+
+
+def _search(state: InstanceState, slo: RequestSlo, policy: Policy, now_s: float,
+            candidate: Candidate | None) -> tuple[int | None, BoolArray | None]:
+    """Lowest feasible clock, ignoring requests that miss even at the top clock; returns
+    (clock or None, which requests are lost causes)."""
+    projection = project(state, use_upper=policy.use_upper, candidate=candidate)
+    if candidate is not None and projection.kv_overflow_iter >= 0:
+        return None, None
+    result = min_feasible_clock(projection, policy.perf, policy.clocks, slo, now_s=now_s,
+                                floor_mhz=policy.floor_mhz)
+    if isinstance(result, FeasibleClock):
+        return result.clock_mhz, None
+    lost = result.report.miss[:, 0].copy()
+    if candidate is not None and lost[-1]:
+        return None, lost  # the candidate itself cannot make it here
+    retry = min_feasible_clock(projection, policy.perf, policy.clocks, slo, now_s=now_s,
+                               floor_mhz=policy.floor_mhz, must_meet=~lost)
+    if isinstance(retry, NoFeasibleClock):  # cannot happen for a monotone model
+        return policy.clocks.mhz[-1], lost
+    return retry.clock_mhz, lost
+
+
+def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
+          candidate_slo: RequestSlo, policy: Policy, *, now_s: float) -> Placement | None:
+    """Where to admit a request and the clock that instance then needs; None: defer."""
+    best: tuple[int, int, str] | None = None
+    hopeless = 0
+    for name, tracker in trackers.items():
+        state, slo = tracker.snapshot()
+        clock, lost = _search(state, RequestSlo.concat([slo, candidate_slo]), policy, now_s,
+                              candidate)
+        if clock is None:
+            hopeless += lost is not None and bool(lost[-1])
+            continue
+        key = (clock, len(tracker), name)
+        best = key if best is None or key < best else best
+    if best is not None:
+        return Placement(instance=best[2], clock_mhz=best[0], reason="lowest feasible clock")
+    if hopeless == len(trackers) and _late_even_alone(candidate, candidate_slo, policy, now_s):
+        name = min(trackers, key=lambda n: (len(trackers[n]), n))
+        return Placement(instance=name, clock_mhz=policy.clocks.mhz[-1],
+                         reason="best effort: misses its SLO even on an idle instance")
+    return None
+
+
+def _late_even_alone(candidate: Candidate, slo: RequestSlo, policy: Policy,
+                     now_s: float) -> bool:
+    any_tracker = InstanceState.idle(kv_block_tokens=16, kv_blocks_total=1 << 30,
+                                     max_batch=1 << 20, max_batched_tokens=1 << 30)
+    projection = project(any_tracker, use_upper=policy.use_upper, candidate=candidate)
+    result = min_feasible_clock(projection, policy.perf, policy.clocks, slo, now_s=now_s,
+                                floor_mhz=policy.floor_mhz)
+    return isinstance(result, NoFeasibleClock)
+
+
+def retune(tracker: InstanceTracker, policy: Policy, *, now_s: float) -> int:
+    """The lowest clock at which the instance's current requests meet their SLOs."""
+    if not tracker.requests:
+        return policy.floor_mhz
+    state, slo = tracker.snapshot()
+    clock, _ = _search(state, slo, policy, now_s, None)
+    return clock if clock is not None else policy.clocks.mhz[-1]
