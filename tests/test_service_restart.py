@@ -48,6 +48,10 @@ async def test_killed_forecaster_resumes_without_loss_or_duplicates(
     log_path = tmp_path / "forecaster.log"
     proc = start_forecaster(nats.url, log_path)
     try:
+        # A new durable starts at new messages: publish once the service is ready.
+        with anyio.fail_after(30):
+            while "service.ready" not in log_path.read_text():
+                await anyio.sleep(0.05)
         await publish(bus, range(150))
         with anyio.fail_after(30):
             while len(seen_live) < 50:

@@ -271,7 +271,9 @@ class Bus:
         """Pull from a durable JetStream consumer until cancelled; ack after the handler.
 
         Several processes consuming the same durable share its messages (a work queue), which
-        is how a service scales out. `concurrent=True` runs each fetched batch's handlers
+        is how a service scales out. `deliver_new_only`: a durable created now starts at new
+        messages (history from before the service existed is not its work); an existing
+        durable always resumes where it stopped. `concurrent=True` runs each fetched batch's handlers
         concurrently (for handlers that batch work themselves, like model inference).
 
         A malformed message is terminated (never redelivered); a handler failure is nak'ed

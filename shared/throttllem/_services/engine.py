@@ -120,7 +120,7 @@ class EngineTwinService:
     async def _serve(self, bus: Bus, clock: Clock, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(partial(
-                bus.consume, durable=f"engine-{self.instance}",
+                bus.consume, durable=f"engine-{self.instance}", deliver_new_only=True,
                 subject=request_admitted(self.instance), codec=REQUEST_CODEC,
                 handler=self._on_admitted))
             tg.start_soon(self._loop, bus, clock)

@@ -266,12 +266,14 @@ class ForecasterService:
             if self.policy_name == "default":
                 await tg.start(partial(
                     bus.consume, durable="forecaster", subject=REQUEST_ARRIVED,
-                    codec=REQUEST_CODEC, handler=partial(self._default_on_arrived, bus, clock)))
+                    deliver_new_only=True, codec=REQUEST_CODEC,
+                    handler=partial(self._default_on_arrived, bus, clock)))
             else:
                 await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
                 await tg.start(partial(
                     bus.consume, durable="forecaster-throttllem", subject=REQUEST_PREDICTED,
-                    codec=REQUEST_CODEC, handler=partial(self._on_predicted, bus, clock)))
+                    deliver_new_only=True, codec=REQUEST_CODEC,
+                    handler=partial(self._on_predicted, bus, clock)))
                 tg.start_soon(self._retune_forever, bus, clock)
             log.info("forecaster.started", policy=self.policy_name, instances=self.instances)
             task_status.started()

@@ -180,6 +180,7 @@ class LengthPredictorService:
             await bus.nc.flush()
             await tg.start(partial(
                 bus.consume, durable="length-predictor", subject=REQUEST_ARRIVED,
+                deliver_new_only=True,
                 codec=REQUEST_CODEC, handler=partial(self._on_arrived, bus), concurrent=True))
             log.info("length_predictor.started", model_version=self.model_version,
                      oracle=self._oracle is not None)

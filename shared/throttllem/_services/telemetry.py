@@ -132,7 +132,7 @@ class TelemetryService:
         await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
         async with anyio.create_task_group() as tg:
             await tg.start(partial(
-                bus.consume, durable="telemetry", subject=REQUEST_COMPLETED,
+                bus.consume, durable="telemetry", subject=REQUEST_COMPLETED, deliver_new_only=True,
                 codec=REQUEST_CODEC, handler=partial(self._on_completed, bus)))
             tg.start_soon(self._sample_forever, bus, clock, gpus)
             log.info("telemetry.started", backend=self.backend, instances=self.instances)
