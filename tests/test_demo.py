@@ -91,3 +91,25 @@ def test_demo_time_scales_the_window_to_a_peak_rate() -> None:
     assert scaled[0].arrival_s == pytest.approx(100.0, abs=1.0)
     assert peak_rate_per_s([r.arrival_s for r in scaled]) == pytest.approx(6.0)
     assert peak_rate_per_s([r.arrival_s for r in plain]) < 6.0
+
+
+def test_throttllem_policy_saves_energy_against_default_on_the_same_window(
+        nats: EmbeddedNatsServer, tmp_path: Path) -> None:
+    reports = run_demo(DemoOptions(nats_url=nats.url, trace="conv", minutes=0.25, speed=1.0,
+                                   instances=1, policies=["default", "throttllem"],
+                                   log_dir=tmp_path / "logs", progress=False,
+                                   json_path=tmp_path / "both.json"))
+    default, throttllem = reports
+    assert default.policy == "default"
+    assert throttllem.policy.startswith("throttllem (length error 0.15)")
+    for report in reports:
+        assert report.requests_served == report.requests_submitted
+    assert throttllem.generated_tokens == default.generated_tokens  # the same work
+    assert throttllem.mean_sm_clock_mhz < default.mean_sm_clock_mhz
+    assert throttllem.energy_j < default.energy_j
+    document = json.loads((tmp_path / "both.json").read_text())
+    saving = document["policies"][throttllem.policy]["saving_vs_default"]
+    assert saving == pytest.approx(1 - throttllem.energy_j / default.energy_j)
+    # The actuator ran the clocks the forecaster asked for, through the twin's NVML surface.
+    actuator_log = (tmp_path / "logs" / "throttllem" / "actuator-i0.log").read_text()
+    assert "actuator.applied" in actuator_log
