@@ -273,8 +273,8 @@ class Bus:
         Several processes consuming the same durable share its messages (a work queue), which
         is how a service scales out. `deliver_new_only`: a durable created now starts at new
         messages (history from before the service existed is not its work); an existing
-        durable always resumes where it stopped. `concurrent=True` runs each fetched batch's handlers
-        concurrently (for handlers that batch work themselves, like model inference).
+        durable always resumes where it stopped. `concurrent=True` runs each fetched batch's
+        handlers concurrently (for handlers that batch work themselves, like model inference).
 
         A malformed message is terminated (never redelivered); a handler failure is nak'ed
         with a delay so that a transient error does not lose the request.
