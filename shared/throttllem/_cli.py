@@ -28,10 +28,14 @@ def _csv(value: str) -> list[str]:
 
 
 def _forecaster(args: argparse.Namespace) -> Service:
-    from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
+    from throttllem._services.forecaster import (  # noqa: PLC0415
+        ForecasterService,
+        load_perf_model,
+    )
 
+    perf = load_perf_model(args.setup, args.perf_model) if args.policy == "throttllem" else None
     return ForecasterService(instances=args.instances, policy=args.policy, setup=args.setup,
-                             use_upper=not args.median)
+                             use_upper=not args.median, perf=perf)
 
 
 def _engine(args: argparse.Namespace) -> Service:
@@ -106,6 +110,10 @@ def _add_run(sub: Any) -> None:
                                default="default")
                 p.add_argument("--setup", default="h100-llama3-8b-tp1",
                                help="serving setup (engine limits, clocks, performance model)")
+                p.add_argument("--perf-model", default=None,
+                               help="performance model folder or name (default: the shipped "
+                                    "model of --setup, trained on its profile); 'twin' uses "
+                                    "the twin's own formula (an oracle, for ablations)")
                 p.add_argument("--median", action="store_true",
                                help="plan with median length predictions (default: the upper "
                                     "quantile, which is more cautious)")

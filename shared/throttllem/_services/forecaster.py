@@ -85,6 +85,17 @@ def twin_perf_model(setup: str) -> PerfModel:
     return FunctionPerfModel(fn, name=f"twin-oracle:{setup}")
 
 
+def load_perf_model(setup: str, spec: str | None) -> PerfModel:
+    """`spec`: a model folder or shipped model name, `twin` for the twin's own formula (an
+    oracle, for ablations), or None: the shipped model trained on the setup's profile."""
+    if spec == "twin":
+        return twin_perf_model(setup)
+    from throttllem._perf.runtime import PerfRuntime  # noqa: PLC0415 - onnxruntime on demand
+
+    runtime = PerfRuntime.load(spec or setup)
+    return FunctionPerfModel(runtime.iteration_time_s, name=f"onnx-grid:{spec or setup}")
+
+
 def setup_policy(setup: str, perf: PerfModel | None = None, *,
                  use_upper: bool = True) -> tuple[Policy, EngineShape]:
     """The controller's knobs for a serving setup, from its profile.
