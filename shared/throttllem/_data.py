@@ -31,3 +31,10 @@ def data_file(relative: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist")
     return path
+
+
+def models_dir() -> Path:
+    """Where trained models live: $THROTTLLEM_MODELS_DIR, else `models/` of the checkout (an
+    editable install). Containers copy `models/` and set the variable."""
+    env = os.environ.get("THROTTLLEM_MODELS_DIR")
+    return Path(env) if env else _REPO_ROOT / "models"

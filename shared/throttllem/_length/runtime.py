@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from throttllem._data import models_dir
 from throttllem._errors import ModelError
 from throttllem._length.data import (
     CARD_FILE,
@@ -28,7 +29,7 @@ from throttllem._length.data import (
 )
 from throttllem._length.tokens import TOKEN_RULE, count_tokens_many
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[3] / "models" / "length"
+DEFAULT_MODEL_DIR = models_dir() / "length"
 """The shipped model: ``models/length/`` at the repository root."""
 
 FloatArray = npt.NDArray[np.float64]

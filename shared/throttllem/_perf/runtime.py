@@ -60,6 +60,7 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from throttllem._data import models_dir
 from throttllem._errors import ModelError
 
 MODEL_FILE: Final = "model.onnx"
@@ -69,7 +70,7 @@ FORMAT_VERSION: Final = "1"
 FEATURES: Final = ("batch", "kv_tokens", "prefill_tokens", "clock_mhz")
 INPUT_NAME: Final = "X"
 OUTPUT_NAME: Final = "iteration_time_s"
-DEFAULT_MODEL_ROOT: Final = Path(__file__).resolve().parents[3] / "models" / "perf"
+DEFAULT_MODEL_ROOT: Final = models_dir() / "perf"
 _REQUIRED_METADATA: Final = (
     "throttllem.perf.format", "setup", "features", "trained_clock_min_mhz",
     "trained_clock_max_mhz", "grid_batch_max", "grid_kv_max", "grid_prefill_max",

@@ -61,6 +61,7 @@ from typing import Any, Final, TextIO
 import numpy as np
 import numpy.typing as npt
 
+from throttllem._data import models_dir
 from throttllem._errors import ConfigError, ModelError
 from throttllem._perf.runtime import (
     CARD_FILE,
@@ -85,7 +86,7 @@ PARITY_RTOL: Final = 1e-5
 # Basis column scales, so NNLS works on numbers of order 1 (kv in 1e5 tokens, b in 100s,
 # p in 1000s); folded into the exported coefficients.
 _SCALE: Final = np.array([1.0, 1e-5, 1e-2, 1e-3, 1.0, 1e-5, 1e-2, 1e-3, 1e-6])
-DEFAULT_OUT_ROOT: Final = Path(__file__).resolve().parents[3] / "models" / "perf"
+DEFAULT_OUT_ROOT: Final = models_dir() / "perf"
 
 
 @dataclass(frozen=True)
