@@ -13,7 +13,8 @@ that is infeasible at the top clock exits after one round and would flatter the 
 Strategies compared on the very same decisions: the secant search (what "auto" uses for a
 monotone model), the k-ary search at two fan-outs, binary search and the full scan (one
 110 × T evaluation). Performance models: the affine roofline (cheap, analytic)
-and the twin's clock model through an adapter (roofline with a smooth max: pow-heavy).
+the twin's clock model through an adapter (roofline with a smooth max: pow-heavy), and the
+shipped ONNX performance model compiled to its grid (what the forecaster uses).
 Timings are wall time on one core (numpy element-wise work is single-threaded; BLAS threads
 are pinned to 1), p50/p99 over `--decisions` decisions, all in one run with the strategies
 taking turns on each decision, so ratios compare. "fcst" is the forecast alone (candidate
@@ -135,6 +136,16 @@ def twin_model() -> PerfModel | None:
     return FunctionPerfModel(fn, name="twin clockmodel")
 
 
+def grid_model() -> PerfModel | None:
+    """The forecaster's default: the shipped ONNX model compiled to its grid."""
+    try:
+        from throttllem._perf.runtime import PerfRuntime  # noqa: PLC0415
+    except ImportError:
+        return None
+    runtime = PerfRuntime.load("h100-llama3-8b-tp1")
+    return FunctionPerfModel(runtime.iteration_time_s, name="onnx grid")
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
@@ -152,6 +163,9 @@ def main() -> None:
     twin = twin_model()
     if twin is not None:
         models.append(("twin", twin))
+    grid = grid_model()
+    if grid is not None:
+        models.append(("onnx grid", grid))
     strategies: list[tuple[str, Strategy, int]] = [
         ("secant (default)", "secant", DEFAULT_FANOUT),
         (f"kary-{DEFAULT_FANOUT}", "kary", DEFAULT_FANOUT), ("kary-6", "kary", 6),

@@ -31,6 +31,7 @@ import numpy.typing as npt
 from throttllem._core.clock_search import (
     FeasibleClock,
     NoFeasibleClock,
+    Strategy,
     SupportedClocks,
     min_feasible_clock,
 )
@@ -131,6 +132,9 @@ class Policy:
     clocks: SupportedClocks
     floor_mhz: int
     use_upper: bool = True
+    # "auto" (secant on a monotone model) probes few clocks; a model whose cost is per call
+    # rather than per clock (the compiled grid) is faster with one "scan" of all clocks.
+    strategy: Strategy = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,14 +152,15 @@ def _search(state: InstanceState, slo: RequestSlo, policy: Policy, now_s: float,
     if candidate is not None and projection.kv_overflow_iter >= 0:
         return None, None
     result = min_feasible_clock(projection, policy.perf, policy.clocks, slo, now_s=now_s,
-                                floor_mhz=policy.floor_mhz)
+                                floor_mhz=policy.floor_mhz, strategy=policy.strategy)
     if isinstance(result, FeasibleClock):
         return result.clock_mhz, None
     lost = result.report.miss[:, 0].copy()
     if candidate is not None and lost[-1]:
         return None, lost  # the candidate itself cannot make it here
     retry = min_feasible_clock(projection, policy.perf, policy.clocks, slo, now_s=now_s,
-                               floor_mhz=policy.floor_mhz, must_meet=~lost)
+                               floor_mhz=policy.floor_mhz, must_meet=~lost,
+                               strategy=policy.strategy)
     if isinstance(retry, NoFeasibleClock):  # cannot happen for a monotone model
         return policy.clocks.mhz[-1], lost
     return retry.clock_mhz, lost

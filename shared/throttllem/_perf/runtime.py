@@ -484,6 +484,11 @@ class PerfRuntime:
         b, kv, p, f = arrs
         shape = np.broadcast_shapes(b.shape, kv.shape, p.shape, f.shape)
         clocks = _clock_row(b, kv, p, f, shape)
+        if clocks is None and _clock_column(b, kv, p, f, shape):
+            # The controller's layout: clocks down axis 0 (C, 1), passes along axis 1 (1, T).
+            pb, pkv, pp = (np.broadcast_to(a.reshape(1, -1) if a.ndim else a,
+                                           (1, shape[1])).reshape(-1) for a in (b, kv, p))
+            return self._clock_rows(grid, pb, pkv, pp, f.reshape(-1)).T
         if clocks is None:
             bb, kk, pp, ff = np.broadcast_arrays(b, kv, p, f)
             return self._pointwise(grid, bb.ravel(), kk.ravel(), pp.ravel(),
@@ -581,6 +586,14 @@ def _clock_row(b: FloatArray, kv: FloatArray, p: FloatArray, f: FloatArray,
         if 0 < a.ndim < nd and ((1,) * (nd - a.ndim) + a.shape)[-1] != 1:
             return None
     return f.reshape(-1)
+
+
+def _clock_column(b: FloatArray, kv: FloatArray, p: FloatArray, f: FloatArray,
+                  shape: tuple[int, ...]) -> bool:
+    """True for the transposed layout (C, 1) clocks × (1, T) points, 2-D only."""
+    if len(shape) != 2 or shape[0] <= 1 or f.shape != (shape[0], 1):
+        return False
+    return all(a.ndim == 0 or a.shape in ((1, shape[1]), (shape[1],)) for a in (b, kv, p))
 
 
 def _check_metrics(folder: Path, sha: str) -> None:

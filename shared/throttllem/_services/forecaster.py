@@ -25,7 +25,7 @@ import numpy as np
 import structlog
 
 from throttllem._bus import Bus
-from throttllem._core.clock_search import SupportedClocks, next_clock
+from throttllem._core.clock_search import Strategy, SupportedClocks, next_clock
 from throttllem._core.controller import (
     EngineShape,
     InstanceTracker,
@@ -117,8 +117,12 @@ def setup_policy(setup: str, perf: PerfModel | None = None, *,
     shape = EngineShape(kv_block_tokens=engine.block_tokens, kv_blocks_total=engine.kv_blocks,
                         max_batch=engine.max_batch, max_batched_tokens=engine.max_batched_tokens,
                         kv_watermark_blocks=int(engine.kv_watermark * engine.kv_blocks))
-    policy = Policy(perf=perf or twin_perf_model(setup), clocks=SupportedClocks(mhz),
-                    floor_mhz=floor_mhz, use_upper=use_upper)
+    model = perf or twin_perf_model(setup)
+    # The compiled grid costs per call, not per clock: one scan of all clocks beats a secant
+    # search's several calls (benchmarks/bench_controller.py, "onnx grid" rows).
+    strategy: Strategy = "scan" if getattr(model, "name", "").startswith("onnx-grid") else "auto"
+    policy = Policy(perf=model, clocks=SupportedClocks(mhz), floor_mhz=floor_mhz,
+                    use_upper=use_upper, strategy=strategy)
     return policy, shape
 
 
