@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -31,7 +32,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
 from throttllem._errors import BusError, MalformedEventError, NatsServerNotFoundError
 from throttllem._events import Codec, encode
@@ -231,6 +232,33 @@ class Bus:
         return sub
 
     # ---- JetStream
+
+    async def history(self, subject: str, codec: Codec[E], *,
+                      since_wall_s: float | None = None, batch: int = 512) -> list[E]:
+        """What the request stream holds on `subject` (since a wall-clock instant), in order;
+        for rebuilding a service's state after a restart. Bad payloads are skipped and counted.
+        """
+        config = ConsumerConfig(ack_policy=AckPolicy.NONE, filter_subject=subject,
+                                inactive_threshold=30.0)
+        if since_wall_s is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_TIME
+            config.opt_start_time = datetime.fromtimestamp(since_wall_s, UTC)
+        psub = await self.js.pull_subscribe(subject, durable=None, stream=REQUEST_STREAM,
+                                            config=config)
+        events: list[E] = []
+        try:
+            while True:
+                try:
+                    msgs = await psub.fetch(batch, timeout=0.3)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    return events
+                for msg in msgs:
+                    event = self._decode(codec, msg)
+                    if event is not None:
+                        events.append(event)
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
 
     async def _handle_one(self, codec: Codec[E], handler: Handler[E], msg: Msg) -> None:
         # Shielded so that a stop never lands between a handler's effects and its ack (which

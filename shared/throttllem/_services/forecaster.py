@@ -16,6 +16,7 @@ Policies:
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from functools import partial
 
@@ -55,6 +56,7 @@ from throttllem._events import (
 from throttllem._runtime import Clock
 from throttllem._subjects import (
     ENGINE_ITERATION_ALL,
+    REQUEST_ALL,
     REQUEST_ARRIVED,
     REQUEST_COMPLETED,
     REQUEST_DEFERRED,
@@ -126,6 +128,47 @@ def setup_policy(setup: str, perf: PerfModel | None = None, *,
     return policy, shape
 
 
+def rebuild_state(history: list[RequestEvent], trackers: dict[str, InstanceTracker],
+                  slo_classes: dict[str, SloClass]) -> deque[RequestPredicted]:
+    """Rebuild the throttLL'eM policy's state from the request stream after a restart (pure).
+
+    Admitted and not yet completed requests go back into their instance's tracker (with no
+    tokens counted yet: until the next iterations arrive they look queued, which makes the
+    first projections cautious, never optimistic); deferred requests never admitted are
+    returned, in their order, as the pending queue. Nothing acknowledged is lost.
+    """
+    predicted: dict[str, RequestPredicted] = {}
+    admitted: dict[str, RequestAdmitted] = {}
+    deferred: list[str] = []
+    done: set[str] = set()
+    for event in history:
+        match event:
+            case RequestPredicted():
+                predicted[event.id] = event
+            case RequestAdmitted():
+                admitted[event.request.id] = event
+            case RequestDeferred(final=False):
+                deferred.append(event.id)
+            case RequestCompleted():
+                done.add(event.id)
+            case _:
+                pass
+    for request_id, adm in admitted.items():
+        tracker = trackers.get(adm.instance)
+        if request_id in done or tracker is None:
+            continue
+        request = adm.request
+        median = adm.predicted_tokens if adm.predicted_tokens is not None else 1.0
+        tracker.admitted(request_id, prompt_tokens=request.prompt_tokens,
+                         predicted_tokens=median,
+                         upper_tokens=adm.upper_tokens if adm.upper_tokens is not None
+                         else median,
+                         arrival_s=request.arrival_s,
+                         slo=slo_classes.get(request.slo_class, DEFAULT_SLO_CLASSES["standard"]))
+    return deque(predicted[i] for i in dict.fromkeys(deferred)
+                 if i in predicted and i not in admitted and i not in done)
+
+
 class ForecasterService:
     name = "forecaster"
 
@@ -133,7 +176,8 @@ class ForecasterService:
                  setup: str = "h100-llama3-8b-tp1", perf: PerfModel | None = None,
                  use_upper: bool = True, lease_s: float = 3.0, retune_wall_s: float = 0.1,
                  min_dwell_s: float = 1.0, down_margin_steps: int = 2,
-                 slo_classes: dict[str, SloClass] | None = None) -> None:
+                 slo_classes: dict[str, SloClass] | None = None,
+                 rebuild_window_s: float = 900.0) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"unknown policy {policy!r}; known: {POLICIES}")
         if not instances:
@@ -147,6 +191,7 @@ class ForecasterService:
         self.retune_wall_s = retune_wall_s
         self.min_dwell_s = min_dwell_s
         self.down_margin_steps = down_margin_steps
+        self.rebuild_window_s = rebuild_window_s
         if policy == "throttllem":
             self.policy, shape = setup_policy(setup, perf, use_upper=use_upper)
             self.trackers = {i: InstanceTracker(i, shape) for i in self.instances}
@@ -284,6 +329,15 @@ class ForecasterService:
                     deliver_new_only=True, codec=REQUEST_CODEC,
                     handler=partial(self._default_on_arrived, bus, clock)))
             else:
+                # A restart loses no request: rebuild trackers and deferrals from the stream
+                # (the last `rebuild_window_s` of wall time) before consuming again.
+                history = await bus.history(REQUEST_ALL, REQUEST_CODEC,
+                                            since_wall_s=time.time() - self.rebuild_window_s)
+                self.pending = rebuild_state(history, self.trackers, self.slo_classes)
+                for instance, tracker in self.trackers.items():
+                    self.outstanding[instance] = len(tracker)
+                log.info("forecaster.rebuilt", events=len(history), pending=len(self.pending),
+                         tracked={i: len(t) for i, t in self.trackers.items()})
                 await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
                 await tg.start(partial(
                     bus.consume, durable="forecaster-throttllem", subject=REQUEST_PREDICTED,
