@@ -1,0 +1,175 @@
+"""The autoscaler: decides how many engine instances of a setup should run and publishes
+`tllm.v1.scale.target`, the orchestrator-neutral event a Kubernetes/podman adapter acts on.
+
+It watches the load (`request.arrived`, core subscription: it only needs the rate) and each
+instance's outstanding requests (`request.admitted.*` adds, `request.completed` removes,
+`engine.iteration.*` adds what it sees running, so a scaler started late still knows), and
+every `tick_s` runs the pure `decide()` of `throttllem._core.scaling`. It publishes a
+`ScaleTarget` when something changed (the reason says what: `scale-out i2: ...`,
+`drain i1: ...`, `remove i1: drained`, ...) and otherwise only re-announces the current target
+every `reannounce_s` of event time, so that an orchestrator (re)started later catches up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Literal
+
+import anyio
+import anyio.abc
+import structlog
+
+from throttllem._bus import Bus
+from throttllem._core.scaling import (
+    Action,
+    LoadEstimator,
+    Phase,
+    ScaleDecision,
+    ScalerState,
+    ScalingPolicy,
+    decide,
+)
+from throttllem._errors import ConfigError
+from throttllem._events import (
+    ENGINE_CODEC,
+    REQUEST_CODEC,
+    EngineIteration,
+    RequestAdmitted,
+    RequestArrived,
+    RequestCompleted,
+    RequestEvent,
+    ScaleTarget,
+)
+from throttllem._runtime import Clock
+from throttllem._subjects import (
+    ENGINE_ITERATION_ALL,
+    REQUEST_ADMITTED_ALL,
+    REQUEST_ARRIVED,
+    REQUEST_COMPLETED,
+    SCALE_TARGET,
+    token,
+)
+
+log = structlog.get_logger("throttllem.scaler")
+
+LoadUnit = Literal["requests", "prompt_tokens"]
+
+
+class ScalerService:
+    name = "scaler"
+
+    def __init__(self, *, setup: str, policy: ScalingPolicy, instances: list[str],
+                 unit: LoadUnit = "requests", window_s: float = 10.0, tick_s: float = 1.0,
+                 reannounce_s: float = 30.0, name_prefix: str = "i",
+                 remember_completed: int = 100_000) -> None:
+        """`policy.capacity_per_instance` is in `unit` per second (requests/s, or prompt
+        tokens/s); `instances` are those running when the scaler starts (all serving)."""
+        if unit not in ("requests", "prompt_tokens"):
+            raise ConfigError(f"unit must be 'requests' or 'prompt_tokens', not {unit!r}")
+        if tick_s <= 0 or reannounce_s <= 0:
+            raise ConfigError("tick_s and reannounce_s must be > 0")
+        self.setup = setup
+        self.policy = policy
+        self.initial_instances = [token(i) for i in instances]
+        self.unit: LoadUnit = unit
+        self.tick_s = tick_s
+        self.reannounce_s = reannounce_s
+        self.name_prefix = token(name_prefix)
+        self.estimator = LoadEstimator(window_s)
+        self.state = ScalerState(name_prefix=self.name_prefix)
+        # instance -> ids admitted there and not completed
+        self.outstanding: dict[str, set[str]] = {}
+        self._completed: set[str] = set()
+        self._completed_order: deque[str] = deque()
+        self._remember = remember_completed
+        self.published: list[ScaleTarget] = []
+        self._last_announce_s: float | None = None
+        self.load = 0.0
+
+    # ------------------------------------------------------------------ observations
+
+    def _hold(self, instance: str, request_id: str) -> None:
+        if request_id not in self._completed:
+            self.outstanding.setdefault(instance, set()).add(request_id)
+
+    def _done(self, request_id: str) -> None:
+        for ids in self.outstanding.values():
+            ids.discard(request_id)
+        if request_id not in self._completed:
+            self._completed.add(request_id)
+            self._completed_order.append(request_id)
+            while len(self._completed_order) > self._remember:
+                self._completed.discard(self._completed_order.popleft())
+
+    async def _on_request(self, event: RequestEvent) -> None:
+        if isinstance(event, RequestArrived):
+            weight = 1.0 if self.unit == "requests" else float(event.prompt_tokens)
+            self.estimator.observe(event.arrival_s, weight)
+        elif isinstance(event, RequestAdmitted):
+            self._hold(event.instance, event.request.id)
+        elif isinstance(event, RequestCompleted):
+            self._done(event.id)
+
+    async def _on_iteration(self, event: EngineIteration) -> None:
+        for request_id in event.request_ids:
+            self._hold(event.instance, request_id)
+
+    def outstanding_counts(self) -> dict[str, int]:
+        return {name: len(ids) for name, ids in self.outstanding.items()}
+
+    def health_metrics(self) -> dict[str, float]:
+        return {"load": self.load, "instances": float(self.state.provisioned),
+                "serving": float(self.state.serving),
+                "warming": float(self.state.count(Phase.WARMING)),
+                "draining": float(self.state.count(Phase.DRAINING))}
+
+    # ------------------------------------------------------------------ deciding
+
+    def step(self, now_s: float) -> ScaleDecision:
+        """One decision at `now_s` (the shell's tick; also callable directly)."""
+        self.load = self.estimator.rate(now_s)
+        decision = decide(self.state, self.load, now_s, self.policy,
+                          outstanding=self.outstanding_counts())
+        self.state = decision.state
+        for change in decision.changes:
+            if change.action is Action.REMOVE:
+                self.outstanding.pop(change.instance, None)
+        return decision
+
+    async def _announce(self, bus: Bus, now_s: float, reason: str) -> None:
+        target = ScaleTarget(setup=self.setup, instances=self.state.provisioned,
+                             decided_s=now_s, reason=reason)
+        self.published.append(target)
+        self._last_announce_s = now_s
+        await bus.publish(SCALE_TARGET, target)
+        bus.counters["scale_targets"] += 1
+
+    def _summary(self) -> str:
+        parts = [f"{phase.value}={','.join(self.state.names(phase)) or '-'}" for phase in Phase]
+        return " ".join(parts)
+
+    async def run(self, bus: Bus, clock: Clock, *,
+                  task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        now_s = clock.now_s()
+        self.state = ScalerState.initial(self.initial_instances, now_s,
+                                         name_prefix=self.name_prefix)
+        await bus.subscribe(REQUEST_ARRIVED, REQUEST_CODEC, self._on_request)
+        await bus.subscribe(REQUEST_ADMITTED_ALL, REQUEST_CODEC, self._on_request)
+        await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC, self._on_request)
+        await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
+        log.info("scaler.started", setup=self.setup, instances=self.initial_instances,
+                 capacity=self.policy.capacity_per_instance, unit=self.unit)
+        await self._announce(bus, now_s, f"start: {self._summary()}")
+        task_status.started()
+        while True:
+            await anyio.sleep(self.tick_s)
+            now_s = clock.now_s()
+            decision = self.step(now_s)
+            if decision.changed:
+                log.info("scaler.decided", setup=self.setup, instances=decision.instances,
+                         load=round(self.load, 3), reason=decision.reason)
+                await self._announce(bus, now_s, f"{decision.reason}; {self._summary()}")
+            elif (self._last_announce_s is not None
+                  and now_s - self._last_announce_s >= self.reannounce_s):
+                await self._announce(bus, now_s, f"re-announce: {self._summary()}")
+
