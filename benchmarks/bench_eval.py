@@ -1,0 +1,72 @@
+"""Speed of `throttllem evaluate`: simulated trace-seconds per wall-second, per policy.
+
+Each policy runs alone on the same window (default: 10 minutes of the Azure conversation
+trace, two H100 Llama-3-8B instances), timed wall-clock around `evaluate` (trace loading,
+oracle predictions and the performance model load included). "sim s" is the simulated span
+(first arrival to the last completion); "iters" the engine passes; "ticks" controller ticks.
+
+    python benchmarks/bench_eval.py [--minutes 10] [--perf-model twin] [--json runs/bench_eval.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from throttllem._eval import POLICIES, EvalOptions, evaluate  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", default="conv")
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--start-minute", type=float, default=0.0)
+    ap.add_argument("--instances", type=int, default=2)
+    ap.add_argument("--peak-rps", type=float, default=None)
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--perf-model", default=None,
+                    help="default: the shipped model (as the CLI); 'twin': the oracle formula")
+    ap.add_argument("--json", type=Path, default=Path("runs/bench_eval.json"))
+    args = ap.parse_args()
+
+    rows = []
+    for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
+        opts = EvalOptions(trace=args.trace, minutes=args.minutes,
+                           start_minute=args.start_minute, instances=args.instances,
+                           peak_rps=args.peak_rps, policies=[name], perf_model=args.perf_model)
+        t0 = time.perf_counter()
+        run = evaluate(opts)[name]
+        wall_s = time.perf_counter() - t0
+        r = run.report
+        rows.append({"policy": name, "wall_s": wall_s, "sim_s": r.duration_s,
+                     "sim_s_per_wall_s": r.duration_s / wall_s,
+                     "requests": r.requests_submitted, "iterations": run.iterations,
+                     "ticks": run.ticks, "energy_j": r.energy_j,
+                     "slo_attainment": r.slo_attainment})
+
+    head = f"{'policy':<12}{'requests':>9}{'iters':>9}{'ticks':>8}{'sim s':>9}{'wall s':>9}" \
+           f"{'sim s/wall s':>14}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        print(f"{row['policy']:<12}{row['requests']:>9}{row['iterations']:>9}{row['ticks']:>8}"
+              f"{row['sim_s']:>9.0f}{row['wall_s']:>9.1f}{row['sim_s_per_wall_s']:>14.1f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "benchmark": "bench_eval", "trace": args.trace, "minutes": args.minutes,
+        "instances": args.instances, "peak_rps": args.peak_rps,
+        "perf_model": args.perf_model or "shipped", "python": platform.python_version(),
+        "machine": platform.machine(), "rows": rows}, indent=2))
+    print(f"(wrote {args.json})")
+
+
+if __name__ == "__main__":
+    main()
