@@ -114,6 +114,26 @@ def test_measured_table_trains_with_small_data_basis(workdir: Path) -> None:
     assert "Small table" in (out / "MODEL_CARD.md").read_text()
 
 
+
+def test_small_table_with_one_repeat_writes_its_card(tmp_path: Path) -> None:
+    """`train perf --data <small csv> --repeats 1`: every split is one draw, so there is no
+    spread to quote; the card says so (it used to fail with KeyError 'spread' after
+    model.onnx and metrics.json were already written)."""
+    small = tmp_path / "small.csv"
+    small.write_text(data_file("gpu-profiles/h100-sxm-llama3-8b-shape.csv").read_text())
+    out = tmp_path / "m"
+    code, _ = _run_cli(["train", "perf", "--data", str(small), "--setup", SETUP, "--out",
+                        str(out), "--repeats", "1"])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "metrics.json", "MODEL_CARD.md"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] < 1000
+    assert "spread" not in metrics["splits"]["10"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Small table" in card
+    assert "a single draw here" in card
+    PerfRuntime.load(out, grid=False)  # the folder is whole and consistent
+
 def _run_cli(argv: list[str]) -> tuple[int, str]:
     buf = io.StringIO()
     with redirect_stdout(buf):

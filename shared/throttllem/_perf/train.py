@@ -737,14 +737,19 @@ def model_card(m: dict[str, Any], description: str) -> str:
         for key, label in (("90", "90%"), ("10", "10%"))) + "."]
     if int(m["rows"]) < 1000:
         s10 = splits["10"]
+        spread = s10.get("spread")  # only with more than one draw (`--repeats` > 1)
+        if spread is not None:
+            drawn = (f"spread over {s10['runs']} draws: MAPE "
+                     f"{spread['mape_pct']['min']:.1f}–{spread['mape_pct']['max']:.1f}%, "
+                     f"median {spread['mape_pct']['median']:.1f}%")
+        else:
+            drawn = (f"a single draw here, MAPE {s10['mape_pct']:.1f}%: no spread to report; "
+                     "retrain with `--repeats` above 1 to see it")
         lines += [
             "",
             f"**Small table.** The 10% split trains on {max(2, round(0.1 * m['rows']))} rows. "
             "A random draw often holds no prefill row at all, and then prefill cannot be "
-            "predicted (spread over "
-            f"{s10['runs']} draws: MAPE {s10['spread']['mape_pct']['min']:.1f}–"
-            f"{s10['spread']['mape_pct']['max']:.1f}%, median "
-            f"{s10['spread']['mape_pct']['median']:.1f}%). The stratified row forces at "
+            f"predicted ({drawn}). The stratified row forces at "
             "least one row of each phase into training. These numbers say how little data "
             "is enough, not how good the shipped model is: it is trained on all rows.",
         ]
