@@ -41,8 +41,19 @@ def test_bad_instance_names_are_refused_before_starting() -> None:
 def test_every_service_has_a_run_subcommand() -> None:
     parser = build_parser()
     for name in ("engine", "forecaster", "telemetry", "actuator", "length-predictor",
-                 "replayer"):
+                 "replayer", "scaler"):
         args = parser.parse_args(["run", name, *{
             "engine": ["--instance", "i0"], "forecaster": ["--instances", "i0"],
-            "actuator": ["--instance", "i0"]}.get(name, [])])
+            "actuator": ["--instance", "i0"],
+            "scaler": ["--instances", "i0", "--capacity", "12"]}.get(name, [])])
         assert args.service == name
+
+
+def test_every_service_folder_is_a_run_subcommand_and_back() -> None:
+    from pathlib import Path  # noqa: PLC0415
+
+    from throttllem._cli import SERVICES  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1] / "services"
+    folders = {p.name for p in root.iterdir() if (p / "Containerfile").is_file()}
+    assert folders == set(SERVICES)

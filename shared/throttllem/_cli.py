@@ -79,6 +79,18 @@ def _replayer(args: argparse.Namespace) -> Service:
                            offset_s=args.offset)
 
 
+def _scaler(args: argparse.Namespace) -> Service:
+    from throttllem._core.scaling import ScalingPolicy  # noqa: PLC0415
+    from throttllem._services.scaler import ScalerService  # noqa: PLC0415
+
+    policy = ScalingPolicy(capacity_per_instance=args.capacity, out_threshold=args.out_threshold,
+                           in_threshold=args.in_threshold, min_instances=args.min_instances,
+                           max_instances=args.max_instances, warmup_s=args.warmup,
+                           cooldown_s=args.cooldown)
+    return ScalerService(setup=args.setup, policy=policy, instances=args.instances,
+                         unit=args.unit, window_s=args.window, tick_s=args.tick)
+
+
 SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
     "engine": ("one engine-twin instance with its simulated GPU", _engine),
@@ -88,6 +100,7 @@ SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "actuator": ("applies clock targets to an instance's GPUs (NVML, dry-run or twin)",
                  _actuator),
     "replayer": ("publishes a trace's requests at their arrival times", _replayer),
+    "scaler": ("instance count by load thresholds, published as scale.target", _scaler),
 }
 
 
@@ -151,6 +164,29 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--seed", type=int, default=0)
                 p.add_argument("--offset", type=float, default=None,
                                help="event time at which the window starts (default: now + 1 s)")
+            case "scaler":
+                p.add_argument("--setup", default="h100-llama3-8b-tp1",
+                               help="the setup whose instances are scaled (names scale.target)")
+                p.add_argument("--instances", type=_csv, required=True,
+                               help="instances running (and serving) at start")
+                p.add_argument("--capacity", type=float, required=True,
+                               help="what one instance sustains within its SLOs, in --unit per "
+                                    "second (throttllem evaluate measures it on the twin)")
+                p.add_argument("--unit", choices=("requests", "prompt_tokens"),
+                               default="requests")
+                p.add_argument("--out-threshold", type=float, default=0.8,
+                               help="scale out above this fraction of serving capacity")
+                p.add_argument("--in-threshold", type=float, default=0.5,
+                               help="scale in below this fraction (of one instance fewer)")
+                p.add_argument("--min-instances", type=int, default=1)
+                p.add_argument("--max-instances", type=int, default=8)
+                p.add_argument("--warmup", type=float, default=60.0,
+                               help="seconds a new instance loads before it serves")
+                p.add_argument("--cooldown", type=float, default=30.0,
+                               help="seconds between two scaling decisions")
+                p.add_argument("--window", type=float, default=10.0,
+                               help="seconds of arrivals in the load estimate")
+                p.add_argument("--tick", type=float, default=1.0, help="seconds between decisions")
         p.set_defaults(func=_cmd_run)
 
 
@@ -229,8 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     _add_run(sub)
+    _add_evaluate(sub)
     _add_models(sub)
     return parser
+
+
+def _add_evaluate(sub: Any) -> None:
+    from throttllem._eval.cli import add_evaluate_parser  # noqa: PLC0415
+
+    add_evaluate_parser(sub)
 
 
 def _add_models(sub: Any) -> None:

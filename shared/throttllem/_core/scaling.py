@@ -44,8 +44,10 @@ instances drain and never by more than the draining ones.
 
 The load estimate (`LoadEstimator`) is the weighted count of arrivals in the sliding window
 `(now − window_s, now]` divided by `window_s` (weights 1 for requests/s, token counts for
-tokens/s). During the first window after start it under-estimates, which errs toward not
-scaling out on a cold start's first few arrivals.
+tokens/s). During the first window after the scaler starts it would under-estimate and
+drain instances that the load needs (a cold start of the scaler, not of the load), so
+`LoadEstimator.rate_if_known` answers None then, and `decide` with `load_rps=None` makes no
+load-based decision (it still enforces `min_instances` and does the housekeeping).
 """
 
 from __future__ import annotations
@@ -191,11 +193,12 @@ def _replace(state: ScalerState, name: str, phase: Phase | None, now_s: float) -
     return msgspec.structs.replace(state, instances=tuple(out))
 
 
-def decide(state: ScalerState, load_rps: float, now_s: float, policy: ScalingPolicy, *,
+def decide(state: ScalerState, load_rps: float | None, now_s: float, policy: ScalingPolicy, *,
            outstanding: Mapping[str, int] | None = None) -> ScaleDecision:
     """One step of the autoscaler (formulas in the module docstring).
 
-    `load_rps` is the estimated load in the unit of `policy.capacity_per_instance`;
+    `load_rps` is the estimated load in the unit of `policy.capacity_per_instance` (None:
+    not known yet, so no load-based decision);
     `outstanding` maps instance names to requests admitted and not completed (a missing
     name counts as 0).
     """
@@ -229,7 +232,8 @@ def decide(state: ScalerState, load_rps: float, now_s: float, policy: ScalingPol
         coming = active + warming
         change: Change | None = None
         if coming < policy.max_instances and (
-                coming < policy.min_instances or load_rps > policy.out_threshold * cap * coming):
+                coming < policy.min_instances
+                or (load_rps is not None and load_rps > policy.out_threshold * cap * coming)):
             why = (f"below min_instances={policy.min_instances}"
                    if coming < policy.min_instances else
                    f"load {load_rps:.3g} > {policy.out_threshold:g} × {cap:g} × {coming}")
@@ -243,8 +247,8 @@ def decide(state: ScalerState, load_rps: float, now_s: float, policy: ScalingPol
                     *state.instances, Instance(name=name, phase=Phase.WARMING, since_s=now_s)))
                 change = Change(action=Action.SCALE_OUT, instance=name,
                                 reason=f"{why}, warming {policy.warmup_s:g} s")
-        elif (active > policy.min_instances and warming == 0 and not draining
-              and load_rps < policy.in_threshold * cap * (active - 1)):
+        elif (load_rps is not None and active > policy.min_instances and warming == 0
+              and not draining and load_rps < policy.in_threshold * cap * (active - 1)):
             candidates = [i for i in state.instances if i.phase is Phase.ACTIVE]
             # fewest outstanding; ties: the last (the newest ordinal), as a StatefulSet would
             victim = min(reversed(candidates), key=lambda i: max(0, held.get(i.name, 0)))
@@ -266,10 +270,11 @@ class LoadEstimator:
     not on the order they were observed in (arrivals may come slightly out of order).
     """
 
-    def __init__(self, window_s: float = 10.0) -> None:
+    def __init__(self, window_s: float = 10.0, *, started_s: float | None = None) -> None:
         if not window_s > 0:
             raise ConfigError(f"window_s must be > 0, not {window_s}")
         self.window_s = window_s
+        self.started_s = started_s  # when observing began (None: long ago)
         self._times: list[float] = []
         self._weights: list[float] = []
 
@@ -289,6 +294,12 @@ class LoadEstimator:
         self._prune(now_s)
         hi = bisect.bisect_right(self._times, now_s)
         return sum(self._weights[:hi]) / self.window_s
+
+    def rate_if_known(self, now_s: float) -> float | None:
+        """`rate`, or None while less than one window has been observed since `started_s`."""
+        if self.started_s is not None and now_s - self.started_s < self.window_s:
+            return None
+        return self.rate(now_s)
 
     def __len__(self) -> int:
         return len(self._times)

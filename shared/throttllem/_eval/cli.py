@@ -1,47 +1,97 @@
 """`throttllem evaluate`: policies compared on a trace window in simulated time.
 
-Every policy serves the very same requests (the demo's: same ids, tenants and oracle length
-noise) on fresh engine twins; energy is integrated over a common horizon (the latest end of
-any policy's run), so idle tails count the same for all. Energy and latencies come from the
-serving twin, not measured hardware.
+How a run is set up, as the paper sets up its evaluation:
+
+1. **Capacity.** One instance's capacity `C` (requests/s) is measured on the twin: the
+   window's first requests, re-timed to a mean rate r, served by one instance at the top
+   clock; `C` is the highest r (bisection) at which the SLO attainment still reaches the
+   target (`--slo-target`, default 99%). `--capacity-rps` sets it instead.
+2. **Time-scaling.** The window is time-scaled so that its busiest minute carries
+   `--peak-load` × N × C requests/s, N = `--instances`: the system is sized for the trace's
+   peak, as the `default` baseline is. `--peak-rps` sets the peak rate instead.
+3. **Policies** (`throttllem._eval.policies`) serve the very same requests (the demo's ids,
+   tenants and oracle length noise) on fresh engine twins. `static` first searches its clock
+   on the busiest minutes of the scaled window. `--length-errors` adds `throttllem` runs at
+   other length-prediction errors.
+4. **Energy** is integrated over a common horizon (the latest end of any run), so idle tails
+   count the same for all. Energy and latencies come from the serving twin, never from
+   measured hardware.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from throttllem._core.report import RunReport, format_table, summarize
+from throttllem._core.report import ClockAccumulator, RunReport, format_table, summarize
+from throttllem._core.scaling import ScalingPolicy
 from throttllem._errors import ConfigError
-from throttllem._eval.policies import POLICIES, make_policy, oracle_predictions
-from throttllem._eval.sim import SimResult, Simulation
+from throttllem._eval.policies import (
+    POLICIES,
+    POLICY_SPECS,
+    PREDICTIVE,
+    lowest_passing_clock,
+    make_policy,
+    oracle_predictions,
+)
+from throttllem._eval.sim import Simulation, Timeline
+from throttllem._events import RequestArrived
+from throttllem._trace import peak_rate_per_s
+from throttllem._twin.profile import SetupProfile
 
 
 class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     trace: str = "conv"
     minutes: float = 60.0
     start_minute: float = 0.0
-    instances: int = 2
-    peak_rps: float | None = None
+    instances: int = 4  # sized for the peak: `default` runs them all the time
+    peak_rps: float | None = None  # None: peak_load × instances × capacity
+    peak_load: float = 1.0
+    time_scale: bool = True  # False: replay at the trace's own rate (peak_* ignored)
+    capacity_rps: float | None = None  # None: measured on the twin
     policies: list[str] = msgspec.field(default_factory=lambda: list(POLICIES))
     length_error: str = "0.15"
+    length_errors: list[str] = msgspec.field(default_factory=list)  # extra throttllem runs
     setup: str = "h100-llama3-8b-tp1"
     perf_model: str | None = None  # None: the shipped model for the setup; "twin": oracle
     seed: int = 0
     retune_s: float = 0.1  # the live forecaster's retune period (at --speed 1)
+    slo_target: float = 0.99
+    warmup_s: float = 60.0  # a new instance's warm-up (model load), drawing idle power
+    cooldown_s: float = 30.0
 
 
 class PolicyRun(msgspec.Struct, frozen=True, kw_only=True):
     report: RunReport
     gpu_energy_mj: list[float]  # each GPU's counter at the horizon
-    idle_floor_j: float  # idle power × horizon × GPUs
+    idle_floor_j: float  # idle power × GPU-seconds provisioned
+    instance_hours: float
     deferred: int
     iterations: int
     ticks: int
+    length_error: str | None  # None: the policy uses no length prediction
+    timeline: Timeline
+    tbt_ms: list[float]  # each served request's mean TBT (more than one token)
+    e2e_ms: list[float]
+    scale_events: int
+
+
+class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
+    runs: dict[str, PolicyRun]
+    capacity_rps: float | None  # None: not needed (no time-scaling, no autoscaler)
+    capacity_measured: bool
+    peak_rps: float
+    rate_factor: float
+    static_clock_mhz: int | None
+    floor_mhz: int | None
+    requests: int
+    horizon_s: float
 
 
 def parse_length_error(value: str) -> float | str:
@@ -58,104 +108,295 @@ def parse_length_error(value: str) -> float | str:
     return error
 
 
-def evaluate(opts: EvalOptions) -> dict[str, PolicyRun]:
-    """Run every policy on the window; returns the runs by policy name, in order."""
+def _retimed(requests: Sequence[RequestArrived], factor: float) -> list[RequestArrived]:
+    """Arrivals compressed by `factor` (> 1: faster), the first at 0."""
+    t0 = requests[0].arrival_s
+    return [msgspec.structs.replace(r, arrival_s=(r.arrival_s - t0) / factor)
+            for r in requests]
+
+
+def _attainment(profile: SetupProfile, requests: Sequence[RequestArrived],
+                instances: int, *, clock_mhz: int | None = None) -> float:
+    """SLO attainment of join-shortest-queue serving at one fixed clock (None: default)."""
+    names = [f"p{k}" for k in range(instances)]
+    if clock_mhz is None:
+        policy = make_policy("default", names)
+    else:
+        policy = make_policy("static", names, static_clock_mhz=clock_mhz)
+    sim = Simulation(profile, names, policy)
+    res = sim.run(requests)
+    report = summarize(res.completions, policy="probe", submitted=res.submitted, energy_j=0.0,
+                       clocks=ClockAccumulator(), duration_s=res.end_s,
+                       rejected=len(res.rejected))
+    return report.slo_attainment
+
+
+def measure_capacity_rps(profile: SetupProfile, requests: Sequence[RequestArrived], *,
+                         slo_target: float, probe_requests: int = 800,
+                         steps: int = 7) -> float:
+    """The highest mean arrival rate (requests/s) at which one instance at its default
+    clock still meets `slo_target` attainment on the window's first requests (bisection
+    after a doubling search; the trace's own burstiness is kept, only re-timed)."""
+    sample = list(requests[:probe_requests])
+    if len(sample) < 20:
+        raise ConfigError("too few requests in the window to measure capacity; pass "
+                          "--capacity-rps")
+    span_s = sample[-1].arrival_s - sample[0].arrival_s
+    base_rps = (len(sample) - 1) / span_s if span_s > 0 else 1.0
+
+    def meets(rate_rps: float) -> bool:
+        return _attainment(profile, _retimed(sample, rate_rps / base_rps), 1) >= slo_target
+
+    lo, hi = 0.0, 1.0
+    while meets(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ConfigError("capacity search diverged; pass --capacity-rps")
+    if lo == 0.0:
+        lo = hi / 64
+        if not meets(lo):
+            raise ConfigError(f"one instance misses the SLO target even at {lo:.3g} "
+                              f"requests/s; check the SLO classes or pass --capacity-rps")
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+    return lo
+
+
+def peak_segment(requests: Sequence[RequestArrived], *, window_s: float = 60.0,
+                 margin_s: float = 120.0) -> list[RequestArrived]:
+    """The busiest `window_s` of the arrivals with `margin_s` on each side (queues that
+    build up just before the peak count), re-based to start at 0."""
+    times = [r.arrival_s for r in requests]
+    best, best_start, j = 0, 0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - window_s:
+            j += 1
+        if i - j + 1 > best:
+            best, best_start = i - j + 1, j
+    t_peak = times[best_start]
+    seg = [r for r in requests if t_peak - margin_s <= r.arrival_s <= t_peak + window_s
+           + margin_s]
+    return _retimed(seg, 1.0)
+
+
+def static_clock_mhz(profile: SetupProfile, requests: Sequence[RequestArrived],
+                     instances: int, clocks: Sequence[int], floor_mhz: int, *,
+                     slo_target: float) -> int:
+    """The lowest clock (not below the efficiency floor) at which the busiest minutes of
+    the window meet `slo_target` attainment with every instance locked there; the top
+    clock when none does."""
+    segment = peak_segment(requests)
+    candidates = [c for c in clocks if c >= floor_mhz]
+    chosen = lowest_passing_clock(
+        candidates,
+        lambda c: _attainment(profile, segment, instances, clock_mhz=c) >= slo_target)
+    return chosen if chosen is not None else clocks[-1]
+
+
+def _runs_to_make(opts: EvalOptions) -> list[tuple[str, str, str | None]]:
+    """(label, policy, length error) for every run, in table order."""
+    out: list[tuple[str, str, str | None]] = []
+    for name in opts.policies:
+        out.append((name, name, opts.length_error if name in PREDICTIVE else None))
+    if "throttllem" in opts.policies:
+        for err in opts.length_errors:
+            if parse_length_error(err) != parse_length_error(opts.length_error):
+                out.append((f"throttllem[err={err}]", "throttllem", err))
+    return out
+
+
+def evaluate(opts: EvalOptions) -> Evaluation:
+    """Set up the window (capacity, time-scaling) and run every policy on it."""
     from throttllem._demo import DemoOptions, trace_requests  # noqa: PLC0415
     from throttllem._services.forecaster import load_perf_model, setup_policy  # noqa: PLC0415
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
 
     if opts.instances < 1:
         raise ConfigError("--instances must be at least 1")
-    if opts.minutes <= 0 or opts.retune_s <= 0:
-        raise ConfigError("the window length and --retune-s must be positive")
+    if opts.minutes <= 0 or opts.retune_s <= 0 or opts.peak_load <= 0:
+        raise ConfigError("the window length, --retune-s and --peak-load must be positive")
+    if not 0 < opts.slo_target <= 1:
+        raise ConfigError("--slo-target is a fraction in (0, 1]")
     unknown = [p for p in opts.policies if p not in POLICIES]
     if unknown or not opts.policies:
         raise ConfigError(f"--policies takes some of {', '.join(POLICIES)}, not {unknown}")
-    error = parse_length_error(opts.length_error)
-    requests = list(trace_requests(DemoOptions(
-        trace=opts.trace, minutes=opts.minutes, start_minute=opts.start_minute,
-        seed=opts.seed, peak_rps=opts.peak_rps), offset_s=0.0))
-    if not requests:
-        raise ConfigError(f"the trace window (start {opts.start_minute} min, "
-                          f"{opts.minutes} min) holds no requests")
+    for spec in (opts.length_error, *opts.length_errors):
+        parse_length_error(spec)
     profile = load_profile(opts.setup)
+
+    def window(peak_rps: float | None) -> list[RequestArrived]:
+        return list(trace_requests(DemoOptions(
+            trace=opts.trace, minutes=opts.minutes, start_minute=opts.start_minute,
+            seed=opts.seed, peak_rps=peak_rps), offset_s=0.0))
+
+    unscaled = window(None)
+    if len(unscaled) < 2:
+        raise ConfigError(f"the trace window (start {opts.start_minute} min, "
+                          f"{opts.minutes} min) holds too few requests")
+    runs_to_make = _runs_to_make(opts)
+    scaled_by_capacity = opts.time_scale and opts.peak_rps is None
+    capacity = opts.capacity_rps
+    measured = capacity is None
+    if capacity is not None and capacity <= 0:
+        raise ConfigError("--capacity-rps must be positive")
+    if capacity is None and (scaled_by_capacity or any(
+            POLICY_SPECS[name].scaling for _, name, _ in runs_to_make)):
+        capacity = measure_capacity_rps(profile, unscaled, slo_target=opts.slo_target)
+    if not opts.time_scale:
+        peak_rps, requests = peak_rate_per_s([r.arrival_s for r in unscaled]), unscaled
+    else:
+        peak_rps = opts.peak_rps or opts.peak_load * opts.instances * (capacity or 0.0)
+        requests = window(peak_rps)
+    span_unscaled = unscaled[-1].arrival_s - unscaled[0].arrival_s
+    span_scaled = requests[-1].arrival_s - requests[0].arrival_s
+    rate_factor = span_unscaled / span_scaled if span_scaled > 0 else 1.0
+
     instances = [f"i{n}" for n in range(opts.instances)]
-    controlled = [p for p in opts.policies if p != "default"]
-    policy = shape = predictions = None
-    if controlled:
+    needs_controller = any(name not in {"default", "autoscale"} for _, name, _ in runs_to_make)
+    policy = shape = None
+    if needs_controller:
         perf = load_perf_model(opts.setup, opts.perf_model)
         policy, shape = setup_policy(opts.setup, perf)
-        predictions = oracle_predictions(requests, error, opts.seed)
+    scaling = None if capacity is None else ScalingPolicy(
+        capacity_per_instance=capacity, min_instances=1, max_instances=opts.instances,
+        warmup_s=opts.warmup_s, cooldown_s=opts.cooldown_s)
+    static_mhz = None
+    if "static" in opts.policies:
+        assert policy is not None
+        static_mhz = static_clock_mhz(profile, requests, opts.instances, policy.clocks.mhz,
+                                      policy.floor_mhz, slo_target=opts.slo_target)
+    predictions: dict[str, dict[str, tuple[float, float]]] = {}
 
     sims: dict[str, Simulation] = {}
-    results: dict[str, SimResult] = {}
-    for name in opts.policies:
+    errors: dict[str, str | None] = {}
+    for label, name, err in runs_to_make:
+        preds: dict[str, tuple[float, float]] | None = None
+        if err is not None:
+            if err not in predictions:
+                predictions[err] = oracle_predictions(requests, parse_length_error(err),
+                                                      opts.seed)
+            preds = predictions[err]
         sim = Simulation(profile, instances, make_policy(
-            name, instances, policy=policy, shape=shape, predictions=predictions,
-            tick_s=opts.retune_s))
-        results[name] = sim.run(requests)
-        sims[name] = sim
-    horizon_s = max(r.end_s for r in results.values())
+            name, instances, policy=policy, shape=shape, predictions=preds, scaling=scaling,
+            static_clock_mhz=static_mhz, tick_s=opts.retune_s, label=label))
+        sim.run(requests)
+        sims[label] = sim
+        errors[label] = err
+    horizon_s = max(sim.result.end_s for sim in sims.values())
     runs: dict[str, PolicyRun] = {}
-    for name, sim in sims.items():
-        res = results[name]
+    for label, sim in sims.items():
+        res = sim.result
         energy_j = sim.finish(horizon_s)
-        report = summarize(res.completions, policy=name, submitted=res.submitted,
+        report = summarize(res.completions, policy=label, submitted=res.submitted,
                            energy_j=energy_j, clocks=res.clocks, rejected=len(res.rejected),
                            duration_s=horizon_s)
-        runs[name] = PolicyRun(
+        instance_s = sim.instance_seconds(horizon_s)
+        runs[label] = PolicyRun(
             report=report, gpu_energy_mj=sim.gpu_energy_mj(),
-            idle_floor_j=profile.gpu.idle_power_w * horizon_s * sim.gpu_count(),
-            deferred=int(getattr(sim.policy, "deferred", 0)), iterations=res.iterations,
-            ticks=res.ticks)
-    return runs
+            idle_floor_j=profile.gpu.idle_power_w * instance_s * profile.engine.tp_degree,
+            instance_hours=instance_s / 3600.0, deferred=sim.policy.deferred,
+            iterations=res.iterations, ticks=res.ticks, length_error=errors[label],
+            timeline=res.timeline,
+            tbt_ms=[c.tbt_mean_ms for c in res.completions if c.generated_tokens > 1],
+            e2e_ms=[c.e2e_ms for c in res.completions],
+            scale_events=len(getattr(sim.policy, "scale_log", ())))
+    return Evaluation(runs=runs, capacity_rps=capacity,
+                      capacity_measured=measured and capacity is not None,
+                      peak_rps=peak_rps, rate_factor=rate_factor, static_clock_mhz=static_mhz,
+                      floor_mhz=policy.floor_mhz if policy is not None else None,
+                      requests=len(requests), horizon_s=horizon_s)
 
 
-def to_document(runs: dict[str, PolicyRun], opts: EvalOptions) -> dict[str, Any]:
-    """The JSON layout: {"policies": {name: figures}, "options": ...}; deterministic."""
-    base = runs.get("default")
+def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
+    """The JSON layout: {"policies": {name: figures}, "setup": ..., "options": ...}."""
+    base = ev.runs.get("default")
     policies: dict[str, Any] = {}
-    for name, run in runs.items():
+    for name, run in ev.runs.items():
         r = run.report
         policies[name] = {
             **msgspec.to_builtins(r),
             "saving_vs_default": (1 - r.energy_j / base.report.energy_j) if base else None,
             "tokens_per_joule": r.generated_tokens / r.energy_j if r.energy_j > 0 else None,
+            "instance_hours": run.instance_hours,
             "idle_floor_j": run.idle_floor_j,
             "deferred": run.deferred,
             "iterations": run.iterations,
             "controller_ticks": run.ticks,
+            "scale_events": run.scale_events,
+            "length_error": run.length_error,
         }
     options = {k: v for k, v in msgspec.structs.asdict(opts).items()
                if not (isinstance(v, float) and math.isinf(v))}
-    return {"policies": policies, "options": options,
+    return {"policies": policies,
+            "setup": {"capacity_rps": ev.capacity_rps,
+                      "capacity": "measured on the twin" if ev.capacity_measured else "given",
+                      "peak_rps": ev.peak_rps, "rate_factor": ev.rate_factor,
+                      "requests": ev.requests, "horizon_s": ev.horizon_s,
+                      "static_clock_mhz": ev.static_clock_mhz, "floor_mhz": ev.floor_mhz},
+            "options": options,
             "energy_source": "twin (simulated)", "time": "simulated (no wall clock)"}
+
+
+def format_evaluation(ev: Evaluation) -> str:
+    """One table (a column per run) and the run's setup in one line."""
+    extra = {
+        "tokens per joule": [f"{r.report.generated_tokens / r.report.energy_j:.2f}"
+                             for r in ev.runs.values()],
+        "instance-hours": [f"{r.instance_hours:.2f}" for r in ev.runs.values()],
+        "deferred by controller": [f"{r.deferred}" for r in ev.runs.values()],
+        "length error": [r.length_error or "-" for r in ev.runs.values()],
+    }
+    static = f", static clock {ev.static_clock_mhz} MHz" if ev.static_clock_mhz else ""
+    capacity = ("" if ev.capacity_rps is None else
+                f"one instance's capacity {ev.capacity_rps:.2f} req/s "
+                f"({'measured on the twin' if ev.capacity_measured else 'given'}); ")
+    head = (f"{ev.requests} requests; {capacity}trace time-scaled x{ev.rate_factor:.2f} to a "
+            f"peak of {ev.peak_rps:.2f} req/s{static}")
+    return head + "\n" + format_table([r.report for r in ev.runs.values()], extra=extra,
+                                      energy_kj=True)
 
 
 def add_evaluate_parser(sub: Any) -> None:
     """Register `throttllem evaluate` on the root command's subparsers."""
-    p = sub.add_parser("evaluate", help="compare policies on a trace window in simulated time "
+    p = sub.add_parser("evaluate", help="compare policies on a trace in simulated time "
                                         "(the same controller functions, no bus)")
     p.add_argument("--trace", default="conv", help="conv, code, or a CSV path")
     p.add_argument("--hours", type=float, default=1.0, help="window length in hours")
     p.add_argument("--minutes", type=float, default=None,
                    help="window length in minutes (overrides --hours)")
     p.add_argument("--start-minute", type=float, default=0.0, help="trace window start")
-    p.add_argument("--instances", type=int, default=2, help="engine instances")
+    p.add_argument("--instances", type=int, default=4,
+                   help="instances sized for the peak (default runs all of them)")
+    p.add_argument("--peak-load", type=float, default=1.0,
+                   help="the trace's busiest minute as a fraction of N x capacity")
     p.add_argument("--peak-rps", type=float, default=None,
-                   help="time-scale the window so its busiest minute has this many requests/s")
+                   help="time-scale so the busiest minute has this many requests/s instead")
+    p.add_argument("--no-time-scale", action="store_true",
+                   help="replay at the trace's own rate (as `throttllem demo` does)")
+    p.add_argument("--capacity-rps", type=float, default=None,
+                   help="one instance's capacity (default: measured on the twin)")
     p.add_argument("--policies", default=",".join(POLICIES),
                    help=f"comma-separated, of {', '.join(POLICIES)}")
     p.add_argument("--length-error", default="0.15",
                    help="oracle length predictor's relative error (0, 0.15, 0.3) or 'measured'")
+    p.add_argument("--length-errors", default="",
+                   help="extra throttllem runs at these errors, e.g. 0,0.3,measured")
     p.add_argument("--setup", default="h100-llama3-8b-tp1", help="twin setup profile")
     p.add_argument("--perf-model", default=None,
                    help="controller performance model: folder or shipped name (default: the "
                         "setup's shipped model, as the live forecaster), or 'twin' (oracle)")
     p.add_argument("--retune-s", type=float, default=0.1,
                    help="controller tick period in simulated seconds")
+    p.add_argument("--slo-target", type=float, default=0.99,
+                   help="attainment that sizes capacity and the static clock")
+    p.add_argument("--warmup-s", type=float, default=60.0, help="a new instance's warm-up")
     p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix and length noise")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    p.add_argument("--plots", type=Path, default=Path("runs/evaluate"),
+                   help="folder for the PNG plots (needs matplotlib: pip install "
+                        "'throttllem[plot]')")
+    p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -163,20 +404,32 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     minutes = args.minutes if args.minutes is not None else 60.0 * args.hours
     return EvalOptions(
         trace=args.trace, minutes=minutes, start_minute=args.start_minute,
-        instances=args.instances, peak_rps=args.peak_rps,
+        instances=args.instances, peak_rps=args.peak_rps, peak_load=args.peak_load,
+        time_scale=not args.no_time_scale,
+        capacity_rps=args.capacity_rps,
         policies=[p.strip() for p in args.policies.split(",") if p.strip()],
-        length_error=args.length_error, setup=args.setup, perf_model=args.perf_model,
-        seed=args.seed, retune_s=args.retune_s)
+        length_error=args.length_error,
+        length_errors=[e.strip() for e in args.length_errors.split(",") if e.strip()],
+        setup=args.setup, perf_model=args.perf_model, seed=args.seed,
+        retune_s=args.retune_s, slo_target=args.slo_target, warmup_s=args.warmup_s)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
-    runs = evaluate(opts)
-    print(format_table([r.report for r in runs.values()]))
+    ev = evaluate(opts)
+    print(format_evaluation(ev))
     print("(simulated time; energy and latencies come from the serving twin, not measured "
           "hardware)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_bytes(msgspec.json.format(msgspec.json.encode(
-            to_document(runs, opts))))
+        args.json.write_bytes(msgspec.json.format(msgspec.json.encode(to_document(ev, opts))))
+    if not args.no_plots:
+        from throttllem._eval.plots import PlotsUnavailableError, write_plots  # noqa: PLC0415
+
+        try:
+            written = write_plots(ev, args.plots)
+        except PlotsUnavailableError as e:
+            print(f"throttllem: note: {e}", file=sys.stderr)
+        else:
+            print(f"(plots: {', '.join(str(p) for p in written)})")
     return 0

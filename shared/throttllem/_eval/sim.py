@@ -1,36 +1,39 @@
 """The discrete-event simulation behind `throttllem evaluate`: engine twins in simulated time.
 
-No bus and no wall clock. Three kinds of event, kept in one heap of next-event times:
+No bus and no wall clock. Four kinds of event, kept in one heap of next-event times:
 
 - arrivals, read from the (time-scaled) trace window in order, one pushed at a time;
 - iteration ends: an engine instance runs one pass (`EngineTwin.step`) when it starts; its
   effects (tokens, completions) become visible at the pass's end, where the next pass starts;
   only the instance whose pass ends next is stepped;
-- controller ticks, every `tick_s` simulated seconds, for policies that ask for them.
+- controller ticks, every `tick_s` simulated seconds, for policies that ask for them;
+- timeline samples, every `sample_s`, which read every GPU's energy counter for the plots.
 
 Events at the same instant run in this order: pass ends (completions free capacity), arrivals,
-ticks, then pass starts (so that several admissions at one instant share the next pass, as
-the live engine drains its inbox before stepping).
+ticks, samples, then pass starts (so that several admissions at one instant share the next
+pass, as the live engine drains its inbox before stepping).
 
-The policy (`throttllem._eval.policies`) sees the same things the live forecaster sees
-(arrivals, `engine.iteration`, `request.completed`) and acts through `admit` and `set_clock`,
-calling exactly the core functions the live services call. Clocks are applied directly with
-`GpuTwin.set_locked_clocks` (min = max, as the actuator does): the actuator's lease is moot
-here, since a simulated controller never dies, so it is not modelled.
+The policy (`throttllem._eval.policies`) sees the same things the live forecaster and scaler
+see (arrivals, `engine.iteration`, `request.completed`) and acts through `admit`, `set_clock`,
+`add_instance` and `remove_instance`, calling exactly the core functions the live services
+call. Clocks are applied directly with `GpuTwin.set_locked_clocks` (min = max, as the
+actuator does): the actuator's lease is moot here, since a simulated controller never dies.
 
-Energy is each GPU twin's energy counter, idle included, integrated from 0 to the run's
-horizon (`Simulation.finish`).
+Energy is each GPU twin's energy counter, idle included: an instance draws power from the
+moment it is added (warm-up included) until it is removed or the run's horizon
+(`Simulation.finish`); instance-seconds are counted over the same spans.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from throttllem._core.report import ClockAccumulator
-from throttllem._errors import RequestRejectedError
+from throttllem._errors import ConfigError, RequestRejectedError
 from throttllem._events import RequestArrived, RequestCompleted
 from throttllem._twin.engine import EngineTwin, IterationOutcome
 from throttllem._twin.gpu import GpuTwin
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
     from throttllem._eval.policies import SimPolicy
 
 # Order of simultaneous events.
-_END, _ARRIVAL, _TICK, _START = 0, 1, 2, 3
+_END, _ARRIVAL, _TICK, _SAMPLE, _START = 0, 1, 2, 3, 4
 
 
 @dataclass(slots=True)
@@ -49,9 +52,42 @@ class _Instance:
     gpu: GpuTwin
     engine: EngineTwin
     gpu_indices: tuple[int, ...]
+    added_s: float
+    removed_s: float | None = None
     scheduled: bool = False  # a pass start or end is in the heap
     inflight: IterationOutcome | None = None
     clock_mhz: int | None = None  # locked clock, None: GPU default
+
+    def energy_mj(self) -> float:
+        return sum(self.gpu.energy_mj(i) for i in self.gpu_indices)
+
+
+@dataclass(slots=True)
+class Timeline:
+    """What the plots show, in bins of `sample_s` simulated seconds: energy drawn in each bin
+    (all GPUs, J), the busy-time-weighted SM clock of the passes ending in it, and how many
+    instances existed at its end."""
+
+    sample_s: float
+    t_s: list[float] = field(default_factory=list)  # bin ends
+    energy_j: list[float] = field(default_factory=list)
+    clock_mhz: list[float] = field(default_factory=list)  # nan: no pass ended in the bin
+    instances: list[int] = field(default_factory=list)
+    _busy_s: float = 0.0
+    _clock_x_s: float = 0.0
+    _last_energy_j: float = 0.0
+
+    def add_pass(self, duration_s: float, clock_mhz: float) -> None:
+        self._busy_s += duration_s
+        self._clock_x_s += clock_mhz * duration_s
+
+    def close_bin(self, t_s: float, energy_total_j: float, instances: int) -> None:
+        self.t_s.append(t_s)
+        self.energy_j.append(energy_total_j - self._last_energy_j)
+        self._last_energy_j = energy_total_j
+        self.clock_mhz.append(self._clock_x_s / self._busy_s if self._busy_s > 0 else math.nan)
+        self.instances.append(instances)
+        self._busy_s = self._clock_x_s = 0.0
 
 
 @dataclass(slots=True)
@@ -61,6 +97,7 @@ class SimResult:
     completions: list[RequestCompleted] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     clocks: ClockAccumulator = field(default_factory=ClockAccumulator)
+    timeline: Timeline = field(default_factory=lambda: Timeline(sample_s=10.0))
     submitted: int = 0
     end_s: float = 0.0  # the last event of the run (a completion, usually)
     iterations: int = 0
@@ -68,30 +105,55 @@ class SimResult:
 
 
 class Simulation:
-    """N engine twins (each on its own GpuTwin) driven by one policy in simulated time."""
+    """Engine twins (each on its own GpuTwin) driven by one policy in simulated time."""
 
     def __init__(self, profile: SetupProfile, instances: Sequence[str],
-                 policy: SimPolicy) -> None:
+                 policy: SimPolicy, *, sample_s: float = 5.0) -> None:
         if not instances:
-            raise ValueError("a simulation needs at least one instance")
+            raise ConfigError("a simulation needs at least one instance")
+        if not sample_s > 0:
+            raise ConfigError(f"sample_s must be > 0, not {sample_s}")
         self.profile = profile
         self.policy = policy
+        self.now_s = 0.0
         self._inst: dict[str, _Instance] = {}
+        self._removed: list[_Instance] = []
         for name in instances:
-            gpu = GpuTwin(profile)
-            engine = EngineTwin(profile, name, gpu)
-            self._inst[name] = _Instance(name, gpu, engine,
-                                         tuple(range(profile.engine.tp_degree)))
+            self.add_instance(name)
         self._heap: list[tuple[float, int, int, str]] = []
         self._seq = 0
-        self.now_s = 0.0
-        self.result = SimResult()
+        self.result = SimResult(timeline=Timeline(sample_s=sample_s))
 
     # ------------------------------------------------------------------ what policies use
 
     @property
     def instances(self) -> list[str]:
+        """Instances that exist now (warming, serving or draining), in creation order."""
         return list(self._inst)
+
+    def add_instance(self, name: str) -> None:
+        """A new engine instance exists from now on: its GPUs draw idle power at once (the
+        policy decides when it serves, i.e. how long it warms up)."""
+        if name in self._inst:
+            raise ConfigError(f"instance {name!r} exists already")
+        gpu = GpuTwin(self.profile, start_s=self.now_s)
+        engine = EngineTwin(self.profile, name, gpu)
+        self._inst[name] = _Instance(name, gpu, engine, tuple(range(gpu.gpu_count())),
+                                     added_s=self.now_s)
+
+    def remove_instance(self, name: str) -> None:
+        """Stop an instance that holds no request: its GPUs draw nothing from now on."""
+        inst = self._inst[name]
+        if inst.engine.has_work() or inst.inflight is not None:
+            raise ConfigError(f"instance {name!r} still holds requests; drain it first")
+        inst.gpu.idle_until(self.now_s)
+        inst.removed_s = self.now_s
+        self._removed.append(self._inst.pop(name))
+
+    def outstanding(self, name: str) -> int:
+        """Requests the engine holds (running or queued)."""
+        engine = self._inst[name].engine
+        return engine.running_count + engine.queue_len
 
     def admit(self, instance: str, request: RequestArrived) -> bool:
         """Hand a request to an engine now. False: the engine refused it (it can never fit:
@@ -129,6 +191,16 @@ class Simulation:
         self._seq += 1
         heapq.heappush(self._heap, (t, kind, self._seq, instance))
 
+    def _energy_at_j(self, t_s: float) -> float:
+        """Energy of all GPUs up to `t_s`, read without advancing any GPU (a GPU idle since
+        its last pass counts idle power up to `t_s`; one busy past `t_s` counts its pass)."""
+        idle_mw = self.profile.gpu.idle_power_w * 1e3
+        total_mj = sum(inst.energy_mj() for inst in self._removed)
+        for inst in self._inst.values():
+            for i in inst.gpu_indices:
+                total_mj += inst.gpu.energy_mj(i) + idle_mw * max(t_s - inst.gpu.now_s(i), 0.0)
+        return total_mj / 1e3
+
     def run(self, requests: Sequence[RequestArrived]) -> SimResult:
         """Serve `requests` (sorted by arrival) to the end: every request completes or is
         rejected. Returns the result (energy: call `finish`)."""
@@ -136,11 +208,13 @@ class Simulation:
         res.submitted = len(requests)
         policy = self.policy
         tick_s = policy.tick_s
+        sample_s = res.timeline.sample_s
         next_arrival = 0
         if requests:
             self._push(requests[0].arrival_s, _ARRIVAL)
         if tick_s is not None:
             self._push(0.0, _TICK)
+        self._push(sample_s, _SAMPLE)
         heap = self._heap
         total = len(requests)
         while heap:
@@ -153,6 +227,7 @@ class Simulation:
                 inst.inflight = None
                 it = outcome.iteration
                 res.clocks.add(it)
+                res.timeline.add_pass(it.duration_ms / 1e3, it.clock_mhz)
                 res.iterations += 1
                 policy.on_iteration(self, it)
                 if outcome.completed:
@@ -162,7 +237,10 @@ class Simulation:
                         policy.on_completed(self, completed)
                 self._push(t, _START, name)
             elif kind == _START:
-                inst = self._inst[name]
+                starting = self._inst.get(name)
+                if starting is None:  # removed after its last pass ended
+                    continue
+                inst = starting
                 stepped = inst.engine.step(t)
                 if stepped is None:
                     inst.scheduled = False
@@ -176,13 +254,18 @@ class Simulation:
                 next_arrival += 1
                 if next_arrival < total:
                     self._push(requests[next_arrival].arrival_s, _ARRIVAL)
-            else:  # tick
-                assert tick_s is not None
-                res.ticks += 1
-                policy.on_tick(self)
+            else:
                 finished = len(res.completions) + len(res.rejected)
-                if next_arrival < total or finished < total:
-                    self._push(t + tick_s, _TICK)
+                more = next_arrival < total or finished < total
+                if kind == _TICK:
+                    assert tick_s is not None
+                    res.ticks += 1
+                    policy.on_tick(self)
+                    if more:
+                        self._push(t + tick_s, _TICK)
+                elif more:  # after the last request, `finish` closes the last bin
+                    res.timeline.close_bin(t, self._energy_at_j(t), len(self._inst))
+                    self._push(t + sample_s, _SAMPLE)
         if len(res.completions) + len(res.rejected) != total:  # pragma: no cover - a bug
             raise RuntimeError(f"simulation ended with {total - len(res.completions)} "
                                f"requests neither served nor rejected")
@@ -192,17 +275,24 @@ class Simulation:
         """Idle every GPU up to `horizon_s` (default: the run's last event) and return the
         energy (J) of all GPUs since the start, idle included."""
         end = self.result.end_s if horizon_s is None else max(horizon_s, self.result.end_s)
-        total_mj = 0.0
         for inst in self._inst.values():
             inst.gpu.idle_until(end)
-            total_mj += sum(inst.gpu.energy_mj(i) for i in range(inst.gpu.gpu_count()))
-        return total_mj / 1e3
+        total_j = self._energy_at_j(end)
+        tl = self.result.timeline
+        if not tl.t_s or tl.t_s[-1] < end:
+            tl.close_bin(end, total_j, len(self._inst))
+        return total_j
 
     def gpu_energy_mj(self) -> list[float]:
-        """Every GPU's energy counter now (mJ), instance by instance."""
-        return [inst.gpu.energy_mj(i) for inst in self._inst.values()
-                for i in range(inst.gpu.gpu_count())]
+        """Every GPU's energy counter now (mJ), instance by instance, removed ones first."""
+        return [inst.gpu.energy_mj(i) for inst in (*self._removed, *self._inst.values())
+                for i in inst.gpu_indices]
 
     def gpu_count(self) -> int:
-        return sum(inst.gpu.gpu_count() for inst in self._inst.values())
+        """GPUs of every instance that ever existed."""
+        return sum(len(inst.gpu_indices) for inst in (*self._removed, *self._inst.values()))
 
+    def instance_seconds(self, horizon_s: float) -> float:
+        """Seconds each instance existed (drew power), summed, up to `horizon_s`."""
+        return sum((horizon_s if inst.removed_s is None else inst.removed_s) - inst.added_s
+                   for inst in (*self._removed, *self._inst.values()))

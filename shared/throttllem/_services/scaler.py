@@ -127,8 +127,9 @@ class ScalerService:
 
     def step(self, now_s: float) -> ScaleDecision:
         """One decision at `now_s` (the shell's tick; also callable directly)."""
-        self.load = self.estimator.rate(now_s)
-        decision = decide(self.state, self.load, now_s, self.policy,
+        load = self.estimator.rate_if_known(now_s)
+        self.load = -1.0 if load is None else load  # heartbeat: -1 while not known yet
+        decision = decide(self.state, load, now_s, self.policy,
                           outstanding=self.outstanding_counts())
         self.state = decision.state
         for change in decision.changes:
@@ -151,6 +152,7 @@ class ScalerService:
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         now_s = clock.now_s()
+        self.estimator.started_s = now_s
         self.state = ScalerState.initial(self.initial_instances, now_s,
                                          name_prefix=self.name_prefix)
         await bus.subscribe(REQUEST_ARRIVED, REQUEST_CODEC, self._on_request)

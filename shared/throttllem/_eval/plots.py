@@ -1,0 +1,86 @@
+"""PNG plots of an evaluation: energy over time, clock over time, TBT and E2E distributions.
+
+matplotlib is an optional extra (`pip install 'throttllem[plot]'`): the evaluator's figures
+never depend on it, and without it `throttllem evaluate` says how to get the plots.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from throttllem._errors import ThrottllemError
+
+if TYPE_CHECKING:
+    from throttllem._eval.cli import Evaluation
+
+
+class PlotsUnavailableError(ThrottllemError, RuntimeError):
+    """matplotlib is not installed."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError as e:
+        raise PlotsUnavailableError(
+            "plots skipped: matplotlib is not installed (pip install 'throttllem[plot]')"
+        ) from e
+    return plt
+
+
+def write_plots(ev: Evaluation, folder: Path) -> list[Path]:
+    """Write energy.png, clock.png, tbt.png and e2e.png into `folder`; returns the paths."""
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    note = "simulated (serving twin), not measured"
+
+    def save(fig: object, name: str) -> None:
+        path = folder / name
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, run in ev.runs.items():
+        tl = run.timeline
+        t = np.asarray(tl.t_s)
+        widths = np.diff(np.concatenate([[0.0], t]))
+        power_kw = np.asarray(tl.energy_j) / np.maximum(widths, 1e-9) / 1e3
+        ax.step(t / 60, power_kw, where="post", label=name, linewidth=1)
+    ax.set(xlabel="simulated time (min)", ylabel="mean power, all GPUs (kW)",
+           title=f"Energy over time ({note})")
+    ax.legend(fontsize=8)
+    save(fig, "energy.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, run in ev.runs.items():
+        tl = run.timeline
+        ax.plot(np.asarray(tl.t_s) / 60, tl.clock_mhz, label=name, linewidth=1)
+    ax.set(xlabel="simulated time (min)", ylabel="SM clock, busy-time weighted (MHz)",
+           title=f"SM clock over time ({note})")
+    ax.legend(fontsize=8)
+    save(fig, "clock.png")
+
+    for key, label, fname in (("tbt_ms", "mean TBT per request (ms)", "tbt.png"),
+                              ("e2e_ms", "end-to-end latency (ms)", "e2e.png")):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for name, run in ev.runs.items():
+            values = np.sort(np.asarray(getattr(run, key)))
+            if values.size == 0 or not math.isfinite(values[-1]):
+                continue
+            ax.plot(values, np.arange(1, values.size + 1) / values.size, label=name,
+                    linewidth=1)
+        ax.set(xlabel=label, ylabel="fraction of requests", title=f"CDF of {label} ({note})")
+        if key == "e2e_ms":
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+        save(fig, fname)
+    return written
