@@ -11,6 +11,12 @@
   `oracle-…`);
 - feedback: on `request.completed` it compares prediction and truth, publishes rolling error
   on its heartbeat and warns once when error drifts past the model card's figure.
+
+A request the predictor cannot serve (oracle mode without a true length) is rejected alone:
+logged (`length.request_rejected`), counted, answered with a final `request.deferred` (durable)
+or an `rpc.error` reply, and never retried; the other requests of its micro-batch are
+predicted as usual. Any other failure of an RPC still gets an `rpc.error` reply (`rpc.failed`
+in the log, counter `rpc_errors`) and never stops the service.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from nats.aio.msg import Msg
 from throttllem._batching import MicroBatcher
 from throttllem._bus import Bus
 from throttllem._core.feedback import LengthFeedback
-from throttllem._errors import ConfigError, MalformedEventError
+from throttllem._errors import ConfigError, MalformedEventError, RequestRejectedError
 from throttllem._events import (
     REQUEST_CODEC,
     RequestArrived,
     RequestCompleted,
+    RequestDeferred,
     RequestEvent,
     RequestPredicted,
     encode,
@@ -41,6 +48,7 @@ from throttllem._subjects import (
     PREDICT_RPC,
     REQUEST_ARRIVED,
     REQUEST_COMPLETED,
+    REQUEST_DEFERRED,
     REQUEST_PREDICTED,
 )
 
@@ -90,34 +98,45 @@ class LengthPredictorService:
             self.model_version = f"oracle-{label}"
             self.quantile = 0.9
         self.feedback = LengthFeedback(expected_mae_tokens=expected_mae)
-        # Inline, not in a worker thread: a batch costs 0.15 ms (1 prompt) to 1 ms (64), less
+        # Inline, not in a worker thread: a batch costs 0.05 ms (1 prompt) to 1 ms (64), less
         # than a thread hop costs under load (measured: benchmarks/bench_length_service.py).
         self.batcher: MicroBatcher[RequestArrived, RequestPredicted] = MicroBatcher(
             self.predict_batch, max_size=64, in_thread=False)
         self._drift_warned = False
 
-    # ---- the model call (runs in a worker thread, one batch at a time)
+    # ---- the model call (inline in the event loop, one batch at a time)
 
-    def predict_batch(self, requests: list[RequestArrived]) -> list[RequestPredicted]:
+    def predict_batch(self, requests: list[RequestArrived]
+                      ) -> list[RequestPredicted | Exception]:
+        """One prediction per request, or the RequestRejectedError of a request that this
+        predictor cannot serve (only that request fails, not its batch)."""
+        rejected: dict[int, Exception] = {}
         if self._oracle is not None:
-            missing = [r.id for r in requests if r.true_output_tokens is None]
-            if missing:
-                raise ConfigError(f"oracle mode needs true lengths (trace replay); "
-                                  f"{len(missing)} requests have none, e.g. {missing[0]!r}")
+            rejected = {i: RequestRejectedError(
+                f"oracle mode needs the request's true length (trace replay only); "
+                f"request {r.id!r} has none")
+                for i, r in enumerate(requests) if r.true_output_tokens is None}
+            ok = [r for i, r in enumerate(requests) if i not in rejected]
             median, upper = self._oracle.predict(
-                [r.true_output_tokens or 0 for r in requests], keys=[r.id for r in requests])
+                [r.true_output_tokens or 0 for r in ok], keys=[r.id for r in ok])
         else:
             assert self._model is not None
+            ok = requests
             median, upper = self._model.predict(
-                [r.prompt_text or "" for r in requests],
-                prompt_tokens=[r.prompt_tokens for r in requests],
-                max_tokens=[r.max_tokens for r in requests])
-        return [
-            RequestPredicted(id=r.id, predicted_tokens=float(m), upper_tokens=float(u),
-                             quantile=self.quantile, model_version=self.model_version,
-                             oracle=self._oracle is not None, decided_s=r.arrival_s, request=r)
-            for r, m, u in zip(requests, median.tolist(), upper.tolist(), strict=True)
+                [r.prompt_text or "" for r in ok],
+                prompt_tokens=[r.prompt_tokens for r in ok],
+                max_tokens=[r.max_tokens for r in ok])
+        quantile, version, oracle = self.quantile, self.model_version, self._oracle is not None
+        predictions: list[RequestPredicted | Exception] = [
+            RequestPredicted(id=r.id, predicted_tokens=m, upper_tokens=u, quantile=quantile,
+                             model_version=version, oracle=oracle, decided_s=r.arrival_s,
+                             request=r)
+            for r, m, u in zip(ok, median.tolist(), upper.tolist(), strict=True)
         ]
+        if not rejected:
+            return predictions
+        rest = iter(predictions)
+        return [rejected[i] if i in rejected else next(rest) for i in range(len(requests))]
 
     # ---- handlers
 
@@ -130,20 +149,60 @@ class LengthPredictorService:
     async def _on_arrived(self, bus: Bus, event: RequestEvent) -> None:
         if not isinstance(event, RequestArrived):
             return
-        prediction = await self._predict(event)
+        try:
+            prediction = await self._predict(event)
+        except RequestRejectedError as e:
+            # Final: retrying cannot help, so it is recorded and acked, never nak'ed; any
+            # other failure propagates and the bus naks it for redelivery.
+            bus.counters["requests_rejected"] += 1
+            log.warning("length.request_rejected", id=event.id, error=str(e))
+            await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
+                id=event.id, decided_s=event.arrival_s, reason=f"length-predictor: {e}",
+                final=True), msg_id=f"predict-rejected-{event.id}")
+            return
         await bus.publish_durable(REQUEST_PREDICTED, prediction, msg_id=f"predicted-{event.id}")
 
     async def _on_rpc(self, bus: Bus, msg: Msg) -> None:
+        """nats-py's subscription callback (awaited one message at a time): decode and queue
+        for the next batch without suspending, so that requests that arrive together are
+        batched together; the batcher's worker sends the reply (`_rpc_done`)."""
         try:
             event = REQUEST_CODEC.decode(msg.data)
             if not isinstance(event, RequestArrived):
                 raise MalformedEventError(f"expected request.arrived, got {type(event).__name__}")
-            reply: msgspec.Struct = await self._predict(event)
-        except (MalformedEventError, ConfigError) as e:
+            self.batcher.submit_nowait(event, partial(self._rpc_done, bus, msg, event.id))
+        except Exception as e:  # every request gets a reply, whatever failed
+            await self._rpc_error(bus, msg, e)
+
+    async def _rpc_done(self, bus: Bus, msg: Msg, request_id: str,
+                        result: RequestPredicted | Exception) -> None:
+        if isinstance(result, Exception):
+            await self._rpc_error(bus, msg, result, request_id=request_id)
+            return
+        self.feedback.predicted(result.id, result.predicted_tokens, result.upper_tokens)
+        await self._respond(bus, msg, encode(result))
+
+    async def _rpc_error(self, bus: Bus, msg: Msg, error: Exception, *,
+                         request_id: str | None = None) -> None:
+        if isinstance(error, MalformedEventError | ConfigError | RequestRejectedError):
             bus.counters["rpc_rejected"] += 1
-            log.warning("rpc.rejected", error=str(e))
-            reply = RpcError(error=str(e))
-        await msg.respond(encode(reply))
+            log.warning("rpc.rejected", id=request_id, error=str(error))
+            text = str(error)
+        else:  # our fault, not the caller's: say so, keep the traceback in the log
+            bus.counters["rpc_errors"] += 1
+            log.error("rpc.failed", id=request_id, error=repr(error), exc_info=error)
+            text = f"length prediction failed ({type(error).__name__}: {error})"
+        await self._respond(bus, msg, encode(RpcError(error=text)))
+
+    async def _respond(self, bus: Bus, msg: Msg, data: bytes) -> None:
+        if not msg.reply:  # published, not requested: nobody to answer
+            bus.counters["rpc_no_reply"] += 1
+            return
+        try:
+            await bus.nc.publish(msg.reply, data)
+        except Exception as e:  # a lost reply must not stop the service
+            bus.counters["rpc_reply_failed"] += 1
+            log.warning("rpc.reply_failed", error=repr(e))
 
     async def _on_completed(self, event: RequestEvent) -> None:
         if not isinstance(event, RequestCompleted):
@@ -162,7 +221,8 @@ class LengthPredictorService:
                 "within25": stats.within25, "upper_coverage": stats.upper_coverage,
                 "drifting": float(stats.drifting),
                 "mean_batch": self.batcher.items / self.batcher.batches
-                if self.batcher.batches else 0.0}
+                if self.batcher.batches else 0.0,
+                "max_batch": float(self.batcher.max_batch)}
 
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -171,12 +231,8 @@ class LengthPredictorService:
             await tg.start(self.batcher.run)
             await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC, self._on_completed)
 
-            async def rpc(msg: Msg) -> None:
-                # nats-py awaits callbacks one at a time: hand each request to its own task so
-                # that requests arriving together are answered (and batched) together.
-                tg.start_soon(self._on_rpc, bus, msg)
-
-            await bus.nc.subscribe(PREDICT_RPC, queue=QUEUE_GROUP, cb=rpc)
+            # No task per request: the callback queues it for the next batch and returns.
+            await bus.nc.subscribe(PREDICT_RPC, queue=QUEUE_GROUP, cb=partial(self._on_rpc, bus))
             await bus.nc.flush()
             await tg.start(partial(
                 bus.consume, durable="length-predictor", subject=REQUEST_ARRIVED,
