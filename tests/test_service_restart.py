@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,24 @@ def start_forecaster(url: str, log_path: Path) -> subprocess.Popen[bytes]:
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def log_events(log_path: Path, event: str) -> list[dict[str, object]]:
+    """The JSON log lines of one event (services log JSON lines on stderr)."""
+    out = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            out.append(record)
+    return out
+
+
+def pid_of(record: dict[str, object]) -> int:
+    """The process id inside an instance id (`host-pid-random`)."""
+    return int(str(record["instance_id"]).rsplit("-", 2)[1])
+
+
 async def publish(bus: Bus, ids: range) -> None:
     for n in ids:
         await bus.publish_durable(
@@ -47,6 +66,7 @@ async def test_killed_forecaster_resumes_without_loss_or_duplicates(
     await bus.subscribe(REQUEST_ADMITTED_ALL, REQUEST_CODEC, on_admitted)
     log_path = tmp_path / "forecaster.log"
     proc = start_forecaster(nats.url, log_path)
+    first_pid = proc.pid
     try:
         # A new durable starts at new messages: publish once the service is ready.
         with anyio.fail_after(30):
@@ -61,6 +81,7 @@ async def test_killed_forecaster_resumes_without_loss_or_duplicates(
         # Requests keep arriving while the forecaster is dead.
         await publish(bus, range(150, 300))
         proc = start_forecaster(nats.url, log_path)
+        second_pid = proc.pid
         with anyio.fail_after(60):
             while len(set(seen_live)) < 300:
                 await anyio.sleep(0.05)
@@ -86,7 +107,11 @@ async def test_killed_forecaster_resumes_without_loss_or_duplicates(
     await bus.close()
     assert sorted(stored) == sorted(f"r{n}" for n in range(300))
     assert info.num_pending == 0, "more admissions stored than requests: a duplicate"
-    assert "service.ready" in log_path.read_text()
+    # Both runs started, the killed one said no goodbye, and the restarted one (which must have
+    # admitted r150-r299, published while nothing ran) stopped cleanly with no handler failing.
+    assert [pid_of(r) for r in log_events(log_path, "service.ready")] == [first_pid, second_pid]
+    assert [pid_of(r) for r in log_events(log_path, "service.stopped")] == [second_pid]
+    assert not log_events(log_path, "handler.failed")
 
 
 async def test_sigterm_stops_a_service_gracefully(nats: EmbeddedNatsServer, tmp_path: Path) -> None:
@@ -104,3 +129,4 @@ async def test_sigterm_stops_a_service_gracefully(nats: EmbeddedNatsServer, tmp_
     text = log_path.read_text()
     assert '"signal": "SIGTERM"' in text
     assert "service.stopped" in text
+
