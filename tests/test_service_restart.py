@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._errors import BusError
 from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestArrived, RequestEvent
 from throttllem._subjects import REQUEST_ADMITTED_ALL, REQUEST_ARRIVED
 
@@ -130,3 +131,22 @@ async def test_sigterm_stops_a_service_gracefully(nats: EmbeddedNatsServer, tmp_
     assert '"signal": "SIGTERM"' in text
     assert "service.stopped" in text
 
+
+def test_a_service_run_against_an_unreachable_nats_says_what_is_true() -> None:
+    """`throttllem run` has no embedded server: the hint must not offer one."""
+    result = subprocess.run(
+        [sys.executable, "-m", "throttllem", "run", "length-predictor", "--oracle", "0",
+         "--nats", "nats://127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+        check=False)
+    assert result.returncode == 2
+    assert "cannot reach NATS at nats://127.0.0.1:1" in result.stderr
+    assert "nats-server -js" in result.stderr
+    assert "pass --nats the URL of a running server" in result.stderr
+    assert "run without --nats to use the embedded server" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_caller_can_give_its_own_unreachable_hint() -> None:
+    with pytest.raises(BusError, match=r"nats://127\.0\.0\.1:1 .*; run the demo without --nats$"):
+        await Bus.connect("nats://127.0.0.1:1", name="t", connect_timeout_s=0.5,
+                          hint="run the demo without --nats")

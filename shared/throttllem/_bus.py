@@ -44,6 +44,9 @@ E = TypeVar("E")
 Handler = Callable[[E], Awaitable[None]]
 
 DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+UNREACHABLE_HINT: Final = (
+    "start one there with `nats-server -js`, or pass --nats the URL of a running server "
+    "(only `throttllem demo` starts an embedded one, when given no --nats)")
 _LISTEN_RE: Final = re.compile(r"Listening for client connections on ([0-9.\[\]:a-fA-F]+):(\d+)")
 
 
@@ -139,8 +142,13 @@ class Bus:
         self._closing: list[bool] = []
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, connect_timeout_s: float = 5.0) -> Bus:
-        """Connect with unbounded reconnects; fail fast with a clear error if never reachable."""
+    async def connect(cls, url: str, *, name: str, connect_timeout_s: float = 5.0,
+                      hint: str | None = None) -> Bus:
+        """Connect with unbounded reconnects; fail fast with a clear error if never reachable.
+
+        `hint` ends that error with what the caller's user can do; the default holds in every
+        context (only `throttllem demo` can start an embedded server, `throttllem run` cannot).
+        """
         log_ = log.bind(client=name, url=url)
 
         closing: list[bool] = []  # set by Bus.close(): a disconnect we asked for is no news
@@ -164,10 +172,7 @@ class Bus:
                 disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
             )
         except (OSError, nats.errors.Error, TimeoutError) as e:
-            raise BusError(
-                f"cannot reach NATS at {url} ({e!r}); start one with `nats-server -js` "
-                "or run without --nats to use the embedded server"
-            ) from e
+            raise BusError(f"cannot reach NATS at {url} ({e!r}); {hint or UNREACHABLE_HINT}") from e
         # Bounded tries to connect at first (a wrong URL fails fast), unbounded reconnects once
         # connected (a restarting server is waited for).
         nc.options["max_reconnect_attempts"] = -1
