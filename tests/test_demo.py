@@ -113,3 +113,22 @@ def test_throttllem_policy_saves_energy_against_default_on_the_same_window(
     # The actuator ran the clocks the forecaster asked for, through the twin's NVML surface.
     actuator_log = (tmp_path / "logs" / "throttllem" / "actuator-i0.log").read_text()
     assert "actuator.applied" in actuator_log
+
+    # The evaluator runs the same core functions in simulated time: on the same window the
+    # totals match the live run (`freq` is the live throttllem policy: no autoscaler).
+    from throttllem._eval import EvalOptions, evaluate  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    ev = evaluate(EvalOptions(trace="conv", minutes=0.25, instances=1, time_scale=False,
+                              policies=["default", "freq"], length_error="0.15", seed=0))
+    idle_w = load_profile("h100-llama3-8b-tp1").gpu.idle_power_w
+    for live, name in ((default, "default"), (throttllem, "freq")):
+        sim = ev.runs[name]
+        assert sim.report.requests_submitted == live.requests_submitted
+        assert sim.report.requests_served == live.requests_served
+        assert sim.report.generated_tokens == live.generated_tokens
+        # Energy above idle does not depend on how long each run idled at its end.
+        live_busy_j = live.energy_j - idle_w * live.duration_s
+        sim_busy_j = sim.report.energy_j - sim.idle_floor_j
+        assert sim_busy_j == pytest.approx(live_busy_j, rel=0.10), name
+    assert ev.runs["freq"].report.energy_j < ev.runs["default"].report.energy_j

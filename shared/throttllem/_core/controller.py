@@ -16,12 +16,19 @@ Rules (the paper's, plus what a production controller needs):
   instance, holding it back only makes it later: it is admitted best-effort at the top clock;
   otherwise it is deferred and retried;
 - clocks never go below `floor_mhz`, the setup's most energy-efficient clock: below it a
-  slower iteration costs more static energy than the lower clock saves.
+  slower iteration costs more static energy than the lower clock saves;
+- the projection holds only the requests admitted so far, but the engine keeps admitting
+  and prefills every new prompt inside the running requests' passes: each instance's
+  prompt tokens admitted over the last `arrival_window_s` give the rate at which future
+  prefills will stretch its passes (`ArrivalPrefillPerf`), so that steady load does not
+  push TBT past its bound (the paper's controller leaves this out; `arrival_window_s=None`
+  does too).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -36,7 +43,7 @@ from throttllem._core.clock_search import (
     min_feasible_clock,
 )
 from throttllem._core.forecast import Candidate, InstanceState, project
-from throttllem._core.perf import PerfModel
+from throttllem._core.perf import ArrivalPrefillPerf, PerfModel
 from throttllem._core.slo import SloClass
 from throttllem._core.slo_check import RequestSlo
 
@@ -72,9 +79,12 @@ class InstanceTracker:
     name: str
     shape: EngineShape
     requests: dict[str, _Tracked] = field(default_factory=dict)  # admission (FCFS) order
+    # (arrival_s, prompt tokens) of recent admissions, for the rate of future prefills.
+    recent: deque[tuple[float, int]] = field(default_factory=deque)
 
     def admitted(self, request_id: str, *, prompt_tokens: int, predicted_tokens: float,
                  upper_tokens: float, arrival_s: float, slo: SloClass) -> None:
+        self.recent.append((arrival_s, prompt_tokens))
         self.requests[request_id] = _Tracked(
             prompt_tokens=prompt_tokens, predicted_tokens=predicted_tokens,
             upper_tokens=max(upper_tokens, predicted_tokens), arrival_s=arrival_s,
@@ -96,6 +106,13 @@ class InstanceTracker:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    def prefill_rate(self, now_s: float, window_s: float) -> float:
+        """Prompt tokens per second admitted here with arrivals in (now − window, now]."""
+        recent = self.recent
+        while recent and recent[0][0] <= now_s - window_s:
+            recent.popleft()
+        return sum(tokens for t, tokens in recent if t <= now_s) / window_s
 
     def snapshot(self) -> tuple[InstanceState, RequestSlo]:
         """Running (has a token) then queued, in admission order, with their SLO arrays."""
@@ -135,6 +152,8 @@ class Policy:
     # "auto" (secant on a monotone model) probes few clocks; a model whose cost is per call
     # rather than per clock (the compiled grid) is faster with one "scan" of all clocks.
     strategy: Strategy = "auto"
+    # Seconds of admissions that estimate the rate of future prefills; None: ignore them.
+    arrival_window_s: float | None = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,21 +163,33 @@ class Placement:
     reason: str
 
 
+def perf_for(tracker: InstanceTracker, policy: Policy, now_s: float) -> PerfModel:
+    """The policy's model, with the instance's future prefills folded in (see the module
+    docstring); the plain model while nothing arrived lately."""
+    if policy.arrival_window_s is None:
+        return policy.perf
+    rate = tracker.prefill_rate(now_s, policy.arrival_window_s)
+    if rate <= 0:
+        return policy.perf
+    return ArrivalPrefillPerf(policy.perf, rate, policy.clocks.mhz)
+
+
 def _search(state: InstanceState, slo: RequestSlo, policy: Policy, now_s: float,
-            candidate: Candidate | None) -> tuple[int | None, BoolArray | None]:
+            candidate: Candidate | None, *,
+            perf: PerfModel) -> tuple[int | None, BoolArray | None]:
     """Lowest feasible clock, ignoring requests that miss even at the top clock; returns
     (clock or None, which requests are lost causes)."""
     projection = project(state, use_upper=policy.use_upper, candidate=candidate)
     if candidate is not None and projection.kv_overflow_iter >= 0:
         return None, None
-    result = min_feasible_clock(projection, policy.perf, policy.clocks, slo, now_s=now_s,
+    result = min_feasible_clock(projection, perf, policy.clocks, slo, now_s=now_s,
                                 floor_mhz=policy.floor_mhz, strategy=policy.strategy)
     if isinstance(result, FeasibleClock):
         return result.clock_mhz, None
     lost = result.report.miss[:, 0].copy()
     if candidate is not None and lost[-1]:
         return None, lost  # the candidate itself cannot make it here
-    retry = min_feasible_clock(projection, policy.perf, policy.clocks, slo, now_s=now_s,
+    retry = min_feasible_clock(projection, perf, policy.clocks, slo, now_s=now_s,
                                floor_mhz=policy.floor_mhz, must_meet=~lost,
                                strategy=policy.strategy)
     if isinstance(retry, NoFeasibleClock):  # cannot happen for a monotone model
@@ -174,7 +205,7 @@ def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
     for name, tracker in trackers.items():
         state, slo = tracker.snapshot()
         clock, lost = _search(state, RequestSlo.concat([slo, candidate_slo]), policy, now_s,
-                              candidate)
+                              candidate, perf=perf_for(tracker, policy, now_s))
         if clock is None:
             hopeless += lost is not None and bool(lost[-1])
             continue
@@ -204,5 +235,5 @@ def retune(tracker: InstanceTracker, policy: Policy, *, now_s: float) -> int:
     if not tracker.requests:
         return policy.floor_mhz
     state, slo = tracker.snapshot()
-    clock, _ = _search(state, slo, policy, now_s, None)
+    clock, _ = _search(state, slo, policy, now_s, None, perf=perf_for(tracker, policy, now_s))
     return clock if clock is not None else policy.clocks.mhz[-1]

@@ -117,6 +117,9 @@ def is_monotone_in_clock(model: PerfModel, clocks_mhz: tuple[int, ...]) -> bool:
     A probe is evidence, not proof: a model that turns non-monotone only between probe
     points passes. The shipped models are monotone by construction or by their tests.
     """
+    base = getattr(model, "monotone_as", None)
+    if base is not None:  # a wrapper that preserves its base model's monotonicity
+        return is_monotone_in_clock(base, clocks_mhz)
     try:
         per_model = _MONOTONE_CACHE.get(model)
     except TypeError:  # not weak-referenceable
@@ -129,3 +132,69 @@ def is_monotone_in_clock(model: PerfModel, clocks_mhz: tuple[int, ...]) -> bool:
         known = _probe_monotone(model, clocks_mhz)
         per_model[clocks_mhz] = known
     return known
+
+
+# --------------------------------------------------------------------------- future prefills
+
+# Shape at which the marginal cost of one prefill token is read off a model: a mid-sized
+# decode batch with 1k-token contexts, 2k prompt tokens added (a typical mixed pass).
+_PREFILL_PROBE: Final = (32.0, 32.0 * 1024, 2048.0)
+_PREFILL_COST_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], FloatArray]] = (
+    weakref.WeakKeyDictionary())
+# The most of a pass's time that arrivals' prefills may take; beyond it an instance cannot
+# keep up at that clock, and its passes are taken as 10× slower (infeasible).
+MAX_PREFILL_SHARE: Final = 0.9
+
+
+def prefill_s_per_token(model: PerfModel, clocks_mhz: tuple[int, ...]) -> FloatArray:
+    """Seconds one more prefill token adds to a pass, at each of `clocks_mhz` (ascending),
+    made non-increasing in the clock; cached per model and clock list."""
+    try:
+        per_model = _PREFILL_COST_CACHE.setdefault(model, {})
+    except TypeError:
+        per_model = {}
+    cached = per_model.get(clocks_mhz)
+    if cached is not None:
+        return cached
+    batch, kv, prefill = _PREFILL_PROBE
+    clocks = np.asarray(clocks_mhz, dtype=np.float64)
+    with_pf = np.asarray(model.iteration_time_s(np.array(batch), np.array(kv),
+                                                np.array(prefill), clocks), dtype=np.float64)
+    without = np.asarray(model.iteration_time_s(np.array(batch), np.array(kv), np.array(0.0),
+                                                clocks), dtype=np.float64)
+    cost = np.maximum((with_pf - without) / prefill, 0.0)
+    cost = np.minimum.accumulate(cost)  # never rises with the clock
+    per_model[clocks_mhz] = cost
+    return cost
+
+
+class ArrivalPrefillPerf:
+    """`base`, with every pass stretched by the prefills of requests that will arrive while
+    it runs: at `prefill_tokens_per_s` of arriving prompt tokens, a fraction
+    ρ·p(f) of the time goes to their prefills (p: `prefill_s_per_token`), so a pass that
+    takes T alone takes T / (1 − ρ·p(f)) on average.
+
+    A projection sees only the requests admitted so far; the engine keeps admitting, and
+    every admitted prompt is prefilled inside the running requests' passes. Ignoring that
+    makes the search choose clocks at which TBT is missed as soon as load is steady. The
+    factor is non-increasing in the clock, so the wrapper is monotone where `base` is
+    (`monotone_as`), and one call costs `base`'s plus one multiply.
+    """
+
+    def __init__(self, base: PerfModel, prefill_tokens_per_s: float,
+                 clocks_mhz: tuple[int, ...]) -> None:
+        self.base = base
+        self.monotone_as = base
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self._clocks = np.asarray(clocks_mhz, dtype=np.float64)
+        share = prefill_tokens_per_s * prefill_s_per_token(base, clocks_mhz)
+        self._factor = np.where(share < MAX_PREFILL_SHARE, 1.0 / (1.0 - share), 10.0)
+
+    def stretch(self, clock_mhz: AnyArray) -> AnyArray:
+        """The factor at `clock_mhz` (supported clocks; others are interpolated)."""
+        return np.interp(clock_mhz, self._clocks, self._factor)
+
+    def iteration_time_s(self, batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+                         clock_mhz: AnyArray) -> AnyArray:
+        base = self.base.iteration_time_s(batch, kv_tokens, prefill_tokens, clock_mhz)
+        return np.asarray(base * self.stretch(np.asarray(clock_mhz, dtype=np.float64)))

@@ -21,6 +21,7 @@ How a run is set up, as the paper sets up its evaluation:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,7 @@ class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     slo_target: float = 0.99
     warmup_s: float = 60.0  # a new instance's warm-up (model load), drawing idle power
     cooldown_s: float = 30.0
+    future_prefills: bool = True  # False: the controller ignores arrivals to come (ablation)
 
 
 class PolicyRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -258,6 +260,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     if needs_controller:
         perf = load_perf_model(opts.setup, opts.perf_model)
         policy, shape = setup_policy(opts.setup, perf)
+        if not opts.future_prefills:
+            policy = dataclasses.replace(policy, arrival_window_s=None)
     scaling = None if capacity is None else ScalingPolicy(
         capacity_per_instance=capacity, min_instances=1, max_instances=opts.instances,
         warmup_s=opts.warmup_s, cooldown_s=opts.cooldown_s)
@@ -391,6 +395,8 @@ def add_evaluate_parser(sub: Any) -> None:
     p.add_argument("--slo-target", type=float, default=0.99,
                    help="attainment that sizes capacity and the static clock")
     p.add_argument("--warmup-s", type=float, default=60.0, help="a new instance's warm-up")
+    p.add_argument("--no-future-prefills", action="store_true",
+                   help="ablation: the controller ignores the prefills of requests to come")
     p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix and length noise")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--plots", type=Path, default=Path("runs/evaluate"),
@@ -411,7 +417,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         length_error=args.length_error,
         length_errors=[e.strip() for e in args.length_errors.split(",") if e.strip()],
         setup=args.setup, perf_model=args.perf_model, seed=args.seed,
-        retune_s=args.retune_s, slo_target=args.slo_target, warmup_s=args.warmup_s)
+        retune_s=args.retune_s, slo_target=args.slo_target, warmup_s=args.warmup_s,
+        future_prefills=not args.no_future_prefills)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
