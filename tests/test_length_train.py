@@ -179,6 +179,51 @@ def test_score_cli_last_line(trained: TrainReport, capsys: pytest.CaptureFixture
     assert baseline > float(last.split()[0].removeprefix("MAE="))
 
 
+def test_score_cli_says_whether_the_scored_rows_include_training_prompts(
+    trained: TrainReport, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = _files()[0]  # a file the model was trained on
+    heldout = [
+        is_heldout_prompt(e.prompt, seed=0, test_fraction=0.2) for e in load_examples([file])
+    ]
+    n_heldout, n_train_side = sum(heldout), len(heldout) - sum(heldout)
+    out_json = tmp_path / "all.json"
+    base = ["length", "score", "--model", str(trained.out_dir), "--data", str(file)]
+    args = _root().parse_args([*base, "--json", str(out_json)])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1] == (
+        f"scored rows: all {len(heldout)}, INCLUDING {n_train_side} with prompts on the "
+        f"training side of the model's split ({file.name}: data it was trained on), "
+        f"{n_heldout} held out; --heldout-only scores the {n_heldout} held-out rows only"
+    )
+    assert LAST_LINE.match(lines[-1]), lines[-1]
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rows == {
+        "scored": len(heldout),
+        "training_split_prompts": n_train_side,
+        "heldout_prompts": n_heldout,
+        "heldout_only": False,
+        "files_in_training_data": [file.name],
+    }
+
+    args = _root().parse_args([*base, "--heldout-only"])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].endswith(f", {n_heldout} examples")
+    assert lines[1] == f"scored rows: {n_heldout}, held-out prompts only (none of them trained on)"
+    assert LAST_LINE.match(lines[-1]), lines[-1]
+
+    # A file the model never saw: its training-side prompts are only *maybe* trained on.
+    other = tmp_path / "other.json"
+    other.write_text(file.read_text())
+    args = _root().parse_args([*base[:-1], str(other)])
+    assert args.func(args) == 0
+    assert "(trained on if they are also in its training data)" in (
+        capsys.readouterr().out.splitlines()[1]
+    )
+
+
 def test_score_cli_reports_missing_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -75,7 +75,9 @@ def add_length_parser(root_subparsers: Any) -> argparse.ArgumentParser:
         help="score a length model on an AlpacaEval-style file",
         description="Prints MAE, within-±25%% accuracy and upper-quantile coverage; the last "
         "line is 'MAE=… within25=…%% baseline_MAE=…' (baseline: the training-corpus mean "
-        "length stored in the model).",
+        "length stored in the model). By default every row is scored, including rows whose "
+        "prompts are on the training side of the model's split (the output says how many); "
+        "--heldout-only scores only the held-out prompts, the honest test on AlpacaEval files.",
     )
     s.add_argument(
         "--model",
@@ -94,7 +96,8 @@ def add_length_parser(root_subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--heldout-only",
         action="store_true",
-        help="score only the prompts the model's training split held out",
+        help="score only the prompts the model's training split held out (default: all "
+        "rows, training prompts included)",
     )
     s.add_argument(
         "--generator",
@@ -143,22 +146,38 @@ def _score(args: argparse.Namespace) -> int:
         is_heldout_prompt,
         length_metrics,
         load_examples,
+        resolve_data_paths,
     )
     from throttllem._length.runtime import LengthModel  # noqa: PLC0415
 
     try:
         model = LengthModel.load(args.model)
         examples = load_examples(args.data)
+        files = resolve_data_paths(args.data)
+        split = json.loads(model.metadata.get("split", "{}"))
+        has_split = "test_fraction" in split
+        seed, frac = int(split.get("seed", 0)), float(split.get("test_fraction", 0.0))
+        heldout = [is_heldout_prompt(e.prompt, seed=seed, test_fraction=frac) for e in examples]
         if args.heldout_only:
-            split = json.loads(model.metadata.get("split", "{}"))
-            seed, frac = int(split.get("seed", 0)), float(split.get("test_fraction", 0.0))
-            examples = [
-                e for e in examples if is_heldout_prompt(e.prompt, seed=seed, test_fraction=frac)
-            ]
+            examples = [e for e, h in zip(examples, heldout, strict=True) if h]
             if not examples:
                 raise ConfigError("no held-out prompts in the data")
+            heldout = [True] * len(examples)
     except (ConfigError, ModelError) as exc:
         return _fail(exc)
+    n_heldout = sum(heldout)
+    n_train_side = len(examples) - n_heldout
+    trained_on = set(json.loads(model.metadata.get("trained_on", "[]")))
+    holdout = split.get("holdout_generator")  # its file was given to training, not trained on
+    in_training_data = sorted(f.name for f in files if f.name in trained_on and f.stem != holdout)
+    rows = _rows_line(
+        n=len(examples),
+        n_train_side=n_train_side,
+        n_heldout=n_heldout,
+        heldout_only=args.heldout_only,
+        has_split=has_split,
+        in_training_data=in_training_data,
+    )
     gens = [e.generator for e in examples] if args.generator is None else args.generator
     median, upper = model.predict(
         [e.prompt for e in examples],
@@ -176,6 +195,13 @@ def _score(args: argparse.Namespace) -> int:
                 as_jsonable(
                     {
                         "model_version": model.model_version,
+                        "rows": {
+                            "scored": len(examples),
+                            "training_split_prompts": n_train_side if has_split else None,
+                            "heldout_prompts": n_heldout if has_split else None,
+                            "heldout_only": bool(args.heldout_only),
+                            "files_in_training_data": in_training_data,
+                        },
                         "model": m,
                         "baseline_corpus_mean": base,
                     }
@@ -185,10 +211,8 @@ def _score(args: argparse.Namespace) -> int:
             + "\n",
             encoding="utf-8",
         )
-    print(
-        f"model {model.model_version} ({model.token_rule} tokens), {int(m['n'])} examples"
-        + (" (held-out prompts)" if args.heldout_only else "")
-    )
+    print(f"model {model.model_version} ({model.token_rule} tokens), {int(m['n'])} examples")
+    print(rows)
     print(
         f"MAPE={100 * m['mape']:.1f}% coverage_upper={100 * m['coverage_upper']:.1f}% "
         f"(nominal {100 * model.quantiles[-1]:.0f}%) "
@@ -196,6 +220,41 @@ def _score(args: argparse.Namespace) -> int:
     )
     print(f"MAE={m['mae']:.1f} within25={100 * m['within25']:.1f}% baseline_MAE={base['mae']:.1f}")
     return EXIT_OK
+
+
+def _rows_line(
+    *,
+    n: int,
+    n_train_side: int,
+    n_heldout: int,
+    heldout_only: bool,
+    has_split: bool,
+    in_training_data: Sequence[str],
+) -> str:
+    """Which rows were scored, and whether the model was trained on their prompts."""
+    if heldout_only:
+        return f"scored rows: {n}, held-out prompts only (none of them trained on)"
+    if not has_split:
+        return (
+            f"scored rows: all {n}; the model records no train/test split, so whether it was "
+            "trained on these prompts is unknown"
+        )
+    if n_train_side == 0:
+        return f"scored rows: all {n}, every prompt held out from training"
+    if in_training_data:
+        names = (
+            ", ".join(in_training_data)
+            if len(in_training_data) <= 2
+            else f"{len(in_training_data)} of these files"
+        )
+        source = f"{names}: data it was trained on"
+    else:
+        source = "trained on if they are also in its training data"
+    trained = f"{n_train_side} with prompts on the training side of the model's split ({source})"
+    return (
+        f"scored rows: all {n}, INCLUDING {trained}, {n_heldout} held out; "
+        f"--heldout-only scores the {n_heldout} held-out rows only"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

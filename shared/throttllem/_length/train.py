@@ -779,6 +779,12 @@ Score any AlpacaEval-style file (last line `MAE=… within25=…% baseline_MAE=�
 throttllem length score --model models/length \\
     --data ../shared/data/alpaca-eval-outputs/<file>.json [--heldout-only]
 ```
+
+By default every row of the file is scored, *including the prompts the model was trained on*
+(on an AlpacaEval file, the {train_pct:.0f}% of the rows on the training side of the split), so
+those figures are optimistic. The second line of the output says which rows were scored and how
+many have prompts on the training side of the split; `--heldout-only` scores only the held-out
+prompts, which gives figures comparable to the tables above.
 """
 
 
@@ -814,6 +820,7 @@ def _model_card(metrics: dict[str, Any], files: Sequence[Path], cfg: TrainConfig
         cpus=os.cpu_count(),
         files=", ".join(f"`{f.name}`" for f in files),
         test_pct=100 * cfg.test_fraction,
+        train_pct=100 * (1 - cfg.test_fraction),
         seed=cfg.seed,
         n_train=metrics["rows"]["train"],
         p_train=metrics["prompts"]["train"],
