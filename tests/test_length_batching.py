@@ -140,3 +140,23 @@ async def test_submitting_to_a_batcher_that_is_not_running_fails_at_once() -> No
         tg.cancel_scope.cancel()
     with pytest.raises(BatcherStoppedError):
         batcher.submit_nowait(1, lambda result: anyio.lowlevel.checkpoint())
+
+
+async def test_items_still_queued_when_the_worker_stops_get_an_error() -> None:
+    batcher = MicroBatcher(Doubler(), max_size=1, in_thread=False)
+    done: dict[int, int | Exception] = {}
+
+    async with anyio.create_task_group() as tg:
+        async def on_done_first(result: int | Exception) -> None:
+            done[1] = result
+            tg.cancel_scope.cancel()  # the service stops while item 2 waits for its batch
+
+        async def on_done_second(result: int | Exception) -> None:
+            done[2] = result
+
+        await tg.start(batcher.run)
+        batcher.submit_nowait(1, on_done_first)
+        batcher.submit_nowait(2, on_done_second)
+        await anyio.sleep_forever()
+    assert done[1] == 2
+    assert isinstance(done[2], BatcherStoppedError)

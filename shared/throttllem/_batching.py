@@ -166,10 +166,10 @@ class MicroBatcher(Generic[In, Out]):
                 # Let the replies go out (and new requests come in) before the next batch.
                 await anyio.lowlevel.checkpoint()
         finally:
+            # Whatever is still queued gets an answer (e.g. an rpc.error reply at once rather
+            # than a caller's timeout).
             self._running = False
             stopped = BatcherStoppedError("the micro-batcher stopped")
-            while self._queue:
-                slot = self._queue.popleft()
-                if slot.done is not None:
-                    slot.error = stopped
-                    slot.done.set()
+            with anyio.CancelScope(shield=True):
+                while self._queue:
+                    await self._deliver(self._queue.popleft(), stopped)
