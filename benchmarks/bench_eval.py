@@ -1,11 +1,13 @@
 """Speed of `throttllem evaluate`: simulated trace-seconds per wall-second, per policy.
 
-Each policy runs alone on the same window (default: 10 minutes of the Azure conversation
-trace, two H100 Llama-3-8B instances), timed wall-clock around `evaluate` (trace loading,
-oracle predictions and the performance model load included). "sim s" is the simulated span
-(first arrival to the last completion); "iters" the engine passes; "ticks" controller ticks.
+Each policy runs alone on the same window (default: the whole hour of the Azure conversation
+trace, time-scaled to the peak of four H100 Llama-3-8B instances as `throttllem evaluate`
+does), timed wall-clock around `evaluate` (trace loading, oracle predictions, the static
+clock search and the performance model load included; one instance's capacity is measured
+once, before the timed runs). "sim s" is the simulated span; "iters" the engine passes;
+"ticks" controller ticks; "s per trace-hour" scales the wall time to a 60-minute window.
 
-    python benchmarks/bench_eval.py [--minutes 10] [--perf-model twin] [--json runs/bench_eval.json]
+    python benchmarks/bench_eval.py [--minutes 60] [--perf-model twin] [--json runs/bench_eval.json]
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import msgspec  # noqa: E402
+
 from throttllem._eval import POLICIES, EvalOptions, evaluate  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default="conv")
-    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--minutes", type=float, default=60.0)
     ap.add_argument("--start-minute", type=float, default=0.0)
-    ap.add_argument("--instances", type=int, default=2)
+    ap.add_argument("--instances", type=int, default=4)
     ap.add_argument("--peak-rps", type=float, default=None)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--perf-model", default=None,
@@ -38,31 +42,34 @@ def main() -> None:
     args = ap.parse_args()
 
     rows = []
+    base = EvalOptions(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
+                       instances=args.instances, peak_rps=args.peak_rps,
+                       perf_model=args.perf_model, policies=["default"])
+    capacity = evaluate(base).capacity_rps
     for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
-        opts = EvalOptions(trace=args.trace, minutes=args.minutes,
-                           start_minute=args.start_minute, instances=args.instances,
-                           peak_rps=args.peak_rps, policies=[name], perf_model=args.perf_model)
+        opts = msgspec.structs.replace(base, policies=[name], capacity_rps=capacity)
         t0 = time.perf_counter()
-        run = evaluate(opts)[name]
+        run = evaluate(opts).runs[name]
         wall_s = time.perf_counter() - t0
         r = run.report
         rows.append({"policy": name, "wall_s": wall_s, "sim_s": r.duration_s,
                      "sim_s_per_wall_s": r.duration_s / wall_s,
+                     "wall_s_per_trace_hour": wall_s * 60.0 / args.minutes,
                      "requests": r.requests_submitted, "iterations": run.iterations,
                      "ticks": run.ticks, "energy_j": r.energy_j,
                      "slo_attainment": r.slo_attainment})
 
     head = f"{'policy':<12}{'requests':>9}{'iters':>9}{'ticks':>8}{'sim s':>9}{'wall s':>9}" \
-           f"{'sim s/wall s':>14}"
+           f"{'s per trace-hour':>18}"
     print(head)
     print("-" * len(head))
     for row in rows:
         print(f"{row['policy']:<12}{row['requests']:>9}{row['iterations']:>9}{row['ticks']:>8}"
-              f"{row['sim_s']:>9.0f}{row['wall_s']:>9.1f}{row['sim_s_per_wall_s']:>14.1f}")
+              f"{row['sim_s']:>9.0f}{row['wall_s']:>9.1f}{row['wall_s_per_trace_hour']:>18.1f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "benchmark": "bench_eval", "trace": args.trace, "minutes": args.minutes,
-        "instances": args.instances, "peak_rps": args.peak_rps,
+        "instances": args.instances, "peak_rps": args.peak_rps, "capacity_rps": capacity,
         "perf_model": args.perf_model or "shipped", "python": platform.python_version(),
         "machine": platform.machine(), "rows": rows}, indent=2))
     print(f"(wrote {args.json})")

@@ -302,3 +302,26 @@ def test_bad_options_are_refused() -> None:
         evaluate(EvalOptions(minutes=1.0, slo_target=1.5))
     with pytest.raises(ConfigError, match="capacity"):
         evaluate(EvalOptions(minutes=1.0, capacity_rps=-1.0))
+
+
+def test_power_overrides_change_the_twin_and_are_checked() -> None:
+    from throttllem._eval.cli import efficient_clock_mhz, parse_power, with_power  # noqa: PLC0415
+
+    profile = load_profile(SETUP)
+    assert parse_power("static_w=120, voltage_min_ratio=0.6") == {"static_w": 120.0,
+                                                                   "voltage_min_ratio": 0.6}
+    lean = with_power(profile, {"static_w": 60.0})
+    assert lean.power.static_w == 60.0
+    assert lean.power.clock_w == profile.power.clock_w
+    assert with_power(profile, {}) is profile
+    assert efficient_clock_mhz(profile) == 1005  # the shipped profile's floor
+    assert efficient_clock_mhz(with_power(profile, {"static_w": 20.0})) < 1005
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        with_power(profile, {"static_watts": 1.0})
+    with pytest.raises(ConfigError, match="name=value"):
+        parse_power("static_w")
+    base = evaluate(EvalOptions(minutes=0.5, instances=1, time_scale=False,
+                                policies=["default"]))
+    hot = evaluate(EvalOptions(minutes=0.5, instances=1, time_scale=False,
+                               policies=["default"], power={"static_w": 300.0}))
+    assert hot.runs["default"].report.energy_j > base.runs["default"].report.energy_j

@@ -67,6 +67,8 @@ class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     warmup_s: float = 60.0  # a new instance's warm-up (model load), drawing idle power
     cooldown_s: float = 30.0
     future_prefills: bool = True  # False: the controller ignores arrivals to come (ablation)
+    # Sensitivity: the twin's power-model parameters replaced (profile [power] names).
+    power: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class PolicyRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +110,44 @@ def parse_length_error(value: str) -> float | str:
     if not 0.0 <= error < 1.0:
         raise ConfigError(f"--length-error must be in [0, 1), got {error}")
     return error
+
+
+def with_power(profile: SetupProfile, overrides: dict[str, float]) -> SetupProfile:
+    """The profile with some `[power]` parameters replaced (for sensitivity studies)."""
+    if not overrides:
+        return profile
+    known = {f.name for f in dataclasses.fields(profile.power)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"--power: unknown parameter(s) {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(profile, power=dataclasses.replace(profile.power, **overrides))
+
+
+def efficient_clock_mhz(profile: SetupProfile) -> int:
+    """The most energy-efficient clock of a typical decode pass (batch 32, 1k-token
+    contexts) under the profile's power model, as `setup_policy` computes its floor."""
+    import numpy as np  # noqa: PLC0415
+
+    from throttllem._twin.clockmodel import estimate  # noqa: PLC0415
+
+    clocks = np.asarray(profile.gpu.supported_clocks_mhz, dtype=np.float64)
+    energy = estimate(profile, batch=32, kv_tokens=32 * 1024, prefill_tokens=0,
+                      requested_clock_mhz=clocks).energy_mj
+    return int(clocks[int(np.argmin(energy))])
+
+
+def parse_power(text: str) -> dict[str, float]:
+    """`static_w=120,voltage_min_ratio=0.6` → {name: value}."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError as exc:
+            raise ConfigError(f"--power takes name=value pairs, not {part!r}") from exc
+        if not sep:
+            raise ConfigError(f"--power takes name=value pairs, not {part!r}")
+    return out
 
 
 def _retimed(requests: Sequence[RequestArrived], factor: float) -> list[RequestArrived]:
@@ -225,7 +265,7 @@ def evaluate(opts: EvalOptions) -> Evaluation:
         raise ConfigError(f"--policies takes some of {', '.join(POLICIES)}, not {unknown}")
     for spec in (opts.length_error, *opts.length_errors):
         parse_length_error(spec)
-    profile = load_profile(opts.setup)
+    profile = with_power(load_profile(opts.setup), opts.power)
 
     def window(peak_rps: float | None) -> list[RequestArrived]:
         return list(trace_requests(DemoOptions(
@@ -262,6 +302,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
         policy, shape = setup_policy(opts.setup, perf)
         if not opts.future_prefills:
             policy = dataclasses.replace(policy, arrival_window_s=None)
+        if opts.power:  # the floor is the most efficient clock under the power model used
+            policy = dataclasses.replace(policy, floor_mhz=efficient_clock_mhz(profile))
     scaling = None if capacity is None else ScalingPolicy(
         capacity_per_instance=capacity, min_instances=1, max_instances=opts.instances,
         warmup_s=opts.warmup_s, cooldown_s=opts.cooldown_s)
@@ -395,6 +437,9 @@ def add_evaluate_parser(sub: Any) -> None:
     p.add_argument("--slo-target", type=float, default=0.99,
                    help="attainment that sizes capacity and the static clock")
     p.add_argument("--warmup-s", type=float, default=60.0, help="a new instance's warm-up")
+    p.add_argument("--power", default="",
+                   help="sensitivity: replace twin power-model parameters, e.g. "
+                        "static_w=120,voltage_min_ratio=0.6 (names of the profile's [power])")
     p.add_argument("--no-future-prefills", action="store_true",
                    help="ablation: the controller ignores the prefills of requests to come")
     p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix and length noise")
@@ -418,7 +463,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         length_errors=[e.strip() for e in args.length_errors.split(",") if e.strip()],
         setup=args.setup, perf_model=args.perf_model, seed=args.seed,
         retune_s=args.retune_s, slo_target=args.slo_target, warmup_s=args.warmup_s,
-        future_prefills=not args.no_future_prefills)
+        future_prefills=not args.no_future_prefills, power=parse_power(args.power))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -41,6 +41,8 @@ def write_plots(ev: Evaluation, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     note = "simulated (serving twin), not measured"
+    # Policies that behave alike draw the same curve: vary the dash so none hides another.
+    styles = {name: ("-", "--", ":", "-.")[k % 4] for k, name in enumerate(ev.runs)}
 
     def save(fig: object, name: str) -> None:
         path = folder / name
@@ -54,7 +56,8 @@ def write_plots(ev: Evaluation, folder: Path) -> list[Path]:
         t = np.asarray(tl.t_s)
         widths = np.diff(np.concatenate([[0.0], t]))
         power_kw = np.asarray(tl.energy_j) / np.maximum(widths, 1e-9) / 1e3
-        ax.step(t / 60, power_kw, where="post", label=name, linewidth=1)
+        ax.step(t / 60, power_kw, where="post", label=name, linewidth=1,
+                linestyle=styles[name])
     ax.set(xlabel="simulated time (min)", ylabel="mean power, all GPUs (kW)",
            title=f"Energy over time ({note})")
     ax.legend(fontsize=8)
@@ -63,7 +66,8 @@ def write_plots(ev: Evaluation, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, run in ev.runs.items():
         tl = run.timeline
-        ax.plot(np.asarray(tl.t_s) / 60, tl.clock_mhz, label=name, linewidth=1)
+        ax.plot(np.asarray(tl.t_s) / 60, tl.clock_mhz, label=name, linewidth=1,
+                linestyle=styles[name])
     ax.set(xlabel="simulated time (min)", ylabel="SM clock, busy-time weighted (MHz)",
            title=f"SM clock over time ({note})")
     ax.legend(fontsize=8)
@@ -77,7 +81,7 @@ def write_plots(ev: Evaluation, folder: Path) -> list[Path]:
             if values.size == 0 or not math.isfinite(values[-1]):
                 continue
             ax.plot(values, np.arange(1, values.size + 1) / values.size, label=name,
-                    linewidth=1)
+                    linewidth=1, linestyle=styles[name])
         ax.set(xlabel=label, ylabel="fraction of requests", title=f"CDF of {label} ({note})")
         if key == "e2e_ms":
             ax.set_xscale("log")
