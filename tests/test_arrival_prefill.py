@@ -71,8 +71,9 @@ def test_steady_arrivals_never_lower_the_clock(rate_per_s: float) -> None:
                    arrival_window_s=None)
     tracker = _tracker(int(10 * rate_per_s), every_s=1.0 / rate_per_s, prompt=2000,
                        until_s=50.0)
-    for t in tracker.requests.values():  # all running, halfway through
-        t.generated, t.first_token_s, t.last_token_s = 100, 49.0, 50.0
+    ids = tracker.requests
+    for k in range(100):  # all running, 100 tokens each by now
+        tracker.iteration(ids, 49.0 + k / 100)
     aware, unaware = retune(tracker, policy, now_s=50.0), retune(tracker, blind, now_s=50.0)
     assert aware >= unaware
     assert isinstance(perf_for(tracker, policy, 50.0), ArrivalPrefillPerf)

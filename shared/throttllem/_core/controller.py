@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -61,51 +62,110 @@ class EngineShape:
     kv_watermark_blocks: int = 0
 
 
-@dataclass(slots=True)
-class _Tracked:
-    prompt_tokens: int
-    predicted_tokens: float
-    upper_tokens: float
-    arrival_s: float
-    ttft_bound_ms: float
-    tbt_bound_ms: float
-    generated: int = 0
-    first_token_s: float = math.nan
-    last_token_s: float = math.nan
+# Per-request columns of `InstanceTracker`, (name, dtype, empty value).
+_COLUMNS: tuple[tuple[str, type, float], ...] = (
+    ("prompt_tokens", np.int64, 0), ("predicted_tokens", np.float64, 0.0),
+    ("upper_tokens", np.float64, 0.0), ("arrival_s", np.float64, 0.0),
+    ("ttft_bound_ms", np.float64, 0.0), ("tbt_bound_ms", np.float64, 0.0),
+    ("generated", np.int64, 0), ("first_token_s", np.float64, math.nan),
+    ("last_token_s", np.float64, math.nan))
 
 
-@dataclass(slots=True)
 class InstanceTracker:
-    name: str
-    shape: EngineShape
-    requests: dict[str, _Tracked] = field(default_factory=dict)  # admission (FCFS) order
-    # (arrival_s, prompt tokens) of recent admissions, for the rate of future prefills.
-    recent: deque[tuple[float, int]] = field(default_factory=deque)
+    """The requests admitted to one instance and not completed, as columns (one row per
+    request, rows in admission order), so that a decision's snapshot is a few array takes
+    rather than a walk over Python objects. Completed rows are marked dead and compacted
+    away once they outnumber the live ones."""
+
+    def __init__(self, name: str, shape: EngineShape, *, capacity: int = 64) -> None:
+        self.name = name
+        self.shape = shape
+        # (arrival_s, prompt tokens) of recent admissions, for the rate of future prefills.
+        self.recent: deque[tuple[float, int]] = deque()
+        self._row: dict[str, int] = {}  # request id -> row
+        self._n = 0  # rows in use, live or dead
+        self._alive = np.zeros(capacity, dtype=np.bool_)
+        self._cols: dict[str, npt.NDArray[Any]] = {
+            col: np.full(capacity, empty, dtype=dtype) for col, dtype, empty in _COLUMNS}
+
+    @property
+    def requests(self) -> list[str]:
+        """Ids of the tracked requests, in admission order."""
+        return sorted(self._row, key=self._row.__getitem__)
+
+    def column(self, name: str) -> npt.NDArray[Any]:
+        """One column over the live requests, in admission order (a copy)."""
+        return self._cols[name][: self._n][self._alive[: self._n]]
+
+    def _grow(self) -> None:
+        cap = 2 * len(self._alive)
+        self._alive = np.resize(self._alive, cap)
+        self._alive[self._n:] = False
+        for col, _, empty in _COLUMNS:
+            grown = np.resize(self._cols[col], cap)
+            grown[self._n:] = empty
+            self._cols[col] = grown
+
+    def _compact(self) -> None:
+        live = np.flatnonzero(self._alive[: self._n])
+        k = live.size
+        new_row = np.empty(self._n, dtype=np.int64)
+        new_row[live] = np.arange(k)
+        for col, _, empty in _COLUMNS:
+            c = self._cols[col]
+            c[:k] = c[live]
+            c[k: self._n] = empty
+        self._alive[:k] = True
+        self._alive[k: self._n] = False
+        self._row = {rid: int(new_row[r]) for rid, r in self._row.items()}
+        self._n = k
 
     def admitted(self, request_id: str, *, prompt_tokens: int, predicted_tokens: float,
                  upper_tokens: float, arrival_s: float, slo: SloClass) -> None:
         self.recent.append((arrival_s, prompt_tokens))
-        self.requests[request_id] = _Tracked(
-            prompt_tokens=prompt_tokens, predicted_tokens=predicted_tokens,
-            upper_tokens=max(upper_tokens, predicted_tokens), arrival_s=arrival_s,
-            ttft_bound_ms=slo.ttft_bound_ms(prompt_tokens), tbt_bound_ms=slo.tbt_ms)
+        self.completed(request_id)  # admitted again: the latest admission counts
+        if self._n == len(self._alive):
+            self._grow()
+        r = self._n
+        self._n += 1
+        self._row[request_id] = r
+        self._alive[r] = True
+        c = self._cols
+        c["prompt_tokens"][r] = prompt_tokens
+        c["predicted_tokens"][r] = predicted_tokens
+        c["upper_tokens"][r] = max(upper_tokens, predicted_tokens)
+        c["arrival_s"][r] = arrival_s
+        c["ttft_bound_ms"][r] = slo.ttft_bound_ms(prompt_tokens)
+        c["tbt_bound_ms"][r] = slo.tbt_ms
+        c["generated"][r] = 0
+        c["first_token_s"][r] = math.nan
+        c["last_token_s"][r] = math.nan
 
     def iteration(self, request_ids: list[str], end_s: float) -> None:
-        """Every request in a pass emits one token at its end."""
-        for request_id in request_ids:
-            tracked = self.requests.get(request_id)
-            if tracked is None:  # admitted by someone else, or already completed
-                continue
-            tracked.generated += 1
-            if math.isnan(tracked.first_token_s):
-                tracked.first_token_s = end_s
-            tracked.last_token_s = end_s
+        """Every request in a pass emits one token at its end (ids not tracked here, admitted
+        by someone else or completed already, are ignored)."""
+        get = self._row.get
+        rows = [r for r in map(get, request_ids) if r is not None]
+        if not rows:
+            return
+        idx = np.asarray(rows, dtype=np.int64)
+        c = self._cols
+        c["generated"][idx] += 1
+        first = c["first_token_s"]
+        first[idx] = np.where(np.isnan(first[idx]), end_s, first[idx])
+        c["last_token_s"][idx] = end_s
 
     def completed(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
+        r = self._row.pop(request_id, None)
+        if r is None:
+            return
+        self._alive[r] = False
+        dead = self._n - len(self._row)
+        if dead > 32 and dead > len(self._row):
+            self._compact()
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return len(self._row)
 
     def prefill_rate(self, now_s: float, window_s: float) -> float:
         """Prompt tokens per second admitted here with arrivals in (now − window, now]."""
@@ -116,28 +176,23 @@ class InstanceTracker:
 
     def snapshot(self) -> tuple[InstanceState, RequestSlo]:
         """Running (has a token) then queued, in admission order, with their SLO arrays."""
-        running = [t for t in self.requests.values() if t.generated > 0]
-        queued = [t for t in self.requests.values() if t.generated == 0]
-        ordered = running + queued
-
-        def ints(rows: list[_Tracked], attr: str) -> npt.NDArray[np.int64]:
-            return np.fromiter((getattr(t, attr) for t in rows), np.int64, len(rows))
-
-        def floats(rows: list[_Tracked], attr: str) -> npt.NDArray[np.float64]:
-            return np.fromiter((getattr(t, attr) for t in rows), np.float64, len(rows))
-
+        n = self._n
+        c = self._cols
+        live = np.flatnonzero(self._alive[:n])
+        started = c["generated"][live] > 0
+        running, queued = live[started], live[~started]
+        ordered = np.concatenate([running, queued])
         s = self.shape
+        prompt, predicted, upper = c["prompt_tokens"], c["predicted_tokens"], c["upper_tokens"]
         state = InstanceState(
-            ints(running, "prompt_tokens"), ints(running, "generated"),
-            floats(running, "predicted_tokens"), floats(running, "upper_tokens"),
-            ints(queued, "prompt_tokens"), floats(queued, "predicted_tokens"),
-            floats(queued, "upper_tokens"),
+            prompt[running], c["generated"][running], predicted[running], upper[running],
+            prompt[queued], predicted[queued], upper[queued],
             kv_block_tokens=s.kv_block_tokens, kv_blocks_total=s.kv_blocks_total,
             max_batch=s.max_batch, max_batched_tokens=s.max_batched_tokens,
             kv_watermark_blocks=s.kv_watermark_blocks)
-        slo = RequestSlo(floats(ordered, "arrival_s"), floats(ordered, "first_token_s"),
-                         floats(ordered, "last_token_s"), floats(ordered, "ttft_bound_ms"),
-                         floats(ordered, "tbt_bound_ms"))
+        slo = RequestSlo(c["arrival_s"][ordered], c["first_token_s"][ordered],
+                         c["last_token_s"][ordered], c["ttft_bound_ms"][ordered],
+                         c["tbt_bound_ms"][ordered])
         return state, slo
 
 
