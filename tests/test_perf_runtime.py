@@ -117,19 +117,102 @@ def test_grid_agrees_with_onnx(rt: PerfRuntime, tmp_path: Path) -> None:
     assert node == pytest.approx(rt.predict_onnx(64.0, g.decode_kv[3], 0.0, 1980.0), rel=1e-6)
 
 
-def test_points_outside_the_grid_fall_back_to_onnx(rt: PerfRuntime) -> None:
+class _NoOnnx:
+    """Stands in for the ONNX Runtime session: any run is a test failure."""
+
+    def run(self, *_: object) -> None:
+        raise AssertionError("ONNX Runtime was called on the grid's path")
+
+
+def test_points_outside_the_grid_extrapolate_without_onnx(rt: PerfRuntime,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    g = rt.grid
+    assert g is not None
+    assert g.extrapolates
+    bm, km, pm = g.edge
+    rng = np.random.default_rng(5)
+    n = 2000
+    b = rng.integers(0, int(bm * 4), n).astype(np.float64)
+    kv = rng.uniform(0, km * 4, n).round()
+    p = np.where(rng.uniform(size=n) < 0.4, rng.uniform(0, pm * 2, n).round(), 0.0)
+    b[:4], kv[:4], p[:4] = [4096.0, 10.0, 300.0, 64.5], [2e6, 1e3, 5e5, 9e5], [0, 0, 9000, 100]
+    out = (b > bm) | (kv > km) | (p > pm)
+    assert out.mean() > 0.8
+    clocks = rt.clocks_mhz[None, :]
+    ref = np.maximum.accumulate(rt.predict_onnx(b[:, None], kv[:, None], p[:, None],
+                                                clocks)[:, ::-1], axis=1)[:, ::-1]
+    monkeypatch.setattr(rt, "_session", _NoOnnx())
+    t = np.asarray(rt.iteration_time_s(b[:, None], kv[:, None], p[:, None], clocks))
+    # the controller's layout (clocks down, passes along) and a few clocks: the same values
+    cols = [0, 44, 45, 109]
+    tc = np.asarray(rt.iteration_time_s(b[None, :], kv[None, :], p[None, :],
+                                        rt.clocks_mhz[cols, None]))
+    assert np.array_equal(tc.T, t[:, cols])
+    assert np.all(np.diff(t, axis=1) <= 0)  # monotone in the clock, outside too
+    # What the ONNX model (made monotone) answers there, computed from the grid's edge and
+    # the model's baseline: single points differ by the grid's own interpolation error at
+    # the edge, nothing is biased
+    rel = t[out] / ref[out] - 1.0
+    assert abs(rel.mean()) < 0.005
+    assert np.percentile(np.abs(rel), 99) < 0.08
+    # On a node of the edge (whole batch, KV node, no prefill) nothing is interpolated: it is
+    # the ONNX model made monotone, to float32 precision
+    node_b = np.array([300.0, 1000.0, 77.0, 4000.0])
+    node_kv = np.array([g.decode_kv[5], g.decode_kv[-1] * 3, km * 2, 0.0])
+    monkeypatch.undo()
+    onnx = np.maximum.accumulate(rt.predict_onnx(node_b[:, None], node_kv[:, None], 0.0,
+                                                 clocks)[:, ::-1], axis=1)[:, ::-1]
+    monkeypatch.setattr(rt, "_session", _NoOnnx())
+    tn = np.asarray(rt.iteration_time_s(node_b[:, None], node_kv[:, None], 0.0, clocks))
+    np.testing.assert_allclose(tn, onnx, rtol=2e-6)
+    # negative counts are 0, as in the ONNX graph
+    assert np.asarray(rt.iteration_time_s(-5.0, -1.0, -3.0, 1980.0)) == np.asarray(
+        rt.iteration_time_s(0.0, 0.0, 0.0, 1980.0))
+    monkeypatch.undo()
+    # clocks off the supported list interpolate, and beyond it go to ONNX
+    off = np.asarray(rt.iteration_time_s(10.0, 1e3, 0.0, np.array([1000.0, 2500.0, 200.0])))
+    assert off[1] < off[0] < off[2]
+    assert off[1] == pytest.approx(rt.predict_onnx(10.0, 1e3, 0.0, 2500.0), rel=1e-12)
+
+
+def test_without_the_baseline_points_outside_go_to_onnx(tmp_path: Path) -> None:
+    """A bare model file (no metrics.json beside it, so no baseline coefficients): the grid
+    answers inside, ONNX (made monotone) outside."""
+    beside = PerfRuntime.load(MODEL / "model.onnx")  # metrics.json beside it: extrapolates
+    assert beside.grid is not None
+    assert beside.grid.extrapolates
+    alone = tmp_path / "alone.onnx"
+    shutil.copy(MODEL / "model.onnx", alone)
+    rt = PerfRuntime.load(alone)
+    assert rt.baseline is None
+    assert rt.grid is not None
+    assert not rt.grid.extrapolates
     b = np.array([[4096.0], [10.0]])
     kv = np.array([[2e6], [1e3]])
     p = np.zeros((2, 1))
     clocks = rt.clocks_mhz[None, :]
     t = np.asarray(rt.iteration_time_s(b, kv, p, clocks))
     onnx = rt.predict_onnx(b, kv, p, clocks)
-    # the out-of-grid row is ONNX made monotone (running max from the top clock down)
     np.testing.assert_allclose(t[0], np.maximum.accumulate(onnx[0, ::-1])[::-1], rtol=1e-12)
-    # clocks off the supported list interpolate, and beyond it go to ONNX
-    off = np.asarray(rt.iteration_time_s(10.0, 1e3, 0.0, np.array([1000.0, 2500.0, 200.0])))
-    assert off[1] < off[0] < off[2]
-    assert off[1] == pytest.approx(rt.predict_onnx(10.0, 1e3, 0.0, 2500.0), rel=1e-12)
+    np.testing.assert_allclose(t[1], np.asarray(beside.iteration_time_s(b, kv, p, clocks))[1],
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["h100-llama3-8b-tp1", "h100-llama2-13b-tp2"])
+def test_grid_covers_what_the_setups_controller_queries(name: str) -> None:
+    """Batch up to the engine's max batch, KV up to its KV capacity, prefill up to a pass's
+    token budget or the longest prompt (the first prefill of a pass may exceed the budget):
+    the controller's projections of that setup stay inside the grid (only a projection that
+    overflows the KV cache leaves it, and then extrapolates)."""
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    rt = PerfRuntime.load(name)
+    assert rt.grid is not None
+    e = load_profile(rt.setup).engine
+    bm, km, pm = rt.grid.edge
+    assert bm >= e.max_batch
+    assert km >= e.kv_blocks * e.block_tokens
+    assert pm >= max(e.max_batched_tokens, load_profile(rt.setup).model.max_model_len)
 
 
 def test_bad_inputs_raise_value_error(rt: PerfRuntime) -> None:

@@ -13,33 +13,65 @@ Two ways to answer
   about a microsecond per point: the forecaster's full-scan query (2,000 future iterations ×
   110 clocks = 220k points) takes ~230 ms on one core.
 * **Grid** (`PerfRuntime.iteration_time_s` once `compile_grid` ran; the default of
-  `PerfRuntime.load`): at load time (~2 s, ~7 MB float32; cached per model in the process)
-  the ONNX model is evaluated once on a dense grid over (batch, KV tokens, prefill tokens,
-  supported clock): every integer batch 0…max × 33 KV points for decode-only iterations, and
-  a coarser (17 batch × 17 KV × 26 prefill) grid for iterations that prefill. A query takes
-  whole clock rows at once: a decode-only iteration costs two row gathers and one convex
-  combination along KV; one that prefills, a trilinear combination of 8 rows. The grid is made
-  monotone (non-increasing) in the clock by a running maximum from the top clock down, which
-  only ever raises a time (conservative for SLOs), and the interpolation keeps it so bit for
-  bit (non-negative weights, same operation order for every clock), so the clock search may
-  bisect (`throttllem._core.perf.is_monotone_in_clock` holds; it does not for raw ONNX, whose
-  trees wiggle by a fraction of a percent). Points outside the grid (batch, KV or prefill above
-  it, clocks off the supported list or beyond it) fall back to ONNX, monotone-fixed the same
-  way when the query is a row of grid clocks.
+  `PerfRuntime.load`): at load time (~2 s; ~18 MB float32, see below; cached per model in the
+  process) the ONNX model is evaluated once on a dense grid over (batch, KV tokens, prefill
+  tokens, supported clock): every integer batch 0…max × 33 KV points for decode-only
+  iterations, and a coarser (17 batch × 17 KV × 26 prefill) grid for iterations that
+  prefill. Its domain is the setup's (`_perf.train` writes it into the model): batch up to
+  the engine's max batch, KV up to its KV capacity, prefill up to the larger of the pass's
+  token budget and the longest prompt (the first prefill of a pass may exceed the budget),
+  each at least the training data's largest value; that is all a projection of that setup
+  asks for, unless it overflows the KV cache. A decode-only iteration costs two gathers and
+  one convex combination along KV; one that prefills, a trilinear combination of 8. The grid
+  is made monotone (non-increasing) in the clock by a running maximum from the top clock
+  down, which only ever raises a time (conservative for SLOs), and the interpolation keeps
+  it so bit for bit (non-negative weights, same operation order for every clock), so the
+  clock search may bisect (`throttllem._core.perf.is_monotone_in_clock` holds; it does not
+  for raw ONNX, whose trees wiggle by a fraction of a percent).
+
+Queries, fast
+-------------
+The controller asks for a few clocks at a time (a secant round: 2), over the same projected
+passes round after round. So: the decode table is also kept clock-major, [C, B, K] (a
+clock's slab is 34 kB: a few-clock query gathers in cache); a query in the controller's
+layout, clocks (C, 1) × passes (1, T), is answered (C, T) contiguous; and what does not
+depend on the clock (cells, weights, the points beyond the edge) is computed once per set
+of passes and reused while the next query asks for exactly the same values (compared in
+full, never by identity: `PerfRuntime._prepared`). A query's cost then grows with the
+clocks it asks for, so a few probed clocks beat one scan of all 110 (the forecaster uses
+the secant search again, `_services.forecaster.setup_policy`).
+
+Beyond the grid's edge
+----------------------
+Points outside the grid (an overflowing projection, an engine larger than the setup, the
+monotonicity probe's batch-1024 shapes) never call ONNX: t(x, f) = K(x_c, f) · base(x, f),
+with x_c = x clamped to the edge coordinate by coordinate, base the model's roofline
+baseline (coefficients from metrics.json: ``baseline_coef``) and K = t/base the trees'
+correction, tabulated beside the grid from the raw ONNX times; then the same running max
+over the clock. That is what the ONNX model answers there, made monotone the same way (what
+this runtime used to ask ONNX for, at ~1 µs a point and clock): the trees see features at or
+below the training data's largest values, the edge is at or beyond those, so past the edge
+the model *is* its baseline times the edge's correction. So the extrapolation is the
+model's own, straight lines in batch, KV and prefill (p² for attention) from the edge, and
+**unvalidated**: no training row was there. Without the baseline (a bare .onnx file with no
+metrics.json beside it) points outside go to ONNX as before.
 
 Measured by ``benchmarks/bench_perf.py`` (one core of our 2-core CI-class machine, H100 8B
 TP1 twin model; 2,000 iterations recorded from the engine twin under a ×8 Azure conv trace):
-forecast-shaped query (2% of iterations prefill) × 110 clocks: grid 0.55 ms p50 / ~0.7–1.3 ms
-p99 (the tail is the shared machine) vs ONNX ~230 ms (~400×); one k-ary round (× 11 clocks):
-grid 0.4 ms vs ONNX 22 ms; the recorded mix itself (38% of iterations admit requests) 1.8 ms.
-Accuracy: on a twin profile no model saw, grid and ONNX score the same (R² 0.9996, MAPE 1.45%
-on iterations/s); grid vs ONNX: 0.2–0.3% mean, ~2–3% p99 relative difference (largest for
-big prefills, where the trees step).
+forecast-shaped query (2% of iterations prefill) × 110 clocks: grid 0.26 ms p50 vs ONNX
+~180 ms; × 11 clocks 0.14 ms vs 17 ms; a secant round (× 2 clocks, controller layout) 0.05 ms
+on the same passes as the call before, 0.15 ms on new ones; the recorded mix itself (40% of
+iterations admit requests) 1.1 ms. Accuracy: on a twin profile no model saw, grid and ONNX
+score the same (R² 0.9996, MAPE 1.45% on iterations/s); grid vs ONNX: 0.28% mean, 3.4% p99
+relative difference (largest for big prefills, where the trees step); beyond the edge (points
+up to 4× past it in batch and KV, 2× in prefill) vs ONNX made monotone: +0.02% mean, −2.1% /
++3.2% at p1 / p99 (the grid's own interpolation error at the edge), no ONNX call. Memory:
+the time tables 7 MB, the clock-major decode copy 3.7 MB, the correction tables 7 MB.
 
-**Decision: the forecaster uses the grid.** It is ~400× cheaper for the queries the controller
+**Decision: the forecaster uses the grid.** It is ~700× cheaper for the queries the controller
 makes, monotone by construction, and as accurate as the model it tabulates; ONNX stays the
-reference (``perf score`` scores the ONNX model; ``--grid`` scores the grid too) and the
-fallback.
+reference (``perf score`` scores the ONNX model; ``--grid`` scores the grid too) and answers
+clocks beyond the grid's range.
 
 Files in a model folder: ``model.onnx`` (metadata_props: setup, trained ranges, grid domain),
 ``metrics.json`` (its ``model_sha256`` must match the ONNX file, else ModelError),
@@ -48,12 +80,13 @@ Files in a model folder: ``model.onnx`` (metadata_props: setup, trained ranges, 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -71,6 +104,8 @@ FEATURES: Final = ("batch", "kv_tokens", "prefill_tokens", "clock_mhz")
 INPUT_NAME: Final = "X"
 OUTPUT_NAME: Final = "iteration_time_s"
 DEFAULT_MODEL_ROOT: Final = models_dir() / "perf"
+# The baseline's terms, in the order of its coefficients (= throttllem._perf.train.BASIS_TERMS).
+BASELINE_TERMS: Final = ("1", "kv", "b", "p", "r", "r*kv", "r*b", "r*p", "r*p^2")
 _REQUIRED_METADATA: Final = (
     "throttllem.perf.format", "setup", "features", "trained_clock_min_mhz",
     "trained_clock_max_mhz", "grid_batch_max", "grid_kv_max", "grid_prefill_max",
@@ -89,6 +124,8 @@ GRID_MIXED_KV_POINTS: Final = 17
 # forecaster instances, tests) does not pay the compile twice. Grids are read-only.
 _GRID_CACHE_SIZE: Final = 4
 _GRID_CACHE: dict[str, PerfGrid] = {}
+# Up to this many points that prefill, the grid locates their cells on Python floats.
+_SCALAR_MIXED_POINTS: Final = 8
 _PREFILL_AXIS: Final = (0, 16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768,
                         1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 
@@ -203,7 +240,7 @@ def prefill_axis(prefill_max: float) -> FloatArray:
 
 def _locate(axis: FloatArray, x: FloatArray) -> tuple[IntArray, FloatArray]:
     """Cell index i (axis[i] ≤ x ≤ axis[i+1]) and weight w = (x − axis[i]) / width."""
-    i = np.clip(np.searchsorted(axis, x, side="right") - 1, 0, len(axis) - 2)
+    i = np.minimum(np.maximum(np.searchsorted(axis, x, side="right") - 1, 0), len(axis) - 2)
     lo = axis[i]
     w = (x - lo) / (axis[i + 1] - lo)
     return i.astype(np.int64), np.asarray(w, dtype=np.float64)
@@ -217,6 +254,52 @@ def _locate_uniform(axis: FloatArray, x: FloatArray) -> tuple[IntArray, FloatArr
     return i, u - i
 
 
+class Baseline(NamedTuple):
+    """The model's roofline baseline (`throttllem._perf.train`): seconds
+    ``A + B·r``, r = ref/f, with ``A = c0 + c1·kv + c2·b + c3·p`` (clock-free work) and
+    ``B = c4 + c5·kv + c6·b + c7·p + c8·p²`` (work ∝ 1/f); all cᵢ ≥ 0."""
+
+    coef: tuple[float, ...]  # c0 … c8 for the unscaled basis, train.BASIS_TERMS order
+    ref_clock_mhz: float
+
+    @classmethod
+    def from_terms(cls, terms: Mapping[str, float], ref_clock_mhz: float) -> Baseline | None:
+        """From metrics.json's ``baseline_coef`` ({term: value}); None if it is not usable."""
+        try:
+            coef = tuple(float(terms[k]) for k in BASELINE_TERMS)
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not all(math.isfinite(c) and c >= 0 for c in coef) or not ref_clock_mhz > 0:
+            return None
+        return cls(coef, float(ref_clock_mhz))
+
+    def r(self, clocks_mhz: FloatArray) -> FloatArray:
+        return np.asarray(self.ref_clock_mhz / np.maximum(clocks_mhz, 1.0), dtype=np.float64)
+
+    def parts(self, b: FloatArray, kv: FloatArray, p: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """(A, B) per point."""
+        c = self.coef
+        a = c[0] + c[1] * kv + c[2] * b + c[3] * p
+        return a, c[4] + c[5] * kv + c[6] * b + c[7] * p + c[8] * (p * p)
+
+
+# (row index, weight of the lower KV node, weight of the upper one) of decode points, row
+# index = batch · K_d + KV node; (8 corner rows, 8 weights [n, 8, 1]) of mixed points.
+_DecodeCell = tuple[IntArray, npt.NDArray[np.float32], npt.NDArray[np.float32]]
+_MixedCell = tuple[IntArray, npt.NDArray[np.float32]]
+
+
+class PreparedPoints(NamedTuple):
+    """`PerfGrid.prepare`: the clock-independent part of a query for n points."""
+
+    n: int
+    decode_cell: _DecodeCell  # every point (see PerfGrid.prepare)
+    mixed: IntArray | None  # points answered by the mixed grid
+    mixed_cell: _MixedCell | None
+    # points beyond the edge and their seconds at every grid clock [m, C], monotone
+    beyond: tuple[IntArray | slice, FloatArray] | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class PerfGrid:
     """The model tabulated once; see the module docstring.
@@ -225,7 +308,14 @@ class PerfGrid:
     integer 0…batch_max, so decode queries only interpolate along KV) × ``decode_kv``;
     ``mixed``: [B_m, K_m, P, C] for iterations with prefill tokens (and non-integer batches).
     float32 (halves the bytes a query gathers; 7 significant digits is plenty for times);
-    both non-increasing along C (ascending clocks).
+    both non-increasing along C (ascending clocks). ``decode_by_clock`` is ``decode`` laid
+    out [C, B_d, K_d]: a query for a few clocks then gathers within one 34 kB slab per
+    clock (cache-resident) instead of across the whole table.
+
+    ``baseline`` and the ``*_ext`` tables (shaped like ``decode`` and ``mixed``) extrapolate
+    beyond the grid's edge: they hold the model's tree correction K = t / baseline at each
+    node (from the raw ONNX times, before the monotone fix; see `PerfGrid.rows`). None when
+    the model's baseline is unknown (then the runtime asks ONNX for points outside).
     """
 
     clocks: FloatArray
@@ -236,14 +326,44 @@ class PerfGrid:
     mixed_kv: FloatArray
     prefill: FloatArray
     mixed: npt.NDArray[np.float32]
+    baseline: Baseline | None = None
+    decode_ext: npt.NDArray[np.float32] | None = None
+    mixed_ext: npt.NDArray[np.float32] | None = None
+    decode_by_clock: npt.NDArray[np.float32] = field(init=False, repr=False)
+    _corners: IntArray = field(init=False, repr=False)
+    # (mixed batch axis, prefill axis, mixed KV step) as Python floats, for a few points
+    _scalar_axes: tuple[list[float], list[float], float] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decode_by_clock",
+                           np.ascontiguousarray(np.moveaxis(self.decode, -1, 0)))
+        _, nk, npf, _ = self.mixed.shape
+        object.__setattr__(self, "_corners", np.asarray(
+            [(db * nk + dk) * npf + dp for db, dk, dp in itertools.product((0, 1), repeat=3)],
+            dtype=np.int64))
+        object.__setattr__(self, "_scalar_axes", (self.mixed_batch.tolist(),
+                                                  self.prefill.tolist(),
+                                                  float(self.mixed_kv[1])))
 
     @property
     def nbytes(self) -> int:
-        return int(self.decode.nbytes + self.mixed.nbytes)
+        ext = sum(int(a.nbytes) for a in (self.decode_ext, self.mixed_ext) if a is not None)
+        return int(self.decode.nbytes * 2 + self.mixed.nbytes) + ext
 
     @property
     def points(self) -> int:
+        """Model evaluations tabulated (time tables only)."""
         return int(self.decode.size + self.mixed.size)
+
+    @property
+    def extrapolates(self) -> bool:
+        return (self.baseline is not None and self.decode_ext is not None
+                and self.mixed_ext is not None)
+
+    @property
+    def edge(self) -> tuple[float, float, float]:
+        """(batch, KV tokens, prefill tokens) at the grid's far corner."""
+        return float(self.mixed_batch[-1]), float(self.mixed_kv[-1]), float(self.prefill[-1])
 
     def clock_columns(self, clocks: FloatArray) -> IntArray | None:
         """Column indices if every clock is a grid clock, else None."""
@@ -260,74 +380,225 @@ class PerfGrid:
         return len(cols) == len(self.clocks) and bool(np.all(cols == np.arange(len(cols))))
 
     def inside(self, b: FloatArray, kv: FloatArray, p: FloatArray) -> npt.NDArray[np.bool_]:
-        decode = (p == 0) & (b <= self.decode_batch[-1]) & (kv <= self.decode_kv[-1])
-        mixed = (b <= self.mixed_batch[-1]) & (kv <= self.mixed_kv[-1]) & (p <= self.prefill[-1])
-        return np.asarray((b >= 0) & (kv >= 0) & (p >= 0) & (decode | mixed))
+        bm, km, pm = self.edge
+        return np.asarray((b >= 0) & (kv >= 0) & (p >= 0) & (b <= bm) & (kv <= km)
+                          & (p <= pm))
 
-    def rows(self, b: FloatArray, kv: FloatArray, p: FloatArray,
-             cols: IntArray | None) -> FloatArray:
-        """Seconds [n, C'] for points inside the grid at clock columns `cols` (None: all)."""
-        fast = (p == 0) & (b == np.floor(b)) & (b <= self.decode_batch[-1]) & (
-            kv <= self.decode_kv[-1])
-        if fast.all():
-            return self._decode_rows(b, kv, cols)
-        # Decode rows for every point (placeholders where not decode), then overwrite the
-        # few that prefill: cheaper than gathering into a masked output.
-        out = self._decode_rows(np.where(fast, b, 0.0), np.where(fast, kv, 0.0), cols)
-        rest = ~fast
-        out[rest] = self._mixed_rows(b[rest], kv[rest], p[rest], cols)
+    def rows(self, b: FloatArray, kv: FloatArray, p: FloatArray, cols: IntArray | None, *,
+             maxima: tuple[float, float, float] | None = None,
+             clock_major: bool = False) -> FloatArray:
+        """Seconds at clock columns `cols` (None: all) for n points with b, kv, p ≥ 0:
+        [n, C'], or [C', n] with `clock_major` (`maxima`: the points' largest b, kv, p, when
+        the caller has them already). `prepare` + `evaluate`.
+
+        Inside the grid: interpolation (two rows for a decode point, eight for one that
+        prefills). Outside (needs `extrapolates`; else only call it for points inside):
+        t(x, f) = K(x_c, f) · baseline(x, f) with x_c = min(x, edge) coordinate by
+        coordinate, at every grid clock, then the running max from the top clock down that
+        made the grid monotone. That is what the ONNX model answers there, made monotone the
+        same way: the trees see features clipped at or below the training data's largest
+        values (thresholds lie between training values), the grid's edge is at or beyond
+        them, so beyond the edge the trees' output, hence K, is K(x_c), and only the
+        baseline grows. Computed once per point for all clocks (`prepare`), so a point's
+        value at a clock never depends on which other clocks or points a query asks for.
+        """
+        return self.evaluate(self.prepare(b, kv, p, maxima=maxima), cols,
+                             clock_major=clock_major)
+
+    def prepare(self, b: FloatArray, kv: FloatArray, p: FloatArray, *,
+                maxima: tuple[float, float, float] | None = None) -> PreparedPoints:
+        """Everything about n points (b, kv, p ≥ 0) that does not depend on the clock: grid
+        cells and interpolation weights, and the points beyond the edge with their seconds
+        at every grid clock (see `rows`)."""
+        bm, km, pm = self.edge
+        if maxima is None:
+            maxima = (float(b.max(initial=0.0)), float(kv.max(initial=0.0)),
+                      float(p.max(initial=0.0)))
+        b_hi, kv_hi, p_hi = maxima
+        any_out = b_hi > bm or kv_hi > km or p_hi > pm
+        bc = np.minimum(b, bm) if b_hi > bm else b
+        kc = np.minimum(kv, km) if kv_hi > km else kv
+        pc = np.minimum(p, pm) if p_hi > pm else p
+        # Every point gets a decode cell; those that prefill or whose batch is not a whole
+        # number are then answered from the mixed grid instead (their decode cells are in
+        # range, as every coordinate is clamped, and their values overwritten).
+        dcell, ib = self._decode_cell(bc, kc)
+        whole = bool((ib == bc).all())
+        mi: IntArray | None = (np.flatnonzero((p != 0) | (ib != bc)) if not whole else
+                               np.flatnonzero(p) if p_hi > 0 else None)
+        if mi is not None and mi.size == 0:
+            mi = None
+        mcell = None if mi is None else self._mixed_cell(bc[mi], kc[mi], pc[mi])
+        prep = PreparedPoints(len(b), dcell, mi, mcell)
+        if not any_out:
+            return prep
+        base, d_ext, m_ext = self.baseline, self.decode_ext, self.mixed_ext
+        if base is None or d_ext is None or m_ext is None:
+            raise ValueError("points outside the grid and no baseline to extrapolate with")
+        outside = (b > bm) | (kv > km) | (p > pm)
+        od = np.flatnonzero(outside)
+        sel: IntArray | slice = slice(None) if od.size == len(b) else od
+        k = self._gather_decode(d_ext, (dcell[0][sel], dcell[1][sel], dcell[2][sel]), None)
+        if mi is not None and mcell is not None:
+            om = np.flatnonzero(outside[mi])
+            if om.size:  # outside points answered by the mixed grid: their K from there
+                pos = mi[om] if isinstance(sel, slice) else np.searchsorted(od, mi[om])
+                k[pos] = self._gather_mixed(m_ext, (mcell[0][om], mcell[1][om]), None)
+        a_part, b_part = base.parts(b[sel], kv[sel], p[sel])
+        t_base = np.multiply.outer(b_part, base.r(self.clocks))
+        t_base += a_part[:, None]
+        k *= t_base
+        # the grid's running max from the top clock down (a reversed view: rows are indexed
+        # by clock column later, never walked in memory order)
+        t_out = np.maximum.accumulate(k[:, ::-1], axis=1)[:, ::-1]
+        return prep._replace(beyond=(sel, t_out))
+
+    def evaluate(self, prep: PreparedPoints, cols: IntArray | None, *,
+                 clock_major: bool = False) -> FloatArray:
+        """`rows` for prepared points: only gathers and their weighted sums."""
+        by_clock = clock_major and cols is not None
+        if by_clock:
+            assert cols is not None
+            out = self._gather_decode_by_clock(self.decode_by_clock, prep.decode_cell, cols)
+            rv = out.T  # a row view: rv[i] is point i
+        else:
+            out = self._gather_decode(self.decode, prep.decode_cell, cols)
+            rv = out
+            if clock_major:
+                out = out.T
+        if prep.mixed is not None and prep.mixed_cell is not None:
+            rv[prep.mixed] = self._gather_mixed(self.mixed, prep.mixed_cell, cols)
+        if prep.beyond is not None:
+            sel, t_out = prep.beyond
+            vals = t_out if cols is None else t_out[:, cols]
+            if by_clock:  # out is [C', n]
+                out[:, sel] = vals.T
+            else:
+                rv[sel] = vals
         return out
 
-    def _decode_rows(self, b: FloatArray, kv: FloatArray, cols: IntArray | None) -> FloatArray:
-        nk, nc = self.decode.shape[1], self.decode.shape[2]
-        ib = b.astype(np.int64)  # decode_batch is 0, 1, 2, … and b is a whole number in it
+    def _decode_cell(self, b: FloatArray, kv: FloatArray) -> tuple[_DecodeCell, FloatArray]:
+        """The decode cell of each point, and its batch truncated to a whole number (equal
+        to the batch exactly when the decode grid can answer it: decode_batch is 0, 1, …)."""
+        nk = self.decode.shape[1]
+        ib = b.astype(np.int64)
         ik, wk = _locate_uniform(self.decode_kv, kv)
-        row = ib * nk + ik
-        w1 = wk.astype(np.float32)[:, None]
-        w0 = (1.0 - wk).astype(np.float32)[:, None]
+        w1 = wk.astype(np.float32)
+        return (ib * nk + ik, 1.0 - w1, w1), ib.astype(np.float64)
+
+    @staticmethod
+    def _gather_decode(table: npt.NDArray[np.float32], cell: _DecodeCell,
+                       cols: IntArray | None) -> FloatArray:
+        """[n, C'] from a [B_d, K_d, C] table."""
+        row, w0, w1 = cell
+        nc = table.shape[-1]
         if cols is None:
-            table = self.decode.reshape(-1, nc)
-            g0 = table.take(row, axis=0, mode="clip")
-            g1 = table.take(row + 1, axis=0, mode="clip")
+            rows2 = table.reshape(-1, nc)
+            g0 = rows2.take(row, axis=0, mode="clip")
+            g1 = rows2.take(row + 1, axis=0, mode="clip")
         else:  # a few clocks: gather exactly those cells
-            flat = self.decode.reshape(-1)
+            flat = table.reshape(-1)
             idx = row[:, None] * nc + cols[None, :]
             g0 = flat.take(idx, mode="clip")
             g1 = flat.take(idx + nc, mode="clip")
         # (1 − w)·g0 + w·g1, not g0 + w·(g1 − g0): with non-negative weights every step is
         # monotone under rounding, so monotone clock rows stay monotone bit for bit
+        np.multiply(g0, w0[:, None], out=g0)
+        np.multiply(g1, w1[:, None], out=g1)
+        out = np.empty(g0.shape, dtype=np.float64)
+        np.add(g0, g1, out=out)
+        return out
+
+    @staticmethod
+    def _gather_decode_by_clock(table: npt.NDArray[np.float32], cell: _DecodeCell,
+                                cols: IntArray) -> FloatArray:
+        """[C', n] from a [C, B_d, K_d] table: the same products and sum as `_gather_decode`
+        (so the same values, bit for bit), laid out clock by clock."""
+        row, w0, w1 = cell
+        slab = table.shape[1] * table.shape[2]
+        flat = table.reshape(-1)
+        idx = cols[:, None] * slab + row[None, :]
+        g0 = flat.take(idx, mode="clip")
+        g1 = flat.take(idx + 1, mode="clip")
         np.multiply(g0, w0, out=g0)
         np.multiply(g1, w1, out=g1)
         out = np.empty(g0.shape, dtype=np.float64)
         np.add(g0, g1, out=out)
         return out
 
-    def _mixed_rows(self, b: FloatArray, kv: FloatArray, p: FloatArray,
-                    cols: IntArray | None) -> FloatArray:
-        _, nk, npf, nc = self.mixed.shape
+    def _mixed_cell(self, b: FloatArray, kv: FloatArray, p: FloatArray) -> _MixedCell:
+        if len(b) <= _SCALAR_MIXED_POINTS:
+            return self._mixed_cell_scalar(b, kv, p)
+        _, nk, npf, _ = self.mixed.shape
         ib, wb = _locate(self.mixed_batch, b)
         ik, wk = _locate_uniform(self.mixed_kv, kv)
         ip, wp = _locate(self.prefill, p)
-        # the 8 corners of each point's cell at once, (db, dk, dp) in lexicographic order:
-        # rows [n, 8] and trilinear weights [n, 8], then one batched [1, 8] @ [8, C] per point
-        offsets = np.asarray([(db * nk + dk) * npf + dp
-                              for db, dk, dp in itertools.product((0, 1), repeat=3)])
-        rows = (((ib * nk + ik) * npf + ip)[:, None] + offsets[None, :])
-        wb2 = np.stack([1.0 - wb, wb], axis=1)
-        wk2 = np.stack([1.0 - wk, wk], axis=1)
-        wp2 = np.stack([1.0 - wp, wp], axis=1)
-        w = (wb2[:, :, None, None] * wk2[:, None, :, None] * wp2[:, None, None, :]).reshape(
-            -1, 8, 1)
+        # the 8 corners of each point's cell, (db, dk, dp) in lexicographic order: rows
+        # [n, 8] and trilinear weights [n, 8, 1]
+        rows = ((ib * nk + ik) * npf + ip)[:, None] + self._corners[None, :]
+        n = len(b)
+        w = np.empty((n, 2, 2, 2))
+        w[:, 0] = (1.0 - wb)[:, None, None]
+        w[:, 1] = wb[:, None, None]
+        w[:, :, 0] *= (1.0 - wk)[:, None, None]
+        w[:, :, 1] *= wk[:, None, None]
+        w[:, :, :, 0] *= (1.0 - wp)[:, None, None]
+        w[:, :, :, 1] *= wp[:, None, None]
+        return rows, w.reshape(n, 8, 1).astype(np.float32)
+
+    def _mixed_cell_scalar(self, b: FloatArray, kv: FloatArray, p: FloatArray) -> _MixedCell:
+        """`_mixed_cell` for a few points (a projection prefills only in the passes that admit
+        a queued request): the same arithmetic on Python floats, in the same order, so the
+        same cells and weights bit for bit, without numpy's per-call overhead."""
+        _, nk, npf, _ = self.mixed.shape
+        axes = self._scalar_axes
+        mb, pf = axes[0], axes[1]
+        k_inv = 1.0 / axes[2]
+        corners = self._corners.tolist()
+        rows: list[list[int]] = []
+        ws: list[list[float]] = []
+        for x_b, x_k, x_p in zip(b.tolist(), kv.tolist(), p.tolist(), strict=True):
+            ib = min(max(bisect.bisect_right(mb, x_b) - 1, 0), len(mb) - 2)
+            wb = (x_b - mb[ib]) / (mb[ib + 1] - mb[ib])
+            u = x_k * k_inv
+            ik = min(int(u), nk - 2)
+            wk = u - ik
+            ip = min(max(bisect.bisect_right(pf, x_p) - 1, 0), len(pf) - 2)
+            wp = (x_p - pf[ip]) / (pf[ip + 1] - pf[ip])
+            first = (ib * nk + ik) * npf + ip
+            rows.append([first + c for c in corners])
+            ws.append([(gb * gk) * gp for gb in (1.0 - wb, wb) for gk in (1.0 - wk, wk)
+                       for gp in (1.0 - wp, wp)])
+        return (np.asarray(rows, dtype=np.int64),
+                np.asarray(ws, dtype=np.float64).reshape(-1, 8, 1).astype(np.float32))
+
+    @staticmethod
+    def _gather_mixed(table: npt.NDArray[np.float32], cell: _MixedCell,
+                      cols: IntArray | None) -> FloatArray:
+        rows, w = cell
+        nc = table.shape[-1]
         if cols is None:
-            g = self.mixed.reshape(-1, nc).take(rows, axis=0, mode="clip")  # [n, 8, C]
+            g = table.reshape(-1, nc).take(rows, axis=0, mode="clip")  # [n, 8, C]
         else:
-            g = self.mixed.reshape(-1).take(rows[..., None] * nc + cols, mode="clip")
+            g = table.reshape(-1).take(rows[..., None] * nc + cols, mode="clip")
         # Non-negative weights, products and a sum in the same order for every clock: each
         # step is monotone under IEEE rounding, so a clock row that was non-increasing on the
         # grid stays so here, bit for bit (a BLAS matmul may round columns differently).
-        g *= w.astype(np.float32)
+        g *= w
         out: FloatArray = g.sum(axis=1, dtype=np.float64)
         return out
+
+
+def extension_table(raw: FloatArray, nodes: tuple[FloatArray, FloatArray, FloatArray],
+                    baseline: Baseline, clocks: FloatArray) -> npt.NDArray[np.float32] | None:
+    """[n, C] float32: the tree correction K = raw / baseline at n nodes × C clocks (raw:
+    the ONNX times, before any monotone fix); None when the baseline is not positive at
+    every node (it then cannot carry an extrapolation)."""
+    a, bb = baseline.parts(*nodes)
+    base = a[:, None] + bb[:, None] * baseline.r(clocks)[None, :]
+    if not np.all(base > 0):
+        return None
+    return np.asarray(raw / base, dtype=np.float32)
 
 
 def monotone_in_clock(t: FloatArray) -> FloatArray:
@@ -343,13 +614,17 @@ def monotone_in_clock(t: FloatArray) -> FloatArray:
 class PerfRuntime:
     """A loaded performance model (see the module docstring). Use :meth:`load`.
 
-    Not thread-safe for concurrent calls on one instance beyond what ONNX Runtime allows
-    (``session.run`` is); the grid is read-only after load.
+    Concurrent calls on one instance are safe as far as ONNX Runtime's ``session.run`` is;
+    the grid is read-only after load, and the one cached set of prepared points is replaced
+    whole (a racing call at worst prepares its points again).
     """
 
     def __init__(self, session: Any, path: Path, metadata: Mapping[str, str],
-                 model_sha256: str) -> None:
+                 model_sha256: str, *, baseline: Baseline | None = None) -> None:
         self._session = session
+        # The model's roofline baseline (from metrics.json): lets the grid extrapolate past
+        # its edge without ONNX. None: points outside the grid go to ONNX.
+        self.baseline = baseline
         self.path = path
         self.metadata = dict(metadata)
         self.model_sha256 = model_sha256
@@ -364,6 +639,9 @@ class PerfRuntime:
         self.grid_build_s = 0.0
         # clock vector bytes -> (grid columns or None, whether they are all columns in order)
         self._columns: dict[bytes, tuple[IntArray | None, bool]] = {}
+        # (grid, copies of the last points asked for, their PreparedPoints): see _prepared
+        self._last_points: tuple[PerfGrid, tuple[FloatArray, FloatArray, FloatArray],
+                                 PreparedPoints] | None = None
 
     def __repr__(self) -> str:
         mode = "grid" if self.grid is not None else "onnx"
@@ -400,15 +678,21 @@ class PerfRuntime:
         inputs = session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
             raise ModelError(f"{onnx_path}: expected one input named {INPUT_NAME!r}")
-        if folder is not None:
-            _check_metrics(folder, sha)
-        rt = cls(session, onnx_path, meta, sha)
+        metrics = _check_metrics(folder, sha) if folder is not None else _metrics_beside(
+            onnx_path, sha)
+        baseline = None
+        if metrics is not None and "ref_clock_mhz" in meta:
+            terms = metrics.get("baseline_coef")
+            if isinstance(terms, dict):
+                baseline = Baseline.from_terms(terms, float(meta["ref_clock_mhz"]))
+        rt = cls(session, onnx_path, meta, sha, baseline=baseline)
         if grid:
-            cached = _GRID_CACHE.get(sha)
+            key = f"{sha}:{baseline is not None}"
+            cached = _GRID_CACHE.get(key)
             if cached is not None:
                 rt.grid = cached
             else:
-                _GRID_CACHE[sha] = rt.compile_grid()
+                _GRID_CACHE[key] = rt.compile_grid()
                 while len(_GRID_CACHE) > _GRID_CACHE_SIZE:
                     _GRID_CACHE.pop(next(iter(_GRID_CACHE)))
         return rt
@@ -455,16 +739,27 @@ class PerfRuntime:
         m_kv = np.linspace(0.0, kv_max, mixed_kv_points)
         p_axis = prefill_axis(float(m["grid_prefill_max"]))
         bb, kk = np.meshgrid(d_batch, d_kv, indexing="ij")
-        decode = self._onnx_rows(bb.ravel(), kk.ravel(), np.zeros(bb.size), clocks)
+        d_nodes = (bb.ravel(), kk.ravel(), np.zeros(bb.size))
+        decode = self._onnx_rows(*d_nodes, clocks)
         bb, kk, pp = np.meshgrid(m_batch, m_kv, p_axis, indexing="ij")
-        mixed = self._onnx_rows(bb.ravel(), kk.ravel(), pp.ravel(), clocks)
+        m_nodes = (bb.ravel(), kk.ravel(), pp.ravel())
+        mixed = self._onnx_rows(*m_nodes, clocks)
+        d_shape = (len(d_batch), len(d_kv), len(clocks))
+        m_shape = (len(m_batch), len(m_kv), len(p_axis), len(clocks))
+        base = self.baseline
+        d_ext = m_ext = None
+        if base is not None:
+            d_ext = extension_table(decode, d_nodes, base, clocks)
+            m_ext = extension_table(mixed, m_nodes, base, clocks)
+        ok = d_ext is not None and m_ext is not None
         self.grid = PerfGrid(
             clocks=clocks, decode_batch=d_batch, decode_kv=d_kv,
-            decode=monotone_in_clock(decode).astype(np.float32).reshape(
-                len(d_batch), len(d_kv), len(clocks)),
+            decode=monotone_in_clock(decode).astype(np.float32).reshape(d_shape),
             mixed_batch=m_batch, mixed_kv=m_kv, prefill=p_axis,
-            mixed=monotone_in_clock(mixed).astype(np.float32).reshape(
-                len(m_batch), len(m_kv), len(p_axis), len(clocks)))
+            mixed=monotone_in_clock(mixed).astype(np.float32).reshape(m_shape),
+            baseline=base if ok else None,
+            decode_ext=d_ext.reshape(d_shape) if ok and d_ext is not None else None,
+            mixed_ext=m_ext.reshape(m_shape) if ok and m_ext is not None else None)
         self.grid_build_s = time.perf_counter() - t0
         return self.grid
 
@@ -477,64 +772,100 @@ class PerfRuntime:
         Grid when compiled (monotone in the clock), else ONNX. Raises ValueError on NaN or
         infinite inputs and on clocks ≤ 0.
         """
-        arrs = _validated(batch, kv_tokens, prefill_tokens, clock_mhz)
         grid = self.grid
         if grid is None:
-            return self.predict_onnx(*arrs)
-        b, kv, p, f = arrs
+            return self.predict_onnx(batch, kv_tokens, prefill_tokens, clock_mhz)
+        b, kv, p, f = (np.asarray(a, dtype=np.float64)
+                       for a in (batch, kv_tokens, prefill_tokens, clock_mhz))
         shape = np.broadcast_shapes(b.shape, kv.shape, p.shape, f.shape)
         clocks = _clock_row(b, kv, p, f, shape)
-        if clocks is None and _clock_column(b, kv, p, f, shape):
-            # The controller's layout: clocks down axis 0 (C, 1), passes along axis 1 (1, T).
-            pb, pkv, pp = (np.broadcast_to(a.reshape(1, -1) if a.ndim else a,
+        if clocks is not None:
+            lead = (*shape[:-1], 1)
+            pb, pkv, pp = (np.broadcast_to(a.reshape((1,) * (len(shape) - a.ndim) + a.shape),
+                                           lead).reshape(-1) for a in (b, kv, p))
+            return self._clock_rows(grid, pb, pkv, pp, clocks).reshape(shape)
+        if _clock_column(b, kv, p, f, shape):
+            # The controller's layout: clocks down axis 0 (C, 1), passes along axis 1 (1, T);
+            # answered clock-major, (C, T) contiguous.
+            pb, pkv, pp = (a.reshape(-1) if a.size == shape[1] else
+                           np.broadcast_to(a.reshape(1, -1) if a.ndim else a,
                                            (1, shape[1])).reshape(-1) for a in (b, kv, p))
-            return self._clock_rows(grid, pb, pkv, pp, f.reshape(-1)).T
-        if clocks is None:
-            bb, kk, pp, ff = np.broadcast_arrays(b, kv, p, f)
-            return self._pointwise(grid, bb.ravel(), kk.ravel(), pp.ravel(),
-                                   ff.ravel()).reshape(shape)
-        lead = (*shape[:-1], 1)
-        pb, pkv, pp = (np.broadcast_to(a.reshape((1,) * (len(shape) - a.ndim) + a.shape), lead)
-                       .reshape(-1) for a in (b, kv, p))
-        return self._clock_rows(grid, pb, pkv, pp, clocks).reshape(shape)
+            return self._clock_rows(grid, pb, pkv, pp, f.reshape(-1), clock_major=True)
+        bb, kk, pp, ff = _broadcast(b, kv, p, f)
+        return self._pointwise(grid, bb.ravel(), kk.ravel(), pp.ravel(),
+                               ff.ravel()).reshape(shape)
 
     def _clock_rows(self, grid: PerfGrid, b: FloatArray, kv: FloatArray, p: FloatArray,
-                    clocks: FloatArray) -> FloatArray:
-        """[n, len(clocks)] for n points, every point at every clock (the forecaster's
-        query shape)."""
+                    clocks: FloatArray, *, clock_major: bool = False) -> FloatArray:
+        """[n, len(clocks)] (or its transpose, contiguous, with `clock_major`) for n points,
+        every point at every clock (the forecaster's query shape). Validates the inputs as
+        `_validated` does."""
         key = clocks.tobytes()
         hit = self._columns.get(key)
         if hit is None:
-            cols = grid.clock_columns(clocks)
+            cols = grid.clock_columns(clocks)  # None for clocks off the grid, NaN or ≤ 0
             hit = (cols, cols is not None and grid.all_columns(cols))
-            if len(self._columns) >= 16:
+            if len(self._columns) >= 512:
                 self._columns.clear()
             self._columns[key] = hit
         cols, all_cols = hit
+        sel = None if all_cols else cols
+        if cols is not None and grid.extrapolates:  # the hot path: never ONNX
+            return grid.evaluate(self._prepared(grid, b, kv, p), sel, clock_major=clock_major)
+        maxima = _checked_maxima(b, kv, p, clocks)
         n = len(b)
-        if cols is not None:
-            sel = None if all_cols else cols
-            inside = grid.inside(b, kv, p)
-            if inside.all():
-                return grid.rows(b, kv, p, sel)
-            out = np.empty((n, len(clocks)), dtype=np.float64)
-            if inside.any():
-                out[inside] = grid.rows(b[inside], kv[inside], p[inside], sel)
-            outside = ~inside
-            full = monotone_in_clock(self._onnx_rows(b[outside], kv[outside], p[outside],
-                                                     grid.clocks))
-            out[outside] = full[:, cols]
-            return out
-        # Clocks off the grid: evaluate pointwise.
-        return self._pointwise(grid, np.repeat(b, len(clocks)), np.repeat(kv, len(clocks)),
-                               np.repeat(p, len(clocks)), np.tile(clocks, n)
-                               ).reshape(n, len(clocks))
+        if cols is None:  # clocks off the grid: evaluate pointwise
+            out = self._pointwise(grid, np.repeat(b, len(clocks)), np.repeat(kv, len(clocks)),
+                                  np.repeat(p, len(clocks)), np.tile(clocks, n)
+                                  ).reshape(n, len(clocks))
+            return np.ascontiguousarray(out.T) if clock_major else out
+        b, kv, p = _nonnegative(b), _nonnegative(kv), _nonnegative(p)
+        inside = grid.inside(b, kv, p)
+        if inside.all():
+            return grid.rows(b, kv, p, sel, maxima=maxima, clock_major=clock_major)
+        # No baseline to extrapolate with: ONNX for the rows outside, made monotone
+        out = np.empty((n, len(clocks)), dtype=np.float64)
+        if inside.any():
+            out[inside] = grid.rows(b[inside], kv[inside], p[inside], sel)
+        outside = ~inside
+        full = monotone_in_clock(self._onnx_rows(b[outside], kv[outside], p[outside],
+                                                 grid.clocks))
+        out[outside] = full[:, cols]
+        return np.ascontiguousarray(out.T) if clock_major else out
+
+    def _prepared(self, grid: PerfGrid, b: FloatArray, kv: FloatArray,
+                  p: FloatArray) -> PreparedPoints:
+        """`grid.prepare` of the points, validated; the last one is kept and reused while
+        the next query asks for exactly the same points (a clock search asks for the same
+        pass rows round after round, only the clocks change). Reuse is decided on the
+        values, compared in full, never on the arrays' identity."""
+        last = self._last_points
+        if last is not None and last[0] is grid:
+            _, (cb, ckv, cp), prep = last
+            if (cb.shape == b.shape and ckv.shape == kv.shape and cp.shape == p.shape
+                    and bool((cb == b).all()) and bool((ckv == kv).all())
+                    and bool((cp == p).all())):
+                return prep
+        maxima = _checked_maxima(b, kv, p, grid.clocks[-1:])
+        copies = (b.copy(), kv.copy(), p.copy())
+        if maxima is None:  # some count is negative: 0, as in the ONNX graph
+            b, kv, p = _nonnegative(b), _nonnegative(kv), _nonnegative(p)
+            maxima = (float(b.max(initial=0.0)), float(kv.max(initial=0.0)),
+                      float(p.max(initial=0.0)))
+        prep = grid.prepare(b, kv, p, maxima=maxima)
+        self._last_points = (grid, copies, prep)
+        return prep
 
     def _pointwise(self, grid: PerfGrid, b: FloatArray, kv: FloatArray, p: FloatArray,
                    f: FloatArray) -> FloatArray:
-        """Any points: grid interpolation along the clock too where inside, else ONNX."""
+        """Any points: the grid (interpolated along the clock too) for clocks within the
+        grid's range, ONNX for clocks beyond it (and, without a baseline to extrapolate
+        with, for points outside the grid)."""
         out = np.empty(len(b), dtype=np.float64)
-        inside = grid.inside(b, kv, p) & (f >= grid.clocks[0]) & (f <= grid.clocks[-1])
+        b, kv, p = _nonnegative(b), _nonnegative(kv), _nonnegative(p)
+        inside = (f >= grid.clocks[0]) & (f <= grid.clocks[-1])
+        if not grid.extrapolates:
+            inside &= grid.inside(b, kv, p)
         if inside.any():
             ic, wc = _locate(grid.clocks, f[inside])
             bi, ki, pi = b[inside], kv[inside], p[inside]
@@ -551,6 +882,31 @@ class PerfRuntime:
             x = np.stack([b[o], kv[o], p[o], f[o]], axis=1)
             out[o] = self._run(x)
         return out
+
+
+def _checked_maxima(b: FloatArray, kv: FloatArray, p: FloatArray,
+                    f: FloatArray) -> tuple[float, float, float] | None:
+    """`_validated`'s checks (same errors) on 1-D points and clocks from their minima and
+    maxima (NaN propagates through both); returns the maxima of (b, kv, p), or None when a
+    count is negative."""
+    lo: list[float] = []
+    hi: list[float] = []
+    for name, a in zip(FEATURES, (b, kv, p, f), strict=True):
+        mn, mx = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            raise ValueError(f"{name} has NaN or infinite values")
+        lo.append(mn)
+        hi.append(mx)
+    if lo[3] <= 0:
+        raise ValueError("clock_mhz must be positive")
+    if min(lo[:3]) < 0:
+        return None
+    return hi[0], hi[1], hi[2]
+
+
+def _nonnegative(a: FloatArray) -> FloatArray:
+    """Negative counts as 0, as the ONNX graph (and the training) clip them."""
+    return a if a.size == 0 or float(a.min()) >= 0.0 else np.maximum(a, 0.0)
 
 
 def _validated(batch: npt.ArrayLike, kv: npt.ArrayLike, prefill: npt.ArrayLike,
@@ -590,13 +946,23 @@ def _clock_row(b: FloatArray, kv: FloatArray, p: FloatArray, f: FloatArray,
 
 def _clock_column(b: FloatArray, kv: FloatArray, p: FloatArray, f: FloatArray,
                   shape: tuple[int, ...]) -> bool:
-    """True for the transposed layout (C, 1) clocks × (1, T) points, 2-D only."""
-    if len(shape) != 2 or shape[0] <= 1 or f.shape != (shape[0], 1):
+    """True for the transposed layout (C, 1) clocks × (1, T) points (C ≥ 1), 2-D only."""
+    if len(shape) != 2 or shape[0] < 1 or f.shape != (shape[0], 1):
         return False
     return all(a.ndim == 0 or a.shape in ((1, shape[1]), (shape[1],)) for a in (b, kv, p))
 
 
-def _check_metrics(folder: Path, sha: str) -> None:
+def _metrics_beside(onnx_path: Path, sha: str) -> dict[str, Any] | None:
+    """metrics.json next to a model file loaded by its path, if it describes this file."""
+    mpath = onnx_path.parent / METRICS_FILE
+    try:
+        metrics = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("model_sha256") == sha else None
+
+
+def _check_metrics(folder: Path, sha: str) -> dict[str, Any]:
     mpath = folder / METRICS_FILE
     if not mpath.is_file():
         raise ModelError(f"{folder} has {MODEL_FILE} but no {METRICS_FILE}: a model folder "
@@ -610,6 +976,8 @@ def _check_metrics(folder: Path, sha: str) -> None:
         raise ModelError(f"{folder / MODEL_FILE} (sha256 {sha[:12]}…) is not the model that "
                          f"{METRICS_FILE} describes ({str(want)[:12]}…); retrain or restore "
                          "the folder")
+    assert isinstance(metrics, dict)
+    return metrics
 
 
 # --------------------------------------------------------------------------- scoring
