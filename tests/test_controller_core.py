@@ -753,3 +753,102 @@ def test_forecast_matches_the_engine_twin(seed: int, warmup: int) -> None:
     assert [it.kv_blocks_used for it in passes] == p.kv_blocks.tolist()
     assert [it.prefill_tokens for it in passes] == p.prefill_tokens.tolist()
 
+
+
+# --------------------------------------------------------------------------- the ONNX grid
+
+
+class _NoOnnx:
+    """Stands in for ONNX Runtime's session: the grid must answer every query itself."""
+
+    def run(self, *_: object) -> None:
+        raise AssertionError("ONNX Runtime was called during a clock search")
+
+
+@pytest.fixture(scope="module")
+def grid_model() -> FunctionPerfModel:
+    """The shipped performance model compiled to its grid (what the forecaster uses), with
+    ONNX Runtime taken away after the compile."""
+    runtime = pytest.importorskip("throttllem._perf.runtime")
+    rt = runtime.PerfRuntime.load("h100-llama3-8b-tp1")
+    rt._session = _NoOnnx()
+    return FunctionPerfModel(rt.iteration_time_s, name="onnx-grid")
+
+
+def _big_state(rng: np.random.Generator, n: int, queued: int) -> tuple[InstanceState,
+                                                                      Candidate]:
+    """Azure-conversation-like running requests (as benchmarks/bench_controller.py), on an
+    engine larger than the model's setup: batch past 256, KV past the H100's capacity."""
+    r_prompt = np.clip(rng.lognormal(np.log(1000), 0.8, n), 16, 8000).astype(np.int64)
+    r_pred = np.clip(rng.lognormal(np.log(200), 1.0, n), 1, 2048)
+    q_prompt = np.clip(rng.lognormal(np.log(1000), 0.8, queued), 16, 8000).astype(np.int64)
+    q_pred = np.clip(rng.lognormal(np.log(200), 1.0, queued), 1, 2048)
+    peak = int((r_prompt + 1.6 * r_pred).sum() + (q_prompt + 1.6 * q_pred).sum())
+    state = InstanceState(
+        running_prompt_tokens=r_prompt,
+        running_generated_tokens=np.maximum(1, (rng.random(n) * r_pred).astype(np.int64)),
+        running_predicted_tokens=r_pred, running_upper_tokens=1.6 * r_pred,
+        queued_prompt_tokens=q_prompt, queued_predicted_tokens=q_pred,
+        queued_upper_tokens=1.6 * q_pred, kv_block_tokens=16,
+        kv_blocks_total=peak // 16 + 4096, max_batch=n + queued + 1,
+        max_batched_tokens=16384, kv_watermark_blocks=64)
+    pred = float(np.clip(rng.lognormal(np.log(200), 1.0), 1, 2048))
+    return state, Candidate(int(rng.integers(16, 8000)), pred, 1.6 * pred)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), state=instance_states(), candidate=st.none() | candidates)
+def test_search_with_the_onnx_grid(data: st.DataObject, state: InstanceState,
+                                   candidate: Candidate | None,
+                                   grid_model: FunctionPerfModel) -> None:
+    assert is_monotone_in_clock(grid_model, H100_CLOCKS.mhz)
+    p = project(state, candidate=candidate)
+    slo = data.draw(request_slos(state, p, candidate))
+    lowest, ok = brute_force_lowest(p, slo, grid_model)
+    problem = prepare(p, slo, now_s=NOW_S)
+    for strategy in ("auto", "secant", "kary", "binary", "scan"):
+        got = search_clock(problem, grid_model, H100_CLOCKS, strategy=strategy)
+        if lowest is None:
+            assert isinstance(got, NoFeasibleClock)
+        else:
+            assert isinstance(got, FeasibleClock)
+            assert got.index == lowest
+            assert ok[lowest:].all()
+
+
+@pytest.mark.parametrize(("n", "seed"), [(300, 1), (600, 2), (1024, 3)])
+def test_search_with_the_onnx_grid_beyond_its_edge(n: int, seed: int,
+                                                   grid_model: FunctionPerfModel) -> None:
+    """Projections that leave the grid (batch past 256, KV past 442,704 tokens, prefill past
+    8,192): the grid extrapolates with the model's baseline, stays monotone in the clock,
+    and every strategy finds the clock the full report says is the lowest feasible one."""
+    rng = np.random.default_rng(seed)
+    state, candidate = _big_state(rng, n, queued=4)
+    p = project(state, candidate=candidate)
+    assert p.decode_batch.max() > 256
+    assert p.kv_tokens.max() > 442_704 or n == 300
+    slo_class = SloClass(name="x", tbt_ms=130.0, ttft_base_ms=3000.0)
+    m = p.n_requests
+    gen = p.generated_tokens
+    first = np.where(gen > 0, NOW_S - (gen - 1) * 0.6 * slo_class.tbt_ms / 1e3, np.nan)
+    slo = RequestSlo.from_classes(
+        [slo_class] * m,
+        prompt_tokens=np.concatenate((state.running_prompt_tokens, state.queued_prompt_tokens,
+                                      [candidate.prompt_tokens])),
+        arrival_s=np.where(gen > 0, first - 0.2, NOW_S - 0.1), first_token_s=first,
+        last_token_s=np.where(gen > 0, NOW_S - 0.01, np.nan))
+    t = np.asarray(grid_model.iteration_time_s(p.decode_batch[None, :].astype(float),
+                                               p.kv_tokens[None, :].astype(float),
+                                               p.prefill_tokens[None, :].astype(float),
+                                               H100_CLOCKS.as_f64[:, None]))
+    assert np.all(np.isfinite(t))
+    assert np.all(np.diff(t, axis=0) <= 0)  # (C, T): never slower at a higher clock
+    lowest, ok = brute_force_lowest(p, slo, grid_model)
+    assert lowest is not None
+    assert ok[lowest:].all()
+    assert 0 < lowest < len(H100_CLOCKS) - 1  # mid-range: the search has work to do
+    problem = prepare(p, slo, now_s=NOW_S)
+    for strategy in ("auto", "secant", "kary", "binary", "scan"):
+        got = search_clock(problem, grid_model, H100_CLOCKS, strategy=strategy)
+        assert isinstance(got, FeasibleClock), strategy
+        assert got.index == lowest, strategy

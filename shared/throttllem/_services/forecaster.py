@@ -120,9 +120,12 @@ def setup_policy(setup: str, perf: PerfModel | None = None, *,
                         max_batch=engine.max_batch, max_batched_tokens=engine.max_batched_tokens,
                         kv_watermark_blocks=int(engine.kv_watermark * engine.kv_blocks))
     model = perf or twin_perf_model(setup)
-    # The compiled grid costs per call, not per clock: one scan of all clocks beats a secant
-    # search's several calls (benchmarks/bench_controller.py, "onnx grid" rows).
-    strategy: Strategy = "scan" if getattr(model, "name", "").startswith("onnx-grid") else "auto"
+    # "auto": the secant search for a model monotone in the clock (the compiled grid is, by
+    # construction), the full scan otherwise. With the grid a query's cost grows with the
+    # clocks asked for (it gathers only those columns, and never calls ONNX, inside the grid
+    # or beyond it), so a few probed clocks beat one scan of all 110: secant and k-ary tie,
+    # the scan costs ~1.7x (benchmarks/bench_controller.py, "onnx grid" rows).
+    strategy: Strategy = "auto"
     policy = Policy(perf=model, clocks=SupportedClocks(mhz), floor_mhz=floor_mhz,
                     use_upper=use_upper, strategy=strategy)
     return policy, shape
