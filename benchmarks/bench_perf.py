@@ -8,23 +8,29 @@ h100-llama2-13b-tp2, and the one trained on the measured H100 table):
   independent twin profile (another seed: rows no model has seen) through ONNX and through
   the grid, plus grid-vs-ONNX agreement; `--score-table` adds any other table (e.g. a real
   GPU sweep from `throttllem profile --target gpu`);
-* query cost: the forecaster's full-scan query, 2,000 future iterations × 110 clocks
-  (iteration shapes recorded from the engine twin replaying the Azure conversation trace),
-  and one k-ary round (2,000 × 11 clocks), wall time p50/p99 on one core, grid and ONNX in
-  the same run (grid calls back to back after a warm-up, then ONNX) so the ratio is fair;
+* query cost: the forecaster's queries on 2,000 future iterations (shapes recorded from the
+  engine twin replaying the Azure conversation trace): one full scan (× 110 clocks), one
+  k-ary round (× 11), and a secant round in the controller's own layout (× 2 clocks, on the
+  same passes as the last call, and on new ones), wall time p50/p99 on one core, grid and
+  ONNX in the same run (grid calls back to back after a warm-up, then ONNX) so the ratio is
+  fair;
+* beyond the edge: points past the grid (batch and KV up to 4×, prefill up to 2×), answered
+  by the grid's extrapolation with the model's baseline, against ONNX made monotone, and the
+  number of ONNX runs it took (0);
 * drift: the engine twin replays the Azure conversation trace, time-compressed ×`--rate`
   (8: a loaded engine, mean batch ~180 on 8B TP1, as the paper scales the trace to the
   system's peak), with the SM clock locked at a few clocks; every iteration is predicted with
   the runtime (grid, the forecaster's path) at the clock it ran at, and per request
   |Σ predicted − Σ actual| over the request's iterations / its iteration count is averaged
-  (the paper: 0.43 ms/iteration). Columns (ms per iteration): ``drift`` over all iterations,
-  ``bias`` its signed mean, ``decode`` over the decode-only iterations (what projecting the
-  running requests' future costs), and ``ref``: the same drift for the twin's *own formula*
-  given everything but Σ prompt² (prompts taken as 1,020 tokens). Prefill attention costs
-  Σ prompt², which the PerfModel protocol does not carry (only the prefill token count), so
-  ``ref`` is the floor any model behind this protocol faces on prefill iterations; the engine
-  twin has no per-iteration noise. The measured-table model is not replayed (the twin is not
-  the GPU it was measured on).
+  (the paper: 0.43 ms/iteration; our target 0.2). Columns (ms per iteration): ``drift`` over
+  all iterations, ``bias`` its signed mean, ``decode`` over the decode-only iterations (what
+  projecting the running requests' future costs), ``onnx`` the drift of the ONNX model itself
+  (so the grid's share shows), and ``floor``: the drift of the twin's *own formula* given
+  everything it uses but Σ prompt² (prefill attention), which the PerfModel protocol does not
+  carry (only the prefill token count), replaced by the replay's own mean for the prefill
+  count (`floor_model`). No model behind this protocol can expect to beat ``floor``; the
+  engine twin has no per-iteration noise. One line per model spells out the 1980 MHz figure.
+  The measured-table model is not replayed (the twin is not the GPU it was measured on).
 
     python benchmarks/bench_perf.py [--json runs/bench_perf.json] [--window-s 120]
 """
@@ -62,16 +68,19 @@ QUERY_T = 2000
 
 
 class _RecordingGpu(GpuTwin):
-    """A GpuTwin that remembers each iteration's shape (what the perf model sees)."""
+    """A GpuTwin that remembers each iteration's shape (what the perf model sees) and its
+    Σ prompt² (what it does not)."""
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.shapes: list[tuple[int, int, int]] = []
+        self.attn_tokens2: list[float] = []
 
     def run_iteration(self, start_s: float, *, batch: int, kv_tokens: int, prefill_tokens: int,
                       prefill_attn_tokens2: float = 0.0,
                       indices: Any = None) -> GpuIterationResult:
         self.shapes.append((batch, kv_tokens, prefill_tokens))
+        self.attn_tokens2.append(float(prefill_attn_tokens2))
         return super().run_iteration(start_s, batch=batch, kv_tokens=kv_tokens,
                                      prefill_tokens=prefill_tokens,
                                      prefill_attn_tokens2=prefill_attn_tokens2, indices=indices)
@@ -115,8 +124,9 @@ def replay(setup: str, clock_mhz: int, window_s: float, rate: float) -> dict[str
         now = engine.now_s
     shapes = np.asarray(gpu.shapes, dtype=np.float64)
     return {"batch": shapes[:, 0], "kv": shapes[:, 1], "prefill": shapes[:, 2],
-            "actual_s": np.asarray(dur), "clock": np.asarray(clk), "members": members,
-            "requests": len(pending)}
+            "attn_tokens2": np.asarray(gpu.attn_tokens2), "actual_s": np.asarray(dur),
+            "clock": np.asarray(clk), "members": members, "requests": len(pending),
+            "setup": setup}
 
 
 def _accumulate(pred: np.ndarray, act: np.ndarray, members: dict[str, list[int]],
@@ -149,27 +159,92 @@ def drift(rt: Any, rep: dict[str, Any]) -> dict[str, float]:
             "iter_mape_pct": float(np.mean(np.abs(pred - act) / act) * 100)}
 
 
-class _TwinWithoutPromptSquares:
-    """Reference: the twin's own formula, exact but for Σ prompt² (which no PerfModel sees),
-    taken as if every prefilled prompt had 1,020 tokens (the conv trace's median)."""
+def floor_model(rep: dict[str, Any]) -> Any:
+    """The floor for any model behind the PerfModel protocol on this replay: the twin's *own*
+    formula (what produced the times), given everything it uses except Σ prompt² (prefill
+    attention), which the protocol does not carry (only the prefill token count), and in its
+    place the replay's own mean Σ prompt² / p² over the iterations with a similar prefill
+    count p (20 quantile bins). An oracle of both the formula and the serving prompt mix: a
+    learned model from a profile cannot beat it, except by luck of cancellation."""
+    profile = load_profile(rep["setup"])
+    p, attn = rep["prefill"], rep["attn_tokens2"]
+    pre = p > 0
+    edges = np.quantile(p[pre], np.linspace(0.0, 1.0, 21)) if pre.any() else np.zeros(2)
+    ratio = np.zeros(len(edges) - 1)
+    bins = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(ratio) - 1)
+    for k in range(len(ratio)):
+        sel = pre & (bins == k)
+        ratio[k] = float(np.mean(attn[sel] / p[sel] ** 2)) if sel.any() else 1.0
 
-    def __init__(self, setup: str) -> None:
-        self.profile = load_profile(setup)
+    class _Floor:
+        def iteration_time_s(self, b: Any, kv: Any, pf: Any, f: Any) -> Any:
+            pf = np.asarray(pf, dtype=np.float64)
+            k = np.clip(np.searchsorted(edges, pf, side="right") - 1, 0, len(ratio) - 1)
+            return cm.iteration_time_s(profile, batch=b, kv_tokens=kv, prefill_tokens=pf,
+                                       clock_mhz=f, prefill_attn_tokens2=ratio[k] * pf * pf)
+
+    return _Floor()
+
+
+class _Onnx:
+    def __init__(self, rt: PerfRuntime) -> None:
+        self.rt = rt
 
     def iteration_time_s(self, b: Any, kv: Any, p: Any, f: Any) -> Any:
-        p = np.asarray(p, dtype=np.float64)
-        return cm.iteration_time_s(self.profile, batch=b, kv_tokens=kv, prefill_tokens=p,
-                                   clock_mhz=f, prefill_attn_tokens2=p * np.minimum(p, 1020.0))
+        return self.rt.predict_onnx(b, kv, p, f)
+
+
+class _CountingSession:
+    """Wraps an ONNX Runtime session and counts its runs."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.runs = 0
+
+    def run(self, *a: Any) -> Any:
+        self.runs += 1
+        return self.inner.run(*a)
+
+
+def beyond_edge(rt: PerfRuntime, n: int = 3000) -> dict[str, Any]:
+    """Points past the grid's edge (batch and KV up to 4x, prefill up to 2x): the grid's
+    extrapolation against ONNX made monotone in the clock (what the runtime answered there
+    before it extrapolated), in % of the ONNX time; and how often ONNX ran to answer them."""
+    assert rt.grid is not None
+    bm, km, pm = rt.grid.edge
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, int(bm * 4), n).astype(np.float64)
+    kv = rng.uniform(0, km * 4, n).round()
+    p = np.where(rng.uniform(size=n) < 0.4, rng.uniform(0, pm * 2, n).round(), 0.0)
+    out = (b > bm) | (kv > km) | (p > pm)
+    b, kv, p = b[out, None], kv[out, None], p[out, None]
+    clocks = rt.clocks_mhz[None, :]
+    ref = np.maximum.accumulate(rt.predict_onnx(b, kv, p, clocks)[:, ::-1], axis=1)[:, ::-1]
+    counting = _CountingSession(rt._session)
+    rt._session = counting
+    try:
+        got = np.asarray(rt.iteration_time_s(b, kv, p, clocks))
+    finally:
+        rt._session = counting.inner
+    rel = (got / ref - 1.0) * 100.0
+    return {"points": int(out.sum()), "mean": float(rel.mean()),
+            "p1": float(np.percentile(rel, 1)), "p99": float(np.percentile(rel, 99)),
+            "onnx_calls": counting.runs}
 
 
 def query_cost(rt: PerfRuntime, rep: dict[str, Any], reps: int, onnx_reps: int
                ) -> dict[str, Any]:
-    """Forecaster-shaped queries: (T, 1) shapes × (1, C) clocks, grid and ONNX in turns.
+    """Forecaster-shaped queries, grid and ONNX in turns.
 
     "forecast": the replay's (batch, KV) per iteration with a prefill on every 50th (2%): a
-    projection prefills only the queued requests and the candidate. "replay": the recorded
-    iterations as they are (under an ×8 trace a third or more of them admit a request: a
-    pessimistic mix for the grid, whose prefill path interpolates in 3-D)."""
+    projection prefills only the queued requests and the candidate; (T, 1) × (1, C) clocks,
+    all 110 (one full scan) or 11. "secant_2": the controller's own layout, (C, 1) clocks ×
+    (1, T) passes, 2 clocks per call as a secant round probes them, on the same passes call
+    after call (a search's later rounds: the runtime reuses what does not depend on the
+    clock); "first_2": the same with new passes every call (a search's first round).
+    "replay": the recorded iterations as they are (under an ×8 trace a third or more of them
+    admit a request: a pessimistic mix for the grid, whose prefill path interpolates in
+    3-D)."""
     t = min(QUERY_T, len(rep["batch"]))
     b = rep["batch"][:t, None]
     kv = rep["kv"][:t, None]
@@ -177,27 +252,37 @@ def query_cost(rt: PerfRuntime, rep: dict[str, Any], reps: int, onnx_reps: int
     pre = p[p > 0]
     p_fc = np.zeros_like(p)
     p_fc[::50, 0] = np.resize(pre, len(p_fc[::50, 0])) if pre.size else 512.0
+    p_alt = p_fc.copy()
+    p_alt[25::50, 0] = 256.0  # other passes: the runtime cannot reuse the last call's work
+    pairs = [rt.clocks_mhz[[i, i + 1], None] for i in range(0, len(rt.clocks_mhz) - 1, 7)]
     out: dict[str, Any] = {"iterations": t, "replay_prefill_share": float((p > 0).mean())}
-    for label, pp, clocks in (("forecast_110", p_fc, rt.clocks_mhz[None, :]),
-                              ("forecast_11", p_fc, rt.clocks_mhz[None, ::10]),
-                              ("replay_110", p, rt.clocks_mhz[None, :])):
+    cases: list[tuple[str, Any, Any, Any, Any]] = [
+        ("forecast_110", b, kv, [p_fc], [rt.clocks_mhz[None, :]]),
+        ("forecast_11", b, kv, [p_fc], [rt.clocks_mhz[None, ::10]]),
+        ("secant_2", b.T, kv.T, [p_fc.T], pairs),
+        ("first_2", b.T, kv.T, [p_fc.T, p_alt.T], pairs),
+        ("replay_110", b, kv, [p], [rt.clocks_mhz[None, :]])]
+    for label, bb, kk, pps, clock_sets in cases:
         grid_s: list[float] = []
         onnx_s: list[float] = []
-        for _ in range(5):  # warm-up: first-touch of the grid pages, caches
-            rt.iteration_time_s(b, kv, pp, clocks)
+        for i in range(5):  # warm-up: first-touch of the grid pages, caches
+            rt.iteration_time_s(bb, kk, pps[i % len(pps)], clock_sets[i % len(clock_sets)])
         # grid calls back to back (as a clock search makes them), then ONNX: interleaving
         # would hand the grid a cache flushed by each 200 ms ONNX call
-        for _ in range(reps):
+        for i in range(reps):
+            pp, clocks = pps[i % len(pps)], clock_sets[i % len(clock_sets)]
             t0 = time.perf_counter()
-            rt.iteration_time_s(b, kv, pp, clocks)
+            rt.iteration_time_s(bb, kk, pp, clocks)
             grid_s.append(time.perf_counter() - t0)
-        for _ in range(onnx_reps):
+        for i in range(onnx_reps):
+            pp, clocks = pps[i % len(pps)], clock_sets[i % len(clock_sets)]
             t0 = time.perf_counter()
-            rt.predict_onnx(b, kv, pp, clocks)
+            rt.predict_onnx(bb, kk, pp, clocks)
             onnx_s.append(time.perf_counter() - t0)
         g = np.asarray(grid_s) * 1e3
         o = np.asarray(onnx_s) * 1e3
-        out[label] = {"points": int(t * clocks.size), "prefill_share": float((pp > 0).mean()),
+        pp0, c0 = pps[0], clock_sets[0]
+        out[label] = {"points": int(t * c0.size), "prefill_share": float((pp0 > 0).mean()),
                       "grid_ms_p50": float(np.median(g)), "grid_ms_p99": float(
                           np.percentile(g, 99)),
                       "onnx_ms_p50": float(np.median(o)), "onnx_ms_p99": float(
@@ -267,6 +352,7 @@ def main() -> None:
             r["grid_vs_onnx_pct"] = {"mean": float(rel.mean()),
                                      "p99": float(np.percentile(rel, 99)),
                                      "max": float(rel.max())}
+            r["beyond_edge"] = beyond_edge(rt)
             if not name.endswith("-measured"):
                 drifts = {}
                 first = None
@@ -274,9 +360,10 @@ def main() -> None:
                     rep = replay(rt.setup, c, args.window_s, args.rate)
                     first = first or rep
                     drifts[str(c)] = drift(rt, rep)
-                    ref = drift(_TwinWithoutPromptSquares(rt.setup), rep)
-                    drifts[str(c)]["reference_twin_without_prompt_squares_ms_per_iter"] = (
-                        ref["drift_ms_per_iter_mean"])
+                    drifts[str(c)]["onnx_drift_ms_per_iter"] = drift(
+                        _Onnx(rt), rep)["drift_ms_per_iter_mean"]
+                    drifts[str(c)]["floor_ms_per_iter"] = drift(
+                        floor_model(rep), rep)["drift_ms_per_iter_mean"]
                 r["drift"] = drifts
                 r["query"] = query_cost(rt, first, args.reps, args.onnx_reps)
             results["models"][name] = r
@@ -291,7 +378,7 @@ def _print(results: dict[str, Any]) -> None:
     head = (f"{'model':<28} {'accuracy':<10} {'R2':>7} {'MAPE%':>6} {'MAE it/s':>8} | "
             f"{'query (2000 it)':<13} {'grid p50/p99 ms':>15} {'onnx p50/p99 ms':>15} "
             f"{'onnx/grid':>9} | {'clock':>5} {'drift':>6} {'bias':>7} {'decode':>6} "
-            f"{'ref':>6}")
+            f"{'onnx':>6} {'floor':>6}")
     print(head)
     print("-" * len(head))
     for name, r in results["models"].items():
@@ -308,7 +395,7 @@ def _print(results: dict[str, Any]) -> None:
                 left.append(f"{tag:<10} {m['r2']:>7.4f} {m['mape_pct']:>6.2f} "
                             f"{m['mae_iters_per_s']:>8.3f}")
         mid = []
-        for q in ("forecast_110", "forecast_11", "replay_110"):
+        for q in ("forecast_110", "forecast_11", "secant_2", "first_2", "replay_110"):
             if "query" in r:
                 x = r["query"][q]
                 mid.append(f"{q:<15} {x['grid_ms_p50']:>6.3f}/{x['grid_ms_p99']:<6.3f} "
@@ -316,7 +403,7 @@ def _print(results: dict[str, Any]) -> None:
                            f"{x['onnx_over_grid_p50']:>9.0f}")
         right = [f"{c:>5} {d['drift_ms_per_iter_mean']:>6.3f} {d['bias_ms_per_iter_mean']:>+7.3f} "
                  f"{d['decode_only_drift_ms_per_iter_mean']:>6.3f} "
-                 f"{d['reference_twin_without_prompt_squares_ms_per_iter']:>6.3f}"
+                 f"{d['onnx_drift_ms_per_iter']:>6.3f} {d['floor_ms_per_iter']:>6.3f}"
                  for c, d in r.get("drift", {}).items()]
         n = max(len(left), len(mid), len(right))
         for i in range(n):
@@ -328,6 +415,18 @@ def _print(results: dict[str, Any]) -> None:
         print(f"{'':<28} grid: built in {r['grid_build_s']:.1f} s, {r['grid_mb']:.1f} MB, "
               f"{r['grid_points'] / 1e6:.2f}M points; grid vs ONNX on twin rows: mean "
               f"{g['mean']:.3f}% p99 {g['p99']:.2f}% max {g['max']:.1f}%")
+        x = r.get("beyond_edge")
+        if x:
+            print(f"{'':<28} beyond the grid's edge ({x['points']} points, up to 4x batch/KV, "
+                  f"2x prefill): extrapolated vs ONNX (made monotone) mean {x['mean']:+.2f}% "
+                  f"p1 {x['p1']:+.2f}% p99 {x['p99']:+.2f}%, ONNX calls {x['onnx_calls']}")
+        d = r.get("drift", {}).get("1980")
+        if d:
+            print(f"{'':<28} DRIFT at 1980 MHz: {d['drift_ms_per_iter_mean']:.3f} ms/iteration "
+                  f"over whole requests (target <= 0.2, paper 0.43), "
+                  f"{d['decode_only_drift_ms_per_iter_mean']:.3f} over decode-only iterations; "
+                  f"{d['prefill_iteration_share']:.0%} of iterations prefill; floor for any "
+                  f"model without prompt lengths {d['floor_ms_per_iter']:.3f}")
 
 
 if __name__ == "__main__":
