@@ -283,9 +283,14 @@ def test_cli_writes_one_table_json_and_plots(tmp_path: Path,
                               "--plots", str(tmp_path / "plots")])
     assert args.func(args) == 0
     text = capsys.readouterr().out
-    assert "energy saved vs default" in text
-    assert "tokens per joule" in text
-    assert "instance-hours" in text
+    header = next(line for line in text.splitlines() if line.startswith("policy"))
+    for column in ("energy kJ", "saved", "tok/J", "SLO met", "TTFT p50/p99", "inst-h"):
+        assert column in header
+    rows = {line.split()[0]: line.split() for line in text.splitlines()
+            if line.split() and line.split()[0] in ("default", "freq")}
+    assert rows["default"][2] == "0.0%"
+    assert float(rows["freq"][2].rstrip("%")) == pytest.approx(
+        100 * doc_saving(out), abs=0.05)
     doc = json.loads(out.read_text())
     assert set(doc["policies"]) == {"default", "freq"}
     assert doc["options"]["length_error"] == "0.3"
@@ -294,6 +299,12 @@ def test_cli_writes_one_table_json_and_plots(tmp_path: Path,
         png = (tmp_path / "plots" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n", name
         assert len(png) > 5_000, name
+
+
+def doc_saving(path: Path) -> float:
+    saving = json.loads(path.read_text())["policies"]["freq"]["saving_vs_default"]
+    assert isinstance(saving, float)
+    return saving
 
 
 def test_bad_options_are_refused() -> None:

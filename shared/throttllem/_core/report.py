@@ -1,4 +1,4 @@
-"""The run summary shared by `throttllem demo` and (later) `throttllem evaluate`."""
+"""The run summary shared by `throttllem demo` and `throttllem evaluate`."""
 
 from __future__ import annotations
 
@@ -105,11 +105,8 @@ def summarize(completions: Sequence[RequestCompleted], *, policy: str, submitted
     )
 
 
-def format_table(reports: Sequence[RunReport],
-                 extra: Mapping[str, Sequence[str]] | None = None, *,
-                 energy_kj: bool = False) -> str:
-    """One plain-text table, a column per report; `extra` rows (one cell per report) go
-    before the provenance row."""
+def format_table(reports: Sequence[RunReport]) -> str:
+    """One plain-text table, a column per report."""
     base = next((r for r in reports if r.policy == "default"), None)
     rows: list[tuple[str, list[str]]] = [
         ("policy", [r.policy for r in reports]),
@@ -117,8 +114,7 @@ def format_table(reports: Sequence[RunReport],
         ("  rejected (never fit)", [f"{r.requests_rejected}" for r in reports]),
         ("prompt tokens", [f"{r.prompt_tokens:,}" for r in reports]),
         ("generated tokens", [f"{r.generated_tokens:,}" for r in reports]),
-        (("energy (kJ)", [f"{r.energy_j / 1e3:,.1f}" for r in reports]) if energy_kj else
-         ("energy (J)", [f"{r.energy_j:,.0f}" for r in reports])),
+        ("energy (J)", [f"{r.energy_j:,.0f}" for r in reports]),
         ("energy (J/gen. token)", [f"{r.j_per_token:.3f}" for r in reports]),
         *([("energy saved vs default", [f"{100 * (1 - r.energy_j / base.energy_j):.1f}%"
                                         for r in reports])] if base is not None else []),
@@ -131,7 +127,6 @@ def format_table(reports: Sequence[RunReport],
         ("mean SM clock (MHz)", [f"{r.mean_sm_clock_mhz:.0f}" for r in reports]),
         ("mean batch size", [f"{r.mean_batch:.1f}" for r in reports]),
         ("trace time (s)", [f"{r.duration_s:.0f}" for r in reports]),
-        *((name, list(cells)) for name, cells in (extra or {}).items()),
         ("energy source", [r.energy_source for r in reports]),
     ]
     width = max(len(name) for name, _ in rows)

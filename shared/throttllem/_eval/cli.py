@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from throttllem._core.report import ClockAccumulator, RunReport, format_table, summarize
+from throttllem._core.report import ClockAccumulator, RunReport, summarize
 from throttllem._core.scaling import ScalingPolicy
 from throttllem._errors import ConfigError
 from throttllem._eval.policies import (
@@ -385,22 +385,42 @@ def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
 
 
 def format_evaluation(ev: Evaluation) -> str:
-    """One table (a column per run) and the run's setup in one line."""
-    extra = {
-        "tokens per joule": [f"{r.report.generated_tokens / r.report.energy_j:.2f}"
-                             for r in ev.runs.values()],
-        "instance-hours": [f"{r.instance_hours:.2f}" for r in ev.runs.values()],
-        "deferred by controller": [f"{r.deferred}" for r in ev.runs.values()],
-        "length error": [r.length_error or "-" for r in ev.runs.values()],
-    }
+    """One table, a row per run (the columns the comparison needs), under one line that says
+    how the window was set up."""
+    base = ev.runs.get("default")
+    header = ("policy", "energy kJ", "saved", "tok/J", "SLO met", "TTFT/TBT/E2E met",
+              "TTFT p50/p99", "TBT p50/p99", "E2E p50/p99", "clock", "batch", "inst-h",
+              "deferred")
+    rows: list[tuple[str, ...]] = []
+    for name, run in ev.runs.items():
+        r = run.report
+        saved = "-" if base is None else f"{100 * (1 - r.energy_j / base.report.energy_j):.1f}%"
+        rows.append((
+            name, f"{r.energy_j / 1e3:,.1f}", saved,
+            f"{r.generated_tokens / r.energy_j:.2f}" if r.energy_j > 0 else "-",
+            f"{100 * r.slo_attainment:.1f}%",
+            f"{100 * r.ttft_attainment:.1f}/{100 * r.tbt_attainment:.1f}/"
+            f"{100 * r.e2e_attainment:.1f}",
+            f"{r.ttft_ms.p50:.0f}/{r.ttft_ms.p99:.0f}", f"{r.tbt_ms.p50:.1f}/{r.tbt_ms.p99:.1f}",
+            f"{r.e2e_ms.p50:.0f}/{r.e2e_ms.p99:.0f}", f"{r.mean_sm_clock_mhz:.0f}",
+            f"{r.mean_batch:.1f}", f"{run.instance_hours:.2f}", f"{run.deferred}"))
+    widths = [max(len(row[k]) for row in (header, *rows)) for k in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[0]) if k == 0 else cell.rjust(widths[k])
+                       for k, cell in enumerate(row)) for row in (header, *rows)]
+    lines.insert(1, "-" * len(lines[0]))
     static = f", static clock {ev.static_clock_mhz} MHz" if ev.static_clock_mhz else ""
     capacity = ("" if ev.capacity_rps is None else
                 f"one instance's capacity {ev.capacity_rps:.2f} req/s "
                 f"({'measured on the twin' if ev.capacity_measured else 'given'}); ")
-    head = (f"{ev.requests} requests; {capacity}trace time-scaled x{ev.rate_factor:.2f} to a "
-            f"peak of {ev.peak_rps:.2f} req/s{static}")
-    return head + "\n" + format_table([r.report for r in ev.runs.values()], extra=extra,
-                                      energy_kj=True)
+    served = {f"{r.report.requests_served}/{r.report.requests_submitted}"
+              for r in ev.runs.values()}
+    head = (f"{ev.requests} requests (served: {', '.join(sorted(served))}); {capacity}trace "
+            f"time-scaled x{ev.rate_factor:.2f} to a peak of {ev.peak_rps:.2f} req/s{static}; "
+            f"{ev.horizon_s:.0f} s simulated")
+    legend = ("saved: energy vs default; SLO met: share of requests meeting TTFT, mean TBT "
+              "and E2E bounds (unserved count as missed); latencies in ms; clock: busy-time "
+              "mean SM clock (MHz); inst-h: instance-hours")
+    return "\n".join([head, *lines, legend])
 
 
 def add_evaluate_parser(sub: Any) -> None:
