@@ -254,10 +254,14 @@ def _search(state: InstanceState, slo: RequestSlo, policy: Policy, now_s: float,
 
 def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
           candidate_slo: RequestSlo, policy: Policy, *, now_s: float) -> Placement | None:
-    """Where to admit a request and the clock that instance then needs; None: defer."""
+    """Where to admit a request and the clock that instance then needs; None: defer.
+
+    Instances are tried in tie-break order (fewer requests, then name), so the first one that
+    can take the request at the floor clock is the answer and the rest need no search."""
     best: tuple[int, int, str] | None = None
     hopeless = 0
-    for name, tracker in trackers.items():
+    for name in sorted(trackers, key=lambda n: (len(trackers[n]), n)):
+        tracker = trackers[name]
         state, slo = tracker.snapshot()
         clock, lost = _search(state, RequestSlo.concat([slo, candidate_slo]), policy, now_s,
                               candidate, perf=perf_for(tracker, policy, now_s))
@@ -266,6 +270,8 @@ def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
             continue
         key = (clock, len(tracker), name)
         best = key if best is None or key < best else best
+        if clock <= policy.floor_mhz:  # nothing later can beat it
+            break
     if best is not None:
         return Placement(instance=best[2], clock_mhz=best[0], reason="lowest feasible clock")
     if hopeless == len(trackers) and _late_even_alone(candidate, candidate_slo, policy, now_s):
