@@ -152,6 +152,47 @@ async def test_duplicate_msg_ids_are_stored_once(nats: EmbeddedNatsServer) -> No
         await bus.close()
 
 
+async def test_clients_reconnect_to_a_restarted_server_and_keep_durable_data(
+        tmp_path: object) -> None:
+    """The server goes away and comes back on the same port and store: connected clients
+    reconnect by themselves, core subscriptions work again, and JetStream kept the stream."""
+    from pathlib import Path  # noqa: PLC0415
+
+    store = Path(str(tmp_path)) / "js"
+    server = EmbeddedNatsServer(store_dir=store)
+    url = server.start()
+    port = int(url.rsplit(":", 1)[1])
+    producer = await Bus.connect(url, name="producer")
+    consumer = await Bus.connect(url, name="consumer")
+    await producer.ensure_request_stream()
+    for n in range(5):
+        await producer.publish_durable(REQUEST_ARRIVED, arrived(n), msg_id=f"k{n}")
+    got: list[str] = []
+
+    async def on_event(event: RequestEvent) -> None:
+        assert isinstance(event, RequestArrived)
+        got.append(event.id)
+
+    await consumer.subscribe("tllm.test.live", REQUEST_CODEC, on_event)
+    server.stop()
+    await wait_for(lambda: not producer.nc.is_connected, timeout_s=10)
+    again = EmbeddedNatsServer(store_dir=store, port=port)
+    try:
+        again.start()
+        await wait_for(lambda: producer.nc.is_connected and consumer.nc.is_connected,
+                       timeout_s=15)
+        await producer.publish("tllm.test.live", arrived(99))
+        await wait_for(lambda: got == ["r99"])
+        seen: list[str] = []
+        with anyio.fail_after(10):
+            await _consume_until(consumer, "after-restart", seen, stop_after=5)
+        assert seen == [f"r{n}" for n in range(5)]
+    finally:
+        await producer.close()
+        await consumer.close()
+        again.stop()
+
+
 async def test_unreachable_server_gives_a_clear_error() -> None:
     with pytest.raises(BusError, match=r"cannot reach NATS at nats://127\.0\.0\.1:1"):
         await Bus.connect("nats://127.0.0.1:1", name="t", connect_timeout_s=0.5)

@@ -77,7 +77,11 @@ class EmbeddedNatsServer:
     read from the server's own log, so there is no race for a pre-chosen free port.
     """
 
-    def __init__(self, *, store_dir: Path | None = None, start_timeout_s: float = 10.0) -> None:
+    def __init__(self, *, store_dir: Path | None = None, start_timeout_s: float = 10.0,
+                 port: int | None = None) -> None:
+        """`port`: None picks a free one (read from the log); a number restarts a server
+        where clients already point (their reconnects then find it)."""
+        self._port = -1 if port is None else port
         self._own_dir = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="tllm-nats-"))
         self.log_path = self.store_dir / "nats-server.log"
@@ -89,7 +93,8 @@ class EmbeddedNatsServer:
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.write_bytes(b"")
-        args = [str(binary), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(self.store_dir),
+        args = [str(binary), "-a", "127.0.0.1", "-p", str(self._port), "-js", "-sd",
+                str(self.store_dir),
                 "-l", str(self.log_path)]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True)
