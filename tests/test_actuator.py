@@ -10,7 +10,14 @@ import pytest
 
 from throttllem import ClockOutOfRangeError
 from throttllem._bus import Bus, EmbeddedNatsServer
-from throttllem._core.actuation import Action, LeaseState, on_target, on_tick, validate_clock
+from throttllem._core.actuation import (
+    Action,
+    LeaseState,
+    after_failure,
+    on_target,
+    on_tick,
+    validate_clock,
+)
 from throttllem._events import FREQ_CODEC, FreqApplied, FreqEvent, FreqTarget
 from throttllem._gpu.nvml import NvmlBackend
 from throttllem._gpu.remote import ThreadedGpu, serve_gpu
@@ -147,3 +154,57 @@ async def test_nvml_dry_run_logs_the_exact_calls_for_every_gpu_of_the_instance(
                          "nvmlDeviceResetGpuLockedClocks(handle=<index 1>)"]  # on shutdown
     assert not fake.called("nvmlDeviceSetGpuLockedClocks")
     assert all(a.dry_run for a in actuator.applied)
+
+
+def test_a_failed_change_is_followed_by_reset_retries() -> None:
+    state = after_failure(10.0, retry_s=5.0)
+    assert state.reset_pending
+    same, decision = on_tick(state, 12.0)
+    assert decision.action is Action.NONE  # not before the retry time
+    assert same == state
+    cleared, decision = on_tick(state, 15.0)
+    assert decision.action is Action.RESET
+    assert cleared == LeaseState()
+    # A default target while clocks are unknown resets too, rather than doing nothing.
+    _, decision = on_target(state, target(None), 11.0, SUPPORTED)
+    assert decision.action is Action.RESET
+    # A fresh lock that succeeds replaces the pending reset.
+    locked, decision = on_target(state, target(1200), 11.0, SUPPORTED)
+    assert decision.action is Action.LOCK
+    assert not locked.reset_pending
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_reset_that_fails_is_retried_until_the_gpu_is_fast_again(
+        nats: EmbeddedNatsServer) -> None:
+    import pynvml  # noqa: PLC0415
+
+    fake = FakeNvml(allow_set=True)
+    nvml = ThreadedGpu(NvmlBackend(lib=fake))
+    actuator = ActuatorService(instance="i0", gpu=nvml, tick_s=0.05, reset_retry_s=0.2)
+    bus = await Bus.connect(nats.url, name="actuator")
+    controller = await Bus.connect(nats.url, name="controller")
+    async with anyio.create_task_group() as tg:
+        await tg.start(actuator.run, bus, Clock(epoch_wall_s=time.time()))
+        await controller.publish(freq_target("i0"), target(1410, lease_s=0.3))
+        with anyio.fail_after(5):
+            while not actuator.applied:
+                await anyio.sleep(0.01)
+        # The lease runs out, but the reset fails (a driver hiccup, say): clocks stay locked.
+        fake.fail["nvmlDeviceResetGpuLockedClocks"] = pynvml.NVML_ERROR_UNKNOWN
+        with anyio.fail_after(5):
+            while not any(a.error for a in actuator.applied):
+                await anyio.sleep(0.01)
+        assert actuator.state.reset_pending
+        del fake.fail["nvmlDeviceResetGpuLockedClocks"]
+        with anyio.fail_after(5):  # retried after reset_retry_s, and now it holds
+            while actuator.state.reset_pending or actuator.applied[-1].error:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    await bus.close()
+    await controller.close()
+    resets = fake.called("nvmlDeviceResetGpuLockedClocks")
+    assert len(resets) >= 2  # the failed one and the retry that held
+    assert actuator.applied[-1].clock_mhz is None
+    assert actuator.applied[-1].error is None

@@ -14,7 +14,15 @@ import anyio.abc
 import structlog
 
 from throttllem._bus import Bus
-from throttllem._core.actuation import Action, Decision, LeaseState, on_target, on_tick
+from throttllem._core.actuation import (
+    RESET_RETRY_S,
+    Action,
+    Decision,
+    LeaseState,
+    after_failure,
+    on_target,
+    on_tick,
+)
 from throttllem._errors import ClockOutOfRangeError, ConfigError, GpuError, GpuNotFoundError
 from throttllem._events import FREQ_CODEC, FreqApplied, FreqEvent, FreqTarget
 from throttllem._gpu.remote import AsyncGpu, RemoteGpu, ThreadedGpu
@@ -29,7 +37,8 @@ class ActuatorService:
 
     def __init__(self, *, instance: str, backend: str = "twin", gpus: list[int] | None = None,
                  dry_run: bool = False, tick_s: float = 0.5,
-                 gpu: AsyncGpu | None = None, startup_wait_s: float = 30.0) -> None:
+                 gpu: AsyncGpu | None = None, startup_wait_s: float = 30.0,
+                 reset_retry_s: float = RESET_RETRY_S) -> None:
         """`gpu` injects a ready backend (tests, embedding); otherwise `backend` picks one."""
         if backend not in ("twin", "nvml"):
             raise ConfigError(f"--gpu must be 'twin' or 'nvml', not {backend!r}")
@@ -39,6 +48,7 @@ class ActuatorService:
         self.dry_run = dry_run
         self.tick_s = tick_s
         self.startup_wait_s = startup_wait_s
+        self.reset_retry_s = reset_retry_s
         self._gpu = gpu
         self.state = LeaseState()
         self.supported_mhz: tuple[int, ...] = ()
@@ -89,7 +99,8 @@ class ActuatorService:
             bus.counters["apply_errors"] += 1
             log.error("actuator.apply_failed", instance=self.instance, error=error,
                       action=decision.action.value, clock_mhz=decision.clock_mhz)
-            self.state = LeaseState()  # what we know: not the target; default is the safe guess
+            # Clocks unknown now: retry a reset until one holds.
+            self.state = after_failure(now_s, self.reset_retry_s)
         applied = FreqApplied(instance=self.instance, clock_mhz=decision.clock_mhz,
                               applied_s=now_s, backend=gpu.name, dry_run=self.dry_run,
                               error=error)
@@ -136,7 +147,7 @@ class ActuatorService:
                     await self._apply(bus, gpu, decision, now_s)
         finally:
             with anyio.CancelScope(shield=True):
-                if self.state.clock_mhz is not None:
+                if self.state.clock_mhz is not None or self.state.reset_pending:
                     self.state = LeaseState()
                     await self._apply(bus, gpu, Decision(
                         action=Action.RESET, clock_mhz=None, reason="shutdown"), clock.now_s())
