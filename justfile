@@ -8,6 +8,10 @@ test *ARGS:
 demo *ARGS:
     throttllem demo {{ARGS}}
 
+# policies compared on a whole trace hour in simulated time (table, JSON, plots)
+evaluate *ARGS:
+    throttllem evaluate {{ARGS}}
+
 # lint and type-check
 lint:
     ruff check .
