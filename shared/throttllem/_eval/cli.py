@@ -43,6 +43,7 @@ from throttllem._eval.policies import (
 )
 from throttllem._eval.sim import Simulation, Timeline
 from throttllem._events import RequestArrived
+from throttllem._length.oracle import parse_length_error
 from throttllem._trace import peak_rate_per_s
 from throttllem._twin.profile import SetupProfile
 
@@ -96,20 +97,6 @@ class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
     floor_mhz: int | None
     requests: int
     horizon_s: float
-
-
-def parse_length_error(value: str) -> float | str:
-    if value.strip().lower() == "measured":
-        return "measured"
-    text = value.strip().rstrip("%")
-    try:
-        error = float(text) / (100.0 if value.strip().endswith("%") else 1.0)
-    except ValueError as exc:
-        raise ConfigError(f"--length-error takes 0, 0.15, 0.3 (or 15%) or 'measured', "
-                          f"not {value!r}") from exc
-    if not 0.0 <= error < 1.0:
-        raise ConfigError(f"--length-error must be in [0, 1), got {error}")
-    return error
 
 
 def with_power(profile: SetupProfile, overrides: dict[str, float]) -> SetupProfile:

@@ -79,6 +79,22 @@ def _key_array(keys: Sequence[int | str] | None, n: int) -> U64:
     return out
 
 
+def parse_length_error(value: str, *, option: str = "--length-error") -> float | str:
+    """An oracle's error as users write it: a relative error (`0.15` or `15%`) or `measured`
+    (the real model's error distribution); ConfigError naming `option` otherwise."""
+    text = value.strip()
+    if text.lower() == "measured":
+        return "measured"
+    try:
+        error = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError as e:
+        raise ConfigError(f"{option} takes a relative error (0, 0.15, 0.3 or 15%) or "
+                          f"'measured', not {value!r}") from e
+    if not 0.0 <= error < 1.0:
+        raise ConfigError(f"{option} relative error must be in [0, 1), got {error}")
+    return error
+
+
 class OraclePredictor:
     """True lengths with injected relative error; same ``(median, upper)`` contract as
     :meth:`throttllem._length.runtime.LengthModel.predict`, but fed true lengths."""

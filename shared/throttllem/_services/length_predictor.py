@@ -63,16 +63,9 @@ class RpcError(msgspec.Struct, frozen=True, kw_only=True, tag="rpc.error", tag_f
 
 def parse_oracle(value: str) -> float | str:
     """`--oracle 0.15` (relative error) or `--oracle measured` (the real model's errors)."""
-    if value == "measured":
-        return value
-    try:
-        error = float(value.rstrip("%")) / (100.0 if value.endswith("%") else 1.0)
-    except ValueError as e:
-        raise ConfigError(f"--oracle takes a relative error (0.15 or 15%) or 'measured', "
-                          f"not {value!r}") from e
-    if not 0.0 <= error < 1.0:
-        raise ConfigError(f"--oracle relative error must be in [0, 1), got {error}")
-    return error
+    from throttllem._length.oracle import parse_length_error  # noqa: PLC0415
+
+    return parse_length_error(value, option="--oracle")
 
 
 class LengthPredictorService:
