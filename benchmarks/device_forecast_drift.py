@@ -326,6 +326,8 @@ def analyze(passes_csv: str | Path, serve_path: str | Path, model: str | Path) -
     variants = {
         "observed_clock": perf.iteration_time_s(b, kv, pf, clock_obs) * 1e3,
         "fixed_clock": perf.iteration_time_s(b, kv, pf, np.full_like(b, clock_mode)) * 1e3,
+        # the ONNX model itself, not the grid the forecaster compiles from it
+        "observed_clock_onnx": perf.predict_onnx(b, kv, pf, clock_obs) * 1e3,
     }
     decode = pf == 0
     done = [r for r in run["requests"] if "completed_s" in r]

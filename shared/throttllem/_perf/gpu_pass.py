@@ -9,19 +9,26 @@ contiguous region per sequence; which rows are in use is `gpu_engine`'s accounti
 Attention is FlashAttention-2 through ``torch.ops.aten._flash_attention_forward`` (varlen):
 
 * decode rows: one query per sequence over its own c cached keys, read in place
-  (``cu_seqlens_k`` = region starts, ``seqused_k`` = contexts), GQA native — work ∝ Σ c,
-  as in a paged engine;
+  (``cu_seqlens_k`` = region starts, ``seqused_k`` = contexts), GQA native; in decode-only
+  passes split-KV: each row's keys in `gpu_engine.decode_splits` chunks attended at once and
+  merged by their log-sum-exps, rows longest first — without it a pass's time follows its
+  longest context rather than Σ c (measured: residuals of a Σ c model correlated 0.91 with
+  the longest context), which no (batch, KV tokens) model can see;
 * prompts: causal varlen attention over the pass's own packed K/V.
 
 Backends, probed at start against a float32 reference (`ATTENTION_BACKENDS`): ``flash``
 (the above), ``flash-gather`` (decode keys first gathered into a packed copy, if ``seqused_k``
-misbehaves), ``math`` (a per-sequence reference; CPU tests).
+misbehaves), ``math`` (a per-sequence reference; CPU tests); split-KV is kept only if it
+matches too.
 
 Decode-only passes replay a CUDA graph per batch bucket (`gpu_engine.DECODE_BUCKETS`; the
 batch is padded up to the bucket, padding rows attend one scratch key); passes that prefill
-run eagerly (their GEMMs dominate launch costs). Every pass is timed by CUDA events around
-all of its device work (metadata copies included) and followed by two read-only NVML reads
-(SM clock, energy counter). **No clock, power limit or other GPU setting is ever changed**.
+run eagerly (their GEMMs dominate launch costs, mostly). Every pass is timed by CUDA events
+around all of its device work (metadata copies included). The SM clock and the energy
+counter are read by a sampler thread every 20 ms (two NVML reads cost ~5 ms on the lent
+machine: between passes they would idle the GPU); a pass gets the latest clock and the last
+period's board power × its time. **No clock, power limit or other GPU setting is ever
+changed** (NVML getters only).
 """
 
 from __future__ import annotations
