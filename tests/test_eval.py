@@ -322,7 +322,8 @@ def test_bad_options_are_refused() -> None:
 
 
 def test_power_overrides_change_the_twin_and_are_checked() -> None:
-    from throttllem._eval.cli import efficient_clock_mhz, parse_power, with_power  # noqa: PLC0415
+    from throttllem._eval.cli import parse_power, with_power  # noqa: PLC0415
+    from throttllem._twin.clockmodel import efficient_clock_mhz  # noqa: PLC0415
 
     profile = load_profile(SETUP)
     assert parse_power("static_w=120, voltage_min_ratio=0.6") == {"static_w": 120.0,

@@ -45,6 +45,7 @@ from throttllem._eval.sim import Simulation, Timeline
 from throttllem._events import RequestArrived
 from throttllem._length.oracle import parse_length_error
 from throttllem._trace import peak_rate_per_s
+from throttllem._twin.clockmodel import efficient_clock_mhz
 from throttllem._twin.profile import SetupProfile
 
 
@@ -108,19 +109,6 @@ def with_power(profile: SetupProfile, overrides: dict[str, float]) -> SetupProfi
     if unknown:
         raise ConfigError(f"--power: unknown parameter(s) {unknown}; known: {sorted(known)}")
     return dataclasses.replace(profile, power=dataclasses.replace(profile.power, **overrides))
-
-
-def efficient_clock_mhz(profile: SetupProfile) -> int:
-    """The most energy-efficient clock of a typical decode pass (batch 32, 1k-token
-    contexts) under the profile's power model, as `setup_policy` computes its floor."""
-    import numpy as np  # noqa: PLC0415
-
-    from throttllem._twin.clockmodel import estimate  # noqa: PLC0415
-
-    clocks = np.asarray(profile.gpu.supported_clocks_mhz, dtype=np.float64)
-    energy = estimate(profile, batch=32, kv_tokens=32 * 1024, prefill_tokens=0,
-                      requested_clock_mhz=clocks).energy_mj
-    return int(clocks[int(np.argmin(energy))])
 
 
 def parse_power(text: str) -> dict[str, float]:

@@ -22,7 +22,6 @@ from functools import partial
 
 import anyio
 import anyio.abc
-import numpy as np
 import structlog
 
 from throttllem._bus import Bus
@@ -106,15 +105,12 @@ def setup_policy(setup: str, perf: PerfModel | None = None, *,
     1k-token contexts) under the profile's power model: going lower saves power but costs
     more static energy per token than it saves.
     """
-    from throttllem._twin.clockmodel import estimate  # noqa: PLC0415
+    from throttllem._twin.clockmodel import efficient_clock_mhz  # noqa: PLC0415
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
 
     profile = load_profile(setup)
     mhz = tuple(int(c) for c in profile.gpu.supported_clocks_mhz)
-    clocks = np.asarray(mhz, dtype=np.float64)
-    energy = estimate(profile, batch=32, kv_tokens=32 * 1024, prefill_tokens=0,
-                      requested_clock_mhz=clocks).energy_mj
-    floor_mhz = mhz[int(np.argmin(energy))]
+    floor_mhz = efficient_clock_mhz(profile)
     engine = profile.engine
     shape = EngineShape(kv_block_tokens=engine.block_tokens, kv_blocks_total=engine.kv_blocks,
                         max_batch=engine.max_batch, max_batched_tokens=engine.max_batched_tokens,

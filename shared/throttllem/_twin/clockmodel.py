@@ -243,3 +243,13 @@ def effective_clock_scalar(profile: SetupProfile, *, batch: float, kv_tokens: fl
         else:
             hi = mid - 1
     return clocks[best], best_it if best_it is not None else at(0)
+
+
+def efficient_clock_mhz(profile: SetupProfile) -> int:
+    """The most energy-efficient supported clock of a typical decode pass (batch 32, 1k-token
+    contexts) under the profile's power model: below it a slower pass costs more static
+    energy per token than the lower clock saves (the controller's clock floor)."""
+    clocks = np.asarray(profile.gpu.supported_clocks_mhz, dtype=np.float64)
+    energy = estimate(profile, batch=32, kv_tokens=32 * 1024, prefill_tokens=0,
+                      requested_clock_mhz=clocks).energy_mj
+    return int(profile.gpu.supported_clocks_mhz[int(np.argmin(energy))])
