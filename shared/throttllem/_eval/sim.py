@@ -42,6 +42,9 @@ from throttllem._twin.profile import SetupProfile
 if TYPE_CHECKING:
     from throttllem._eval.policies import SimPolicy
 
+# Seconds of simulated time per timeline bin (the plots' resolution).
+DEFAULT_SAMPLE_S = 5.0
+
 # Order of simultaneous events.
 _END, _ARRIVAL, _TICK, _SAMPLE, _START = 0, 1, 2, 3, 4
 
@@ -97,7 +100,7 @@ class SimResult:
     completions: list[RequestCompleted] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     clocks: ClockAccumulator = field(default_factory=ClockAccumulator)
-    timeline: Timeline = field(default_factory=lambda: Timeline(sample_s=10.0))
+    timeline: Timeline = field(default_factory=lambda: Timeline(sample_s=DEFAULT_SAMPLE_S))
     submitted: int = 0
     end_s: float = 0.0  # the last event of the run (a completion, usually)
     iterations: int = 0
@@ -108,7 +111,7 @@ class Simulation:
     """Engine twins (each on its own GpuTwin) driven by one policy in simulated time."""
 
     def __init__(self, profile: SetupProfile, instances: Sequence[str],
-                 policy: SimPolicy, *, sample_s: float = 5.0) -> None:
+                 policy: SimPolicy, *, sample_s: float = DEFAULT_SAMPLE_S) -> None:
         if not instances:
             raise ConfigError("a simulation needs at least one instance")
         if not sample_s > 0:
