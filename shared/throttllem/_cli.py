@@ -41,7 +41,7 @@ def _forecaster(args: argparse.Namespace) -> Service:
 def _engine(args: argparse.Namespace) -> Service:
     from throttllem._services.engine import EngineTwinService  # noqa: PLC0415
 
-    return EngineTwinService(instance=args.instance, setup=args.setup, slack_s=args.slack)
+    return EngineTwinService(instance=args.instance, setup=args.setup, slack_wall_s=args.slack)
 
 
 def _telemetry(args: argparse.Namespace) -> Service:
@@ -133,8 +133,9 @@ def _add_run(sub: Any) -> None:
             case "engine":
                 p.add_argument("--instance", required=True)
                 p.add_argument("--setup", default="h100-llama3-8b-tp1")
-                p.add_argument("--slack", type=float, default=0.5,
-                               help="event seconds the twin trails the clock (absorbs bus delay)")
+                p.add_argument("--slack", type=float, default=0.05,
+                               help="wall seconds the twin trails the clock (absorbs bus "
+                                    "delay; the forecaster sees the twin this much late)")
             case "telemetry":
                 p.add_argument("--gpu", choices=("twin", "nvml"), default="nvml")
                 p.add_argument("--instances", type=_csv, default=[],
