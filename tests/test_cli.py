@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,17 @@ def test_every_service_folder_is_a_run_subcommand_and_back() -> None:
     root = Path(__file__).resolve().parents[1] / "services"
     folders = {p.name for p in root.iterdir() if (p / "Containerfile").is_file()}
     assert folders == set(SERVICES)
+
+
+def test_a_bad_slo_config_is_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "slo.toml"
+    bad.write_text("[standard]\ntbt = 40\n")
+    result = run_cli("run", "forecaster", "--instances", "i0", "--slo-config", str(bad),
+                     "--nats", "nats://127.0.0.1:1")
+    assert result.returncode == 2
+    assert f"{bad}: [standard] has unknown key(s) ['tbt']" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("demo", "--slo-class", "gold", "--no-progress")
+    assert result.returncode == 2
+    assert "unknown SLO class 'gold'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -18,6 +18,10 @@ from throttllem._log import configure_logging
 from throttllem._runtime import REAL_TIME, Clock, Service, run_service
 
 DEFAULT_NATS = os.environ.get("THROTTLLEM_NATS_URL", "nats://127.0.0.1:4222")
+SLO_CONFIG_HELP = ("TOML file of SLO classes, one [name] table each with tbt_ms, ttft_base_ms, "
+                   "ttft_ms_per_prompt_token; it adds to or replaces the built-in standard, "
+                   "interactive and batch classes (deploy/slo.example.toml)")
+SLO_CLASS_HELP = "SLO class of every replayed trace request (default: standard)"
 
 
 def _csv(value: str) -> list[str]:
@@ -28,6 +32,7 @@ def _csv(value: str) -> list[str]:
 
 
 def _forecaster(args: argparse.Namespace) -> Service:
+    from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
     from throttllem._services.forecaster import (  # noqa: PLC0415
         ForecasterService,
         load_perf_model,
@@ -35,7 +40,8 @@ def _forecaster(args: argparse.Namespace) -> Service:
 
     perf = load_perf_model(args.setup, args.perf_model) if args.policy == "throttllem" else None
     return ForecasterService(instances=args.instances, policy=args.policy, setup=args.setup,
-                             use_upper=not args.median, perf=perf)
+                             use_upper=not args.median, perf=perf,
+                             slo_classes=load_slo_classes(args.slo_config))
 
 
 def _engine(args: argparse.Namespace) -> Service:
@@ -74,7 +80,7 @@ def _replayer(args: argparse.Namespace) -> Service:
     from throttllem._services.replayer import ReplayerService  # noqa: PLC0415
 
     opts = DemoOptions(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
-                       seed=args.seed)
+                       seed=args.seed, slo_class=args.slo_class)
     return ReplayerService(lambda offset_s: trace_requests(opts, offset_s=offset_s),
                            offset_s=args.offset)
 
@@ -127,6 +133,7 @@ def _add_run(sub: Any) -> None:
                                help="performance model folder or name (default: the shipped "
                                     "model of --setup, trained on its profile); 'twin' uses "
                                     "the twin's own formula (an oracle, for ablations)")
+                p.add_argument("--slo-config", type=Path, default=None, help=SLO_CONFIG_HELP)
                 p.add_argument("--median", action="store_true",
                                help="plan with median length predictions (default: the upper "
                                     "quantile, which is more cautious)")
@@ -163,6 +170,7 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--minutes", type=float, default=2.0)
                 p.add_argument("--start-minute", type=float, default=0.0)
                 p.add_argument("--seed", type=int, default=0)
+                p.add_argument("--slo-class", default="standard", help=SLO_CLASS_HELP)
                 p.add_argument("--offset", type=float, default=None,
                                help="event time at which the window starts (default: now + 1 s)")
             case "scaler":
@@ -231,6 +239,8 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--setup", default="h100-llama3-8b-tp1", help="twin setup profile")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--log-dir", type=Path, default=None, help="where service logs go")
+    p.add_argument("--slo-config", type=Path, default=None, help=SLO_CONFIG_HELP)
+    p.add_argument("--slo-class", default="standard", help=SLO_CLASS_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -245,7 +255,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
         speed=args.speed, policies=policies, setup=args.setup, json_path=args.json,
         length_error=args.length_error,
-        peak_rps=args.peak_rps,
+        peak_rps=args.peak_rps, slo_config=args.slo_config, slo_class=args.slo_class,
         log_dir=args.log_dir, progress=not args.no_progress))
     return 0
 

@@ -26,6 +26,7 @@ import structlog
 
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._core.report import ClockAccumulator, RunReport, format_table, summarize
+from throttllem._core.slo import load_slo_classes, require_slo_class
 from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._events import (
     ENGINE_CODEC,
@@ -72,6 +73,8 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     startup_timeout_s: float = 60.0
     drain_timeout_s: float = 120.0
     progress: bool = True
+    slo_config: Path | None = None  # TOML SLO classes for the forecaster and the report
+    slo_class: str = "standard"  # the class of every replayed request
 
 
 def trace_requests(opts: DemoOptions, *, offset_s: float,
@@ -98,6 +101,7 @@ def trace_requests(opts: DemoOptions, *, offset_s: float,
             max_tokens=max(4096, row.output_tokens),
             tenant=rng.choice(TENANTS),
             true_output_tokens=row.output_tokens,
+            slo_class=opts.slo_class,
         )
 
 
@@ -169,8 +173,9 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path) -> 
         for inst in instances:
             procs.append(_spawn(["engine", "--instance", inst, "--setup", opts.setup],
                                 log_dir / f"engine-{inst}.log", clock, nats_url))
+        slo_args = [] if opts.slo_config is None else ["--slo-config", str(opts.slo_config)]
         procs.append(_spawn(["forecaster", "--instances", ",".join(instances),
-                             "--policy", policy, "--setup", opts.setup],
+                             "--policy", policy, "--setup", opts.setup, *slo_args],
                             log_dir / "forecaster.log", clock, nats_url))
         procs.append(_spawn(["telemetry", "--gpu", "twin", "--instances", ",".join(instances)],
                             log_dir / "telemetry.log", clock, nats_url))
@@ -258,6 +263,7 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path) -> 
                         example=next(iter(rejected.values())))
         label = policy if policy == "default" else f"{policy} (length error {opts.length_error})"
         return summarize(completions, policy=label, submitted=len(requests),
+                         slo_classes=load_slo_classes(opts.slo_config),
                          energy_j=energy_j, clocks=clocks, rejected=len(rejected),
                          duration_s=clock.now_s() - offset_s)
     finally:
@@ -276,6 +282,8 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
     unknown = [p for p in opts.policies if p not in ("default", "throttllem")]
     if unknown or not opts.policies:
         raise ConfigError(f"--policy takes default and/or throttllem, not {unknown}")
+    # Fail before starting anything: a bad file or class would only show in the report.
+    require_slo_class(opts.slo_class, load_slo_classes(opts.slo_config))
     log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="tllm-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     server = None

@@ -24,7 +24,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,12 @@ import msgspec
 
 from throttllem._core.report import ClockAccumulator, RunReport, summarize
 from throttllem._core.scaling import ScalingPolicy
+from throttllem._core.slo import (
+    DEFAULT_SLO_CLASSES,
+    SloClass,
+    load_slo_classes,
+    require_slo_class,
+)
 from throttllem._errors import ConfigError
 from throttllem._eval.policies import (
     POLICIES,
@@ -71,6 +77,8 @@ class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     future_prefills: bool = True  # False: the controller ignores arrivals to come (ablation)
     # Sensitivity: the twin's power-model parameters replaced (profile [power] names).
     power: dict[str, float] = msgspec.field(default_factory=dict)
+    slo_config: Path | None = None  # TOML SLO classes (None: the built-in ones)
+    slo_class: str = "standard"  # the class of every replayed request
 
 
 class PolicyRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,6 +106,7 @@ class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
     floor_mhz: int | None
     requests: int
     horizon_s: float
+    slo_classes: dict[str, SloClass]  # the classes that steered and scored the runs
 
 
 def with_power(profile: SetupProfile, overrides: dict[str, float]) -> SetupProfile:
@@ -133,7 +142,8 @@ def _retimed(requests: Sequence[RequestArrived], factor: float) -> list[RequestA
 
 
 def _attainment(profile: SetupProfile, requests: Sequence[RequestArrived],
-                instances: int, *, clock_mhz: int | None = None) -> float:
+                instances: int, *, clock_mhz: int | None = None,
+                slo_classes: Mapping[str, SloClass] = DEFAULT_SLO_CLASSES) -> float:
     """SLO attainment of join-shortest-queue serving at one fixed clock (None: default)."""
     names = [f"p{k}" for k in range(instances)]
     if clock_mhz is None:
@@ -144,13 +154,14 @@ def _attainment(profile: SetupProfile, requests: Sequence[RequestArrived],
     res = sim.run(requests)
     report = summarize(res.completions, policy="probe", submitted=res.submitted, energy_j=0.0,
                        clocks=ClockAccumulator(), duration_s=res.end_s,
-                       rejected=len(res.rejected))
+                       rejected=len(res.rejected), slo_classes=slo_classes)
     return report.slo_attainment
 
 
 def measure_capacity_rps(profile: SetupProfile, requests: Sequence[RequestArrived], *,
                          slo_target: float, probe_requests: int = 800,
-                         steps: int = 7) -> float:
+                         steps: int = 7,
+                         slo_classes: Mapping[str, SloClass] = DEFAULT_SLO_CLASSES) -> float:
     """The highest mean arrival rate (requests/s) at which one instance at its default
     clock still meets `slo_target` attainment on the window's first requests (bisection
     after a doubling search; the trace's own burstiness is kept, only re-timed)."""
@@ -162,7 +173,8 @@ def measure_capacity_rps(profile: SetupProfile, requests: Sequence[RequestArrive
     base_rps = (len(sample) - 1) / span_s if span_s > 0 else 1.0
 
     def meets(rate_rps: float) -> bool:
-        return _attainment(profile, _retimed(sample, rate_rps / base_rps), 1) >= slo_target
+        return _attainment(profile, _retimed(sample, rate_rps / base_rps), 1,
+                           slo_classes=slo_classes) >= slo_target
 
     lo, hi = 0.0, 1.0
     while meets(hi):
@@ -199,7 +211,8 @@ def peak_segment(requests: Sequence[RequestArrived], *, window_s: float = 60.0,
 
 def static_clock_mhz(profile: SetupProfile, requests: Sequence[RequestArrived],
                      instances: int, clocks: Sequence[int], floor_mhz: int, *,
-                     slo_target: float) -> int:
+                     slo_target: float,
+                     slo_classes: Mapping[str, SloClass] = DEFAULT_SLO_CLASSES) -> int:
     """The lowest clock (not below the efficiency floor) at which the busiest minutes of
     the window meet `slo_target` attainment with every instance locked there; the top
     clock when none does."""
@@ -207,7 +220,8 @@ def static_clock_mhz(profile: SetupProfile, requests: Sequence[RequestArrived],
     candidates = [c for c in clocks if c >= floor_mhz]
     chosen = lowest_passing_clock(
         candidates,
-        lambda c: _attainment(profile, segment, instances, clock_mhz=c) >= slo_target)
+        lambda c: _attainment(profile, segment, instances, clock_mhz=c,
+                              slo_classes=slo_classes) >= slo_target)
     return chosen if chosen is not None else clocks[-1]
 
 
@@ -241,11 +255,13 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     for spec in (opts.length_error, *opts.length_errors):
         parse_length_error(spec)
     profile = with_power(load_profile(opts.setup), opts.power)
+    slo_classes = load_slo_classes(opts.slo_config)
+    require_slo_class(opts.slo_class, slo_classes)
 
     def window(peak_rps: float | None) -> list[RequestArrived]:
         return list(trace_requests(DemoOptions(
             trace=opts.trace, minutes=opts.minutes, start_minute=opts.start_minute,
-            seed=opts.seed, peak_rps=peak_rps), offset_s=0.0))
+            seed=opts.seed, peak_rps=peak_rps, slo_class=opts.slo_class), offset_s=0.0))
 
     unscaled = window(None)
     if len(unscaled) < 2:
@@ -259,7 +275,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
         raise ConfigError("--capacity-rps must be positive")
     if capacity is None and (scaled_by_capacity or any(
             POLICY_SPECS[name].scaling for _, name, _ in runs_to_make)):
-        capacity = measure_capacity_rps(profile, unscaled, slo_target=opts.slo_target)
+        capacity = measure_capacity_rps(profile, unscaled, slo_target=opts.slo_target,
+                                        slo_classes=slo_classes)
     if not opts.time_scale:
         peak_rps, requests = peak_rate_per_s([r.arrival_s for r in unscaled]), unscaled
     else:
@@ -286,7 +303,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     if "static" in opts.policies:
         assert policy is not None
         static_mhz = static_clock_mhz(profile, requests, opts.instances, policy.clocks.mhz,
-                                      policy.floor_mhz, slo_target=opts.slo_target)
+                                      policy.floor_mhz, slo_target=opts.slo_target,
+                                      slo_classes=slo_classes)
     predictions: dict[str, dict[str, tuple[float, float]]] = {}
 
     sims: dict[str, Simulation] = {}
@@ -300,7 +318,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
             preds = predictions[err]
         sim = Simulation(profile, instances, make_policy(
             name, instances, policy=policy, shape=shape, predictions=preds, scaling=scaling,
-            static_clock_mhz=static_mhz, tick_s=opts.retune_s, label=label))
+            static_clock_mhz=static_mhz, tick_s=opts.retune_s, label=label,
+            slo_classes=slo_classes))
         sim.run(requests)
         sims[label] = sim
         errors[label] = err
@@ -311,7 +330,7 @@ def evaluate(opts: EvalOptions) -> Evaluation:
         energy_j = sim.finish(horizon_s)
         report = summarize(res.completions, policy=label, submitted=res.submitted,
                            energy_j=energy_j, clocks=res.clocks, rejected=len(res.rejected),
-                           duration_s=horizon_s)
+                           duration_s=horizon_s, slo_classes=slo_classes)
         instance_s = sim.instance_seconds(horizon_s)
         runs[label] = PolicyRun(
             report=report, gpu_energy_mj=sim.gpu_energy_mj(),
@@ -326,7 +345,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
                       capacity_measured=measured and capacity is not None,
                       peak_rps=peak_rps, rate_factor=rate_factor, static_clock_mhz=static_mhz,
                       floor_mhz=policy.floor_mhz if policy is not None else None,
-                      requests=len(requests), horizon_s=horizon_s)
+                      requests=len(requests), horizon_s=horizon_s,
+                      slo_classes=dict(slo_classes))
 
 
 def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
@@ -347,7 +367,8 @@ def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
             "scale_events": run.scale_events,
             "length_error": run.length_error,
         }
-    options = {k: v for k, v in msgspec.structs.asdict(opts).items()
+    options = {k: str(v) if isinstance(v, Path) else v
+               for k, v in msgspec.structs.asdict(opts).items()
                if not (isinstance(v, float) and math.isinf(v))}
     return {"policies": policies,
             "setup": {"capacity_rps": ev.capacity_rps,
@@ -356,6 +377,7 @@ def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
                       "requests": ev.requests, "horizon_s": ev.horizon_s,
                       "static_clock_mhz": ev.static_clock_mhz, "floor_mhz": ev.floor_mhz},
             "options": options,
+            "slo_classes": msgspec.to_builtins(ev.slo_classes),
             "energy_source": "twin (simulated)", "time": "simulated (no wall clock)"}
 
 
@@ -437,6 +459,11 @@ def add_evaluate_parser(sub: Any) -> None:
                         "static_w=120,voltage_min_ratio=0.6 (names of the profile's [power])")
     p.add_argument("--no-future-prefills", action="store_true",
                    help="ablation: the controller ignores the prefills of requests to come")
+    p.add_argument("--slo-config", type=Path, default=None,
+                   help="TOML file of SLO classes (as `throttllem run forecaster`): they size "
+                        "capacity, steer the controller and score the runs")
+    p.add_argument("--slo-class", default="standard",
+                   help="SLO class of every request of the window (default: standard)")
     p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix and length noise")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--plots", type=Path, default=Path("runs/evaluate"),
@@ -458,7 +485,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         length_errors=[e.strip() for e in args.length_errors.split(",") if e.strip()],
         setup=args.setup, perf_model=args.perf_model, seed=args.seed,
         retune_s=args.retune_s, slo_target=args.slo_target, warmup_s=args.warmup_s,
-        future_prefills=not args.no_future_prefills, power=parse_power(args.power))
+        future_prefills=not args.no_future_prefills, power=parse_power(args.power),
+        slo_config=args.slo_config, slo_class=args.slo_class)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

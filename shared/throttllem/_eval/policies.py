@@ -213,6 +213,8 @@ class ComposedPolicy(SimPolicy):
         self.pending: deque[RequestArrived] = deque()
         self.deferred = 0
         self._governed_s = 0.0
+        # The governor honours the tightest TBT bound of the classes it has served.
+        self._governed_tbt_ms = math.inf
         # autoscaler
         self.scaling = scaling if spec.scaling else None
         self.scale_tick_s = (scaler_default("tick_s") if scale_tick_s is None
@@ -288,7 +290,8 @@ class ComposedPolicy(SimPolicy):
         if period < self.governor.period_s:
             return
         self._governed_s = sim.now_s
-        tbt_bound_ms = self.slo_classes["standard"].tbt_ms
+        tbt_bound_ms = (self._governed_tbt_ms if math.isfinite(self._governed_tbt_ms)
+                        else self.slo_classes["standard"].tbt_ms)
         for instance, seen in self.measured.items():
             mean_ms = seen.pass_ms_sum / seen.passes if seen.passes else math.nan
             clock = reactive_clock(self.governor, self.policy.clocks, self.policy.floor_mhz,
@@ -360,6 +363,8 @@ class ComposedPolicy(SimPolicy):
     def on_arrival(self, sim: Simulation, request: RequestArrived) -> None:
         self._start(sim)
         self.load.observe(request.arrival_s)
+        if self.spec.clocks == "reactive":
+            self._governed_tbt_ms = min(self._governed_tbt_ms, self._slo(request).tbt_ms)
         if self.pending:  # FCFS: nothing jumps ahead of a deferred request
             self.pending.append(request)
             self._drain_pending(sim)
@@ -445,14 +450,16 @@ def make_policy(name: str, instances: Sequence[str], *, policy: Policy | None = 
                 shape: EngineShape | None = None,
                 predictions: Mapping[str, tuple[float, float]] | None = None,
                 scaling: ScalingPolicy | None = None, static_clock_mhz: int | None = None,
-                tick_s: float = 0.1, label: str | None = None) -> ComposedPolicy:
+                tick_s: float = 0.1, label: str | None = None,
+                slo_classes: Mapping[str, SloClass] | None = None) -> ComposedPolicy:
     """The policy `name` (one of `POLICIES`); `label` names it in reports (default: name)."""
     spec = POLICY_SPECS.get(name)
     if spec is None:
         raise ConfigError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     return ComposedPolicy(label or name, instances, spec=spec, policy=policy, shape=shape,
                           predictions=predictions, scaling=scaling,
-                          static_clock_mhz=static_clock_mhz, tick_s=tick_s)
+                          static_clock_mhz=static_clock_mhz, tick_s=tick_s,
+                          slo_classes=slo_classes)
 
 
 def lowest_passing_clock(clocks: Sequence[int], passes: Callable[[int], bool]) -> int | None:

@@ -163,6 +163,8 @@ def rebuild_state(history: list[RequestEvent], trackers: dict[str, InstanceTrack
                          upper_tokens=adm.upper_tokens if adm.upper_tokens is not None
                          else median,
                          arrival_s=request.arrival_s,
+                         # a class no longer configured (restart with another config):
+                         # planned as `standard`, since the request is already running
                          slo=slo_classes.get(request.slo_class, DEFAULT_SLO_CLASSES["standard"]))
     return deque(predicted[i] for i in dict.fromkeys(deferred)
                  if i in predicted and i not in admitted and i not in done)
@@ -261,8 +263,28 @@ class ForecasterService:
             reason=placement.reason, predicted_tokens=prediction.predicted_tokens,
             upper_tokens=prediction.upper_tokens), msg_id=f"admit-{request.id}")
 
+    async def _rejected_for_class(self, bus: Bus, clock: Clock,
+                                  prediction: RequestPredicted) -> bool:
+        """Refuse a request whose SLO class this forecaster does not know, for good and with
+        a reason on `request.deferred`: guessing a class could break the SLO the client
+        asked for, and raising would redeliver it forever."""
+        request = prediction.request
+        assert request is not None
+        if request.slo_class in self.slo_classes:
+            return False
+        bus.counters["requests_rejected.unknown_slo_class"] += 1
+        reason = (f"forecaster: unknown SLO class {request.slo_class!r}; known: "
+                  f"{sorted(self.slo_classes)} (define it with --slo-config)")
+        log.warning("forecaster.request_rejected", id=request.id, reason=reason)
+        await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
+            id=request.id, decided_s=clock.now_s(), reason=reason, final=True),
+            msg_id=f"rejected-class-{request.id}")
+        return True
+
     async def _on_predicted(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
         if not isinstance(event, RequestPredicted) or event.request is None:
+            return
+        if await self._rejected_for_class(bus, clock, event):
             return
         if self.pending:  # keep FCFS: nothing jumps ahead of a deferred request
             self.pending.append(event)
@@ -333,6 +355,9 @@ class ForecasterService:
                 history = await bus.history(REQUEST_ALL, REQUEST_CODEC,
                                             since_wall_s=time.time() - self.rebuild_window_s)
                 self.pending = rebuild_state(history, self.trackers, self.slo_classes)
+                # A restart with another --slo-config may leave deferrals of unknown classes.
+                self.pending = deque([p for p in self.pending
+                                      if not await self._rejected_for_class(bus, clock, p)])
                 for instance, tracker in self.trackers.items():
                     self.outstanding[instance] = len(tracker)
                 log.info("forecaster.rebuilt", events=len(history), pending=len(self.pending),
