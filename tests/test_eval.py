@@ -207,6 +207,7 @@ def test_rejected_request_is_reported_and_clock_is_not_pinned(policy_name: str) 
     res = sim.run(requests)
     assert sorted(c.id for c in res.completions) == ["r0", "r2"]
     assert list(res.rejected) == ["r1"]
+    assert "context window" in res.rejected["r1"]  # said by the engine, or by the controller
     energy_j = sim.finish(res.end_s + 10.0)
     assert energy_j == pytest.approx(sum(sim.gpu_energy_mj()) / 1e3)
     assert energy_j >= profile.gpu.idle_power_w * (res.end_s + 10.0) * 2

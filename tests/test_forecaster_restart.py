@@ -6,10 +6,13 @@ from __future__ import annotations
 import time
 
 import anyio
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._core.controller import InstanceTracker
+from throttllem._core.perf import FunctionPerfModel
 from throttllem._core.slo import DEFAULT_SLO_CLASSES
 from throttllem._events import (
     RequestAdmitted,
@@ -23,6 +26,16 @@ from throttllem._services.forecaster import ForecasterService, rebuild_state, se
 from throttllem._subjects import REQUEST_PREDICTED
 
 _, SHAPE = setup_policy("h100-llama3-8b-tp1")
+
+
+def _crowded(batch: npt.NDArray[np.float64], kv: npt.NDArray[np.float64],
+             prefill: npt.NDArray[np.float64], clock: npt.NDArray[np.float64],
+             ) -> npt.NDArray[np.float64]:
+    """5 ms passes up to 3 requests, 1 s beyond, at every clock: a 4th request must wait."""
+    return np.asarray(0.005 + 1.0 * (batch > 3) + 0.0 * (kv + prefill + clock), np.float64)
+
+
+CROWDED = FunctionPerfModel(_crowded, name="crowded")
 
 
 def arrived(rid: str) -> RequestArrived:
@@ -68,19 +81,19 @@ async def test_a_restarted_forecaster_keeps_its_requests(nats: EmbeddedNatsServe
             if publish:
                 for n in range(3):
                     await producer.publish_durable(REQUEST_PREDICTED, predicted(f"r{n}"))
-                # Far longer than the KV cache can ever hold: deferred, not admitted.
-                await producer.publish_durable(REQUEST_PREDICTED, predicted("huge", 5e6))
+                # A fourth request would slow every pass past the TBT bound: deferred.
+                await producer.publish_durable(REQUEST_PREDICTED, predicted("fourth"))
             with anyio.fail_after(10):
                 while sum(len(t) for t in service.trackers.values()) < 3 or not service.pending:
                     await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
         await bus.close()
 
-    first = ForecasterService(instances=["i0", "i1"], policy="throttllem")
+    first = ForecasterService(instances=["i0"], policy="throttllem", perf=CROWDED)
     await run_for_a_while(first, publish=True)
-    second = ForecasterService(instances=["i0", "i1"], policy="throttllem")
+    second = ForecasterService(instances=["i0"], policy="throttllem", perf=CROWDED)
     await run_for_a_while(second, publish=False)  # nothing new: all from the stream
     await producer.close()
     tracked = sorted(r for t in second.trackers.values() for r in t.requests)
     assert tracked == ["r0", "r1", "r2"]
-    assert [p.id for p in second.pending] == ["huge"]
+    assert [p.id for p in second.pending] == ["fourth"]

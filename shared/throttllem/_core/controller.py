@@ -60,6 +60,35 @@ class EngineShape:
     max_batch: int
     max_batched_tokens: int
     kv_watermark_blocks: int = 0
+    max_model_len: int | None = None  # the context window (prompt + generated), if bounded
+
+
+def never_fits(shape: EngineShape, prompt_tokens: int) -> str | None:
+    """Why an engine of this shape can never serve a prompt (None: it can). Such a request
+    must be refused at once: deferred, it would wait for ever and, FCFS, hold up every
+    request behind it."""
+    if shape.max_model_len is not None and prompt_tokens >= shape.max_model_len:
+        return (f"prompt of {prompt_tokens} tokens leaves no room in the "
+                f"{shape.max_model_len}-token context window")
+    kv_tokens = (shape.kv_blocks_total - shape.kv_watermark_blocks) * shape.kv_block_tokens
+    if prompt_tokens >= kv_tokens:
+        return f"prompt of {prompt_tokens} tokens exceeds the {kv_tokens}-token KV cache"
+    return None
+
+
+def planned_lengths(shape: EngineShape, *, prompt_tokens: int, max_tokens: int,
+                    predicted_tokens: float, upper_tokens: float) -> tuple[float, float]:
+    """(median, upper) generation lengths to plan a request with: the prediction clipped to
+    what the engine can generate for it (`max_tokens`, the context window, the KV cache above
+    its watermark). A prediction beyond that would pin clocks up for tokens that never come,
+    or defer the request for ever because no projection can hold it."""
+    room = max_tokens
+    if shape.max_model_len is not None:
+        room = min(room, shape.max_model_len - prompt_tokens)
+    kv_tokens = (shape.kv_blocks_total - shape.kv_watermark_blocks) * shape.kv_block_tokens
+    room = max(min(room, kv_tokens - prompt_tokens), 1)
+    upper = min(max(upper_tokens, predicted_tokens), room)
+    return min(predicted_tokens, upper), upper
 
 
 # Per-request columns of `InstanceTracker`, (name, dtype, empty value).

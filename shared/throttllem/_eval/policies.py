@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from throttllem._core.clock_search import SupportedClocks, next_clock
-from throttllem._core.controller import EngineShape, InstanceTracker, Policy, place, retune
+from throttllem._core.controller import (
+    EngineShape,
+    InstanceTracker,
+    Policy,
+    never_fits,
+    place,
+    planned_lengths,
+    retune,
+)
 from throttllem._core.forecast import Candidate
 from throttllem._core.routing import least_loaded
 from throttllem._core.scaling import (
@@ -304,11 +312,19 @@ class ComposedPolicy(SimPolicy):
 
     # ------------------------------------------------------------------ admission
 
+    def _lengths(self, request: RequestArrived) -> tuple[float, float]:
+        """(median, upper) to plan with: the prediction, clipped as the live forecaster does."""
+        assert self.shape is not None
+        median, upper = self.predictions[request.id]
+        return planned_lengths(self.shape, prompt_tokens=request.prompt_tokens,
+                               max_tokens=request.max_tokens, predicted_tokens=median,
+                               upper_tokens=upper)
+
     def _track(self, request: RequestArrived, instance: str) -> None:
         tracker = self.trackers.get(instance)
         if tracker is None or request.id not in self.predictions:
             return
-        median, upper = self.predictions[request.id]
+        median, upper = self._lengths(request)
         tracker.admitted(request.id, prompt_tokens=request.prompt_tokens,
                          predicted_tokens=median, upper_tokens=upper,
                          arrival_s=request.arrival_s, slo=self._slo(request))
@@ -323,11 +339,17 @@ class ComposedPolicy(SimPolicy):
         return True
 
     def _try_place(self, sim: Simulation, request: RequestArrived) -> bool:
-        """Place and admit; False: deferred (nothing changed)."""
+        """Place and admit (or refuse for good, as the live forecaster); False: deferred
+        (nothing changed)."""
         assert self.policy is not None
-        median, upper = self.predictions[request.id]
+        assert self.shape is not None
+        why = never_fits(self.shape, request.prompt_tokens)
+        if why is not None:
+            sim.refuse(request.id, f"controller: {why}")
+            return True
+        median, upper = self._lengths(request)
         candidate = Candidate(prompt_tokens=request.prompt_tokens, predicted_tokens=median,
-                              upper_tokens=max(upper, median))
+                              upper_tokens=upper)
         candidate_slo = RequestSlo.for_request(self._slo(request),
                                                prompt_tokens=request.prompt_tokens,
                                                arrival_s=request.arrival_s)

@@ -172,6 +172,11 @@ class Simulation:
             self._push(self.now_s, _START, instance)
         return True
 
+    def refuse(self, request_id: str, reason: str) -> None:
+        """The controller refuses a request for good (the live forecaster's final
+        `request.deferred`): reported as rejected, never served."""
+        self.result.rejected[request_id] = reason
+
     def set_clock(self, instance: str, clock_mhz: int | None) -> None:
         """Lock every GPU of the instance at `clock_mhz` (None: default clocks), as the
         actuator does; takes effect from the instance's next pass."""

@@ -22,6 +22,7 @@ from functools import partial
 
 import anyio
 import anyio.abc
+import msgspec
 import structlog
 
 from throttllem._bus import Bus
@@ -31,7 +32,9 @@ from throttllem._core.controller import (
     InstanceTracker,
     Placement,
     Policy,
+    never_fits,
     place,
+    planned_lengths,
     retune,
 )
 from throttllem._core.forecast import Candidate
@@ -114,7 +117,8 @@ def setup_policy(setup: str, perf: PerfModel | None = None, *,
     engine = profile.engine
     shape = EngineShape(kv_block_tokens=engine.block_tokens, kv_blocks_total=engine.kv_blocks,
                         max_batch=engine.max_batch, max_batched_tokens=engine.max_batched_tokens,
-                        kv_watermark_blocks=int(engine.kv_watermark * engine.kv_blocks))
+                        kv_watermark_blocks=int(engine.kv_watermark * engine.kv_blocks),
+                        max_model_len=profile.model.max_model_len)
     model = perf or twin_perf_model(setup)
     # "auto": the secant search for a model monotone in the clock (the compiled grid is, by
     # construction), the full scan otherwise. With the grid a query's cost grows with the
@@ -148,6 +152,8 @@ def rebuild_state(history: list[RequestEvent], trackers: dict[str, InstanceTrack
                 admitted[event.request.id] = event
             case RequestDeferred(final=False):
                 deferred.append(event.id)
+            case RequestDeferred(final=True):  # refused for good, by an engine or by us
+                done.add(event.id)
             case RequestCompleted():
                 done.add(event.id)
             case _:
@@ -187,6 +193,7 @@ class ForecasterService:
         self.policy_name = policy
         # Soft state of the default policy: admitted and not yet completed, per instance.
         self.outstanding = dict.fromkeys(self.instances, 0)
+        self.placed: dict[str, str] = {}  # admitted, not yet completed: request id → instance
         self.slo_classes = dict(slo_classes or DEFAULT_SLO_CLASSES)
         self.lease_s = lease_s
         self.retune_wall_s = retune_wall_s
@@ -195,6 +202,7 @@ class ForecasterService:
         self.rebuild_window_s = rebuild_window_s
         if policy == "throttllem":
             self.policy, shape = setup_policy(setup, perf, use_upper=use_upper)
+            self.shape = shape
             self.trackers = {i: InstanceTracker(i, shape) for i in self.instances}
             top = self.policy.clocks.mhz[-1]
             self.clock_mhz = dict.fromkeys(self.instances, top)
@@ -216,13 +224,30 @@ class ForecasterService:
         # The msg id makes a redelivered arrival (after a crash before its ack) admit once.
         await bus.publish_durable(request_admitted(instance), admitted, msg_id=f"admit-{event.id}")
         self.outstanding[instance] += 1
+        self.placed[event.id] = instance
 
     async def _on_completed(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
         if not isinstance(event, RequestCompleted) or event.instance not in self.outstanding:
             return
-        self.outstanding[event.instance] = max(self.outstanding[event.instance] - 1, 0)
+        self.placed.pop(event.id, None)
+        await self._release(bus, clock, event.instance, event.id)
+
+    async def _on_deferred(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
+        """An engine refused a request it was given (it can never fit): forget it, or it
+        would sit in the instance's projections for ever and pin its clock up."""
+        if not isinstance(event, RequestDeferred) or not event.final:
+            return
+        instance = self.placed.pop(event.id, None)
+        if instance is None:  # not one this forecaster placed (or a deferral of its own)
+            return
+        log.info("forecaster.refused_by_engine", id=event.id, instance=instance,
+                 reason=event.reason)
+        await self._release(bus, clock, instance, event.id)
+
+    async def _release(self, bus: Bus, clock: Clock, instance: str, request_id: str) -> None:
+        self.outstanding[instance] = max(self.outstanding[instance] - 1, 0)
         if self.policy_name == "throttllem":
-            self.trackers[event.instance].completed(event.id)
+            self.trackers[instance].completed(request_id)
             await self._drain_pending(bus, clock)
 
     # ------------------------------------------------------------------ throttllem policy
@@ -255,6 +280,7 @@ class ForecasterService:
             predicted_tokens=prediction.predicted_tokens, upper_tokens=prediction.upper_tokens,
             arrival_s=request.arrival_s, slo=self._slo(request))
         self.outstanding[placement.instance] += 1
+        self.placed[request.id] = placement.instance
         # Raise the clock first if the new request needs it, then admit.
         await self._set_clock(bus, placement.instance, placement.clock_mhz, now_s,
                               reason=f"admit {request.id}")
@@ -263,29 +289,45 @@ class ForecasterService:
             reason=placement.reason, predicted_tokens=prediction.predicted_tokens,
             upper_tokens=prediction.upper_tokens), msg_id=f"admit-{request.id}")
 
-    async def _rejected_for_class(self, bus: Bus, clock: Clock,
-                                  prediction: RequestPredicted) -> bool:
-        """Refuse a request whose SLO class this forecaster does not know, for good and with
-        a reason on `request.deferred`: guessing a class could break the SLO the client
-        asked for, and raising would redeliver it forever."""
+    def _planned(self, prediction: RequestPredicted) -> RequestPredicted:
+        """The prediction clipped to what the engine can generate for the request."""
         request = prediction.request
         assert request is not None
-        if request.slo_class in self.slo_classes:
+        median, upper = planned_lengths(
+            self.shape, prompt_tokens=request.prompt_tokens, max_tokens=request.max_tokens,
+            predicted_tokens=prediction.predicted_tokens, upper_tokens=prediction.upper_tokens)
+        if (median, upper) == (prediction.predicted_tokens, prediction.upper_tokens):
+            return prediction
+        return msgspec.structs.replace(prediction, predicted_tokens=median, upper_tokens=upper)
+
+    async def _rejected(self, bus: Bus, clock: Clock, prediction: RequestPredicted) -> bool:
+        """Refuse, for good and with a reason on `request.deferred`, a request of an SLO class
+        this forecaster does not know (guessing a class could break the SLO the client asked
+        for, and raising would redeliver it for ever) or one no instance can ever hold
+        (deferred, it would hold up every request behind it)."""
+        request = prediction.request
+        assert request is not None
+        if request.slo_class not in self.slo_classes:
+            bus.counters["requests_rejected.unknown_slo_class"] += 1
+            reason = (f"forecaster: unknown SLO class {request.slo_class!r}; known: "
+                      f"{sorted(self.slo_classes)} (define it with --slo-config)")
+        elif (why := never_fits(self.shape, request.prompt_tokens)) is not None:
+            bus.counters["requests_rejected.never_fits"] += 1
+            reason = f"forecaster: {why}"
+        else:
             return False
-        bus.counters["requests_rejected.unknown_slo_class"] += 1
-        reason = (f"forecaster: unknown SLO class {request.slo_class!r}; known: "
-                  f"{sorted(self.slo_classes)} (define it with --slo-config)")
         log.warning("forecaster.request_rejected", id=request.id, reason=reason)
         await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
             id=request.id, decided_s=clock.now_s(), reason=reason, final=True),
-            msg_id=f"rejected-class-{request.id}")
+            msg_id=f"forecaster-rejected-{request.id}")
         return True
 
     async def _on_predicted(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
         if not isinstance(event, RequestPredicted) or event.request is None:
             return
-        if await self._rejected_for_class(bus, clock, event):
+        if await self._rejected(bus, clock, event):
             return
+        event = self._planned(event)
         if self.pending:  # keep FCFS: nothing jumps ahead of a deferred request
             self.pending.append(event)
             await self._drain_pending(bus, clock)
@@ -343,6 +385,8 @@ class ForecasterService:
         await bus.ensure_request_stream()
         await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC,
                             partial(self._on_completed, bus, clock))
+        await bus.subscribe(REQUEST_DEFERRED, REQUEST_CODEC,
+                            partial(self._on_deferred, bus, clock))
         async with anyio.create_task_group() as tg:
             if self.policy_name == "default":
                 await tg.start(partial(
@@ -356,10 +400,11 @@ class ForecasterService:
                                             since_wall_s=time.time() - self.rebuild_window_s)
                 self.pending = rebuild_state(history, self.trackers, self.slo_classes)
                 # A restart with another --slo-config may leave deferrals of unknown classes.
-                self.pending = deque([p for p in self.pending
-                                      if not await self._rejected_for_class(bus, clock, p)])
+                self.pending = deque([self._planned(p) for p in self.pending
+                                      if not await self._rejected(bus, clock, p)])
                 for instance, tracker in self.trackers.items():
                     self.outstanding[instance] = len(tracker)
+                    self.placed.update(dict.fromkeys(tracker.requests, instance))
                 log.info("forecaster.rebuilt", events=len(history), pending=len(self.pending),
                          tracked={i: len(t) for i, t in self.trackers.items()})
                 await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
