@@ -18,7 +18,6 @@ from throttllem._core.controller import (
 )
 from throttllem._core.slo import DEFAULT_SLO_CLASSES
 from throttllem._events import (
-    REQUEST_CODEC,
     RequestAdmitted,
     RequestArrived,
     RequestDeferred,
@@ -27,7 +26,8 @@ from throttllem._events import (
 )
 from throttllem._runtime import Clock
 from throttllem._services.forecaster import ForecasterService, rebuild_state, setup_policy
-from throttllem._subjects import REQUEST_ADMITTED_ALL, REQUEST_DEFERRED, REQUEST_PREDICTED
+from throttllem._subjects import REQUEST_DEFERRED, REQUEST_PREDICTED
+from throttllem.testing import watch_decisions
 
 SHAPE = EngineShape(kv_block_tokens=16, kv_blocks_total=1000, max_batch=64,
                     max_batched_tokens=4096, kv_watermark_blocks=10)
@@ -86,17 +86,7 @@ async def test_an_engine_refusal_frees_the_instance(nats: EmbeddedNatsServer) ->
     clock = Clock(epoch_wall_s=0.0)  # event time = Unix time, as the arrivals
     client = await Bus.connect(nats.url, name="engine-stand-in")
     await client.ensure_request_stream()
-    admitted: dict[str, RequestAdmitted] = {}
-    refused: dict[str, RequestDeferred] = {}
-
-    async def on_event(event: RequestEvent) -> None:
-        if isinstance(event, RequestAdmitted):
-            admitted[event.request.id] = event
-        elif isinstance(event, RequestDeferred):
-            refused[event.id] = event
-
-    await client.subscribe(REQUEST_ADMITTED_ALL, REQUEST_CODEC, on_event)
-    await client.subscribe(REQUEST_DEFERRED, REQUEST_CODEC, on_event)
+    decided = await watch_decisions(client)
     service = ForecasterService(instances=["i0"], policy="throttllem")
     bus = await Bus.connect(nats.url, name="forecaster")
     async with anyio.create_task_group() as tg:
@@ -110,12 +100,14 @@ async def test_an_engine_refusal_frees_the_instance(nats: EmbeddedNatsServer) ->
             id="long", predicted_tokens=5000.0, upper_tokens=9000.0, model_version="t",
             request=arrived("long", prompt_tokens=8000)))
         with anyio.fail_after(10):
-            while "long" not in admitted:
+            while {"long", "too-long"} - decided.keys():
                 await anyio.sleep(0.02)
-        assert admitted["long"].upper_tokens == 192.0  # planned as the engine can serve it
-        assert refused["too-long"].final
-        assert "leaves no room in the 8192-token context window" in refused["too-long"].reason
-        assert "too-long" not in admitted
+        long, too_long = decided["long"], decided["too-long"]
+        assert isinstance(long, RequestAdmitted)
+        assert long.upper_tokens == 192.0  # planned as the engine can serve it
+        assert isinstance(too_long, RequestDeferred)  # and never admitted
+        assert too_long.final
+        assert "leaves no room in the 8192-token context window" in too_long.reason
         assert service.trackers["i0"].requests == ["long"]
         assert service.outstanding["i0"] == 1
         # The engine refuses it for good: the forecaster must let it go.

@@ -20,20 +20,17 @@ from throttllem._core.slo import (
 )
 from throttllem._errors import ConfigError
 from throttllem._events import (
-    REQUEST_CODEC,
     RequestAdmitted,
     RequestArrived,
     RequestDeferred,
-    RequestEvent,
     RequestPredicted,
 )
 from throttllem._runtime import Clock
 from throttllem._services.forecaster import ForecasterService
 from throttllem._subjects import (
-    REQUEST_ADMITTED_ALL,
-    REQUEST_DEFERRED,
     REQUEST_PREDICTED,
 )
+from throttllem.testing import watch_decisions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,22 +91,13 @@ def predicted(rid: str, slo_class: str) -> RequestPredicted:
 
 async def _decisions(nats: EmbeddedNatsServer, service: ForecasterService,
                      requests: list[RequestPredicted],
-                     ) -> tuple[dict[str, RequestEvent], dict[str, int]]:
+                     ) -> tuple[dict[str, RequestAdmitted | RequestDeferred], dict[str, int]]:
     """Run the forecaster, publish `requests`; each one's admission or deferral, and the
     forecaster bus's counters."""
     clock = Clock(epoch_wall_s=0.0)  # event time = Unix time, as the arrivals above
     client = await Bus.connect(nats.url, name="client")
     await client.ensure_request_stream()
-    decided: dict[str, RequestEvent] = {}
-
-    async def on_event(event: RequestEvent) -> None:
-        if isinstance(event, RequestAdmitted):
-            decided[event.request.id] = event
-        elif isinstance(event, RequestDeferred):
-            decided[event.id] = event
-
-    await client.subscribe(REQUEST_ADMITTED_ALL, REQUEST_CODEC, on_event)
-    await client.subscribe(REQUEST_DEFERRED, REQUEST_CODEC, on_event)
+    decided = await watch_decisions(client)
     bus = await Bus.connect(nats.url, name="forecaster")
     async with anyio.create_task_group() as tg:
         await tg.start(service.run, bus, clock)

@@ -12,9 +12,12 @@ from pathlib import Path
 import pynvml
 from structlog.testing import capture_logs
 
-from throttllem._bus import EmbeddedNatsServer
+from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
+from throttllem._subjects import REQUEST_ADMITTED_ALL, REQUEST_DEFERRED
 
-__all__ = ["H100_SM_CLOCKS_DESCENDING", "FakeNvml", "capture_logs", "nats_server"]
+__all__ = ["H100_SM_CLOCKS_DESCENDING", "FakeNvml", "capture_logs", "nats_server",
+           "watch_decisions"]
 
 H100_SM_CLOCKS_DESCENDING = list(range(1980, 344, -15))  # NVML lists them high to low
 
@@ -29,6 +32,22 @@ def nats_server(store_dir: Path | None = None) -> Iterator[EmbeddedNatsServer]:
         yield server
     finally:
         server.stop()
+
+
+async def watch_decisions(bus: Bus) -> dict[str, RequestAdmitted | RequestDeferred]:
+    """Subscribe `bus` to every admission and deferral; the dict it fills maps each request
+    id to the latest decision seen for it (what a gateway watching the forecaster sees)."""
+    decided: dict[str, RequestAdmitted | RequestDeferred] = {}
+
+    async def on_event(event: RequestEvent) -> None:
+        if isinstance(event, RequestAdmitted):
+            decided[event.request.id] = event
+        elif isinstance(event, RequestDeferred):
+            decided[event.id] = event
+
+    await bus.subscribe(REQUEST_ADMITTED_ALL, REQUEST_CODEC, on_event)
+    await bus.subscribe(REQUEST_DEFERRED, REQUEST_CODEC, on_event)
+    return decided
 
 
 # --------------------------------------------------------------------------- NVML seam
