@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import structlog
 
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._core.report import ClockAccumulator, RunReport, format_table, summarize
-from throttllem._core.slo import load_slo_classes, require_slo_class
+from throttllem._core.slo import SloClass, load_slo_classes, require_slo_class
 from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._events import (
     ENGINE_CODEC,
@@ -152,7 +152,8 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path) -> RunReport:
+async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
+               slo_classes: Mapping[str, SloClass]) -> RunReport:
     instances = [f"i{n}" for n in range(opts.instances)]
     # Ids carry the policy: runs on one server must not de-duplicate each other's requests.
     requests = list(trace_requests(opts, offset_s=0.0, run_tag=f"{policy}-"))
@@ -263,7 +264,7 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path) -> 
                         example=next(iter(rejected.values())))
         label = policy if policy == "default" else f"{policy} (length error {opts.length_error})"
         return summarize(completions, policy=label, submitted=len(requests),
-                         slo_classes=load_slo_classes(opts.slo_config),
+                         slo_classes=slo_classes,
                          energy_j=energy_j, clocks=clocks, rejected=len(rejected),
                          duration_s=clock.now_s() - offset_s)
     finally:
@@ -283,7 +284,8 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
     if unknown or not opts.policies:
         raise ConfigError(f"--policy takes default and/or throttllem, not {unknown}")
     # Fail before starting anything: a bad file or class would only show in the report.
-    require_slo_class(opts.slo_class, load_slo_classes(opts.slo_config))
+    slo_classes = load_slo_classes(opts.slo_config)
+    require_slo_class(opts.slo_class, slo_classes)
     log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="tllm-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     server = None
@@ -296,7 +298,7 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
         for policy in opts.policies:
             policy_logs = log_dir / policy
             policy_logs.mkdir(exist_ok=True)
-            reports.append(anyio.run(_run, opts, policy, nats_url, policy_logs))
+            reports.append(anyio.run(_run, opts, policy, nats_url, policy_logs, slo_classes))
     finally:
         if server is not None:
             server.stop()

@@ -62,6 +62,11 @@ class EngineShape:
     kv_watermark_blocks: int = 0
     max_model_len: int | None = None  # the context window (prompt + generated), if bounded
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV cache holds above its admission watermark."""
+        return (self.kv_blocks_total - self.kv_watermark_blocks) * self.kv_block_tokens
+
 
 def never_fits(shape: EngineShape, prompt_tokens: int) -> str | None:
     """Why an engine of this shape can never serve a prompt (None: it can). Such a request
@@ -70,9 +75,9 @@ def never_fits(shape: EngineShape, prompt_tokens: int) -> str | None:
     if shape.max_model_len is not None and prompt_tokens >= shape.max_model_len:
         return (f"prompt of {prompt_tokens} tokens leaves no room in the "
                 f"{shape.max_model_len}-token context window")
-    kv_tokens = (shape.kv_blocks_total - shape.kv_watermark_blocks) * shape.kv_block_tokens
-    if prompt_tokens >= kv_tokens:
-        return f"prompt of {prompt_tokens} tokens exceeds the {kv_tokens}-token KV cache"
+    if prompt_tokens >= shape.kv_capacity_tokens:
+        return (f"prompt of {prompt_tokens} tokens exceeds the {shape.kv_capacity_tokens}-token "
+                f"KV cache")
     return None
 
 
@@ -85,8 +90,7 @@ def planned_lengths(shape: EngineShape, *, prompt_tokens: int, max_tokens: int,
     room = max_tokens
     if shape.max_model_len is not None:
         room = min(room, shape.max_model_len - prompt_tokens)
-    kv_tokens = (shape.kv_blocks_total - shape.kv_watermark_blocks) * shape.kv_block_tokens
-    room = max(min(room, kv_tokens - prompt_tokens), 1)
+    room = max(min(room, shape.kv_capacity_tokens - prompt_tokens), 1)
     upper = min(max(upper_tokens, predicted_tokens), room)
     return min(predicted_tokens, upper), upper
 

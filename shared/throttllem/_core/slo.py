@@ -116,9 +116,7 @@ class SloOutcome(msgspec.Struct, frozen=True, kw_only=True):
 
 def check_slo(done: RequestCompleted,
               classes: Mapping[str, SloClass] = DEFAULT_SLO_CLASSES) -> SloOutcome:
-    slo = classes.get(done.slo_class)
-    if slo is None:
-        raise ConfigError(f"unknown SLO class {done.slo_class!r}; known: {sorted(classes)}")
+    slo = require_slo_class(done.slo_class, classes)
     return SloOutcome(
         ttft_ok=done.ttft_ms <= slo.ttft_bound_ms(done.prompt_tokens),
         tbt_ok=done.tbt_mean_ms <= slo.tbt_ms,

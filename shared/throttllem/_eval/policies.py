@@ -57,7 +57,7 @@ from throttllem._core.scaling import (
     ScalingPolicy,
     decide,
 )
-from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass
+from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class
 from throttllem._core.slo_check import RequestSlo
 from throttllem._errors import ConfigError
 from throttllem._events import EngineIteration, RequestArrived, RequestCompleted
@@ -273,10 +273,7 @@ class ComposedPolicy(SimPolicy):
     # ------------------------------------------------------------------ clocks
 
     def _slo(self, request: RequestArrived) -> SloClass:
-        slo = self.slo_classes.get(request.slo_class)
-        if slo is None:
-            raise ConfigError(f"unknown SLO class {request.slo_class!r}")
-        return slo
+        return require_slo_class(request.slo_class, self.slo_classes)
 
     def _set_clock(self, sim: Simulation, instance: str, proposed_mhz: int) -> None:
         """Through the live forecaster's hysteresis (`next_clock`)."""

@@ -40,7 +40,7 @@ from throttllem._core.controller import (
 from throttllem._core.forecast import Candidate
 from throttllem._core.perf import AnyArray, FunctionPerfModel, PerfModel
 from throttllem._core.routing import least_loaded
-from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass
+from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class
 from throttllem._core.slo_check import RequestSlo
 from throttllem._errors import ConfigError
 from throttllem._events import (
@@ -223,8 +223,7 @@ class ForecasterService:
                                    reason="policy=default: least outstanding")
         # The msg id makes a redelivered arrival (after a crash before its ack) admit once.
         await bus.publish_durable(request_admitted(instance), admitted, msg_id=f"admit-{event.id}")
-        self.outstanding[instance] += 1
-        self.placed[event.id] = instance
+        self._placed_on(instance, event.id)
 
     async def _on_completed(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
         if not isinstance(event, RequestCompleted) or event.instance not in self.outstanding:
@@ -244,6 +243,10 @@ class ForecasterService:
                  reason=event.reason)
         await self._release(bus, clock, instance, event.id)
 
+    def _placed_on(self, instance: str, request_id: str) -> None:
+        self.outstanding[instance] += 1
+        self.placed[request_id] = instance
+
     async def _release(self, bus: Bus, clock: Clock, instance: str, request_id: str) -> None:
         self.outstanding[instance] = max(self.outstanding[instance] - 1, 0)
         if self.policy_name == "throttllem":
@@ -253,10 +256,7 @@ class ForecasterService:
     # ------------------------------------------------------------------ throttllem policy
 
     def _slo(self, request: RequestArrived) -> SloClass:
-        slo = self.slo_classes.get(request.slo_class)
-        if slo is None:
-            raise ConfigError(f"unknown SLO class {request.slo_class!r}")
-        return slo
+        return require_slo_class(request.slo_class, self.slo_classes)
 
     def _try_place(self, prediction: RequestPredicted, now_s: float) -> Placement | None:
         request = prediction.request
@@ -279,8 +279,7 @@ class ForecasterService:
             request.id, prompt_tokens=request.prompt_tokens,
             predicted_tokens=prediction.predicted_tokens, upper_tokens=prediction.upper_tokens,
             arrival_s=request.arrival_s, slo=self._slo(request))
-        self.outstanding[placement.instance] += 1
-        self.placed[request.id] = placement.instance
+        self._placed_on(placement.instance, request.id)
         # Raise the clock first if the new request needs it, then admit.
         await self._set_clock(bus, placement.instance, placement.clock_mhz, now_s,
                               reason=f"admit {request.id}")
@@ -307,15 +306,17 @@ class ForecasterService:
         (deferred, it would hold up every request behind it)."""
         request = prediction.request
         assert request is not None
-        if request.slo_class not in self.slo_classes:
-            bus.counters["requests_rejected.unknown_slo_class"] += 1
-            reason = (f"forecaster: unknown SLO class {request.slo_class!r}; known: "
-                      f"{sorted(self.slo_classes)} (define it with --slo-config)")
-        elif (why := never_fits(self.shape, request.prompt_tokens)) is not None:
-            bus.counters["requests_rejected.never_fits"] += 1
-            reason = f"forecaster: {why}"
+        why: str | None
+        try:
+            require_slo_class(request.slo_class, self.slo_classes)
+        except ConfigError as e:
+            counter, why = "unknown_slo_class", str(e)
         else:
+            counter, why = "never_fits", never_fits(self.shape, request.prompt_tokens)
+        if why is None:
             return False
+        bus.counters[f"requests_rejected.{counter}"] += 1
+        reason = f"forecaster: {why}"
         log.warning("forecaster.request_rejected", id=request.id, reason=reason)
         await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
             id=request.id, decided_s=clock.now_s(), reason=reason, final=True),
