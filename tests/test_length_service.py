@@ -211,6 +211,21 @@ async def request_all(client: Bus, payloads: list[bytes]) -> list[Any]:
     return replies
 
 
+async def serve_and_request(nats: EmbeddedNatsServer, service: LengthPredictorService,
+                            payloads: list[bytes]) -> tuple[list[Any], dict[str, int]]:
+    """Run the service, send every RPC at once; the replies in order, and the service bus's
+    counters."""
+    bus = await Bus.connect(nats.url, name="predictor")
+    client = await Bus.connect(nats.url, name="gateway")
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run, bus, REAL_TIME)
+        replies = await request_all(client, payloads)
+        tg.cancel_scope.cancel()
+    await bus.close()
+    await client.close()
+    return replies, dict(bus.counters)
+
+
 class RecordingPredictor(LengthPredictorService):
     """Remembers the ids of every batch it predicted."""
 
@@ -279,21 +294,14 @@ async def test_a_request_the_oracle_cannot_serve_is_rejected_alone(
 
 async def test_rpc_rejects_a_bad_request_alone_in_its_batch(nats: EmbeddedNatsServer) -> None:
     service = LengthPredictorService(oracle=0.0)
-    bus = await Bus.connect(nats.url, name="predictor")
-    client = await Bus.connect(nats.url, name="gateway")
     payloads = [encode(arrival(n, true_tokens=None if n == 3 else 10 + n)) for n in range(12)]
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run, bus, REAL_TIME)
-        replies = await request_all(client, payloads)
-        tg.cancel_scope.cancel()
-    await bus.close()
-    await client.close()
+    replies, counters = await serve_and_request(nats, service, payloads)
     assert replies[3]["tag"] == "rpc.error"
     assert "oracle mode needs the request's true length" in replies[3]["error"]
     others = [r for n, r in enumerate(replies) if n != 3]
     assert [r["tag"] for r in others] == ["request.predicted"] * 11
     assert [r["predicted_tokens"] for r in others] == [10 + n for n in range(12) if n != 3]
-    assert bus.counters["rpc_rejected"] == 1
+    assert counters["rpc_rejected"] == 1
     assert service.batcher.batches < 12, "requests sent together were batched together"
 
 
@@ -340,15 +348,8 @@ async def test_an_rpc_that_fails_gets_an_error_reply_and_the_service_keeps_servi
 
 async def test_micro_batching_forms_batches_under_load(nats: EmbeddedNatsServer) -> None:
     service = LengthPredictorService()
-    bus = await Bus.connect(nats.url, name="predictor")
-    client = await Bus.connect(nats.url, name="gateway")
     payloads = [encode(arrival(n, text=PROMPTS[n % 4])) for n in range(200)]
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run, bus, REAL_TIME)
-        replies = await request_all(client, payloads)
-        tg.cancel_scope.cancel()
-    await bus.close()
-    await client.close()
+    replies, _ = await serve_and_request(nats, service, payloads)
     assert [r["id"] for r in replies] == [f"r{n}" for n in range(200)]
     assert service.batcher.items == 200
     assert service.batcher.max_batch > 1
