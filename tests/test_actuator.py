@@ -74,14 +74,16 @@ async def run_actuator(nats_url: str, body: object, **kwargs: object) -> tuple[
         assert isinstance(event, FreqApplied)
         applied.append(event)
 
-    await controller.subscribe(freq_applied("i0"), FREQ_CODEC, on_applied)
-    async with anyio.create_task_group() as tg:
-        await tg.start(actuator.run, bus, clock)
-        await body(controller, applied, gpu)  # type: ignore[operator]
-        tg.cancel_scope.cancel()
-    await anyio.sleep(0.2)
-    for b in (bus, controller, engine_bus):
-        await b.close()
+    try:
+        await controller.subscribe(freq_applied("i0"), FREQ_CODEC, on_applied)
+        async with anyio.create_task_group() as tg:
+            await tg.start(actuator.run, bus, clock)
+            await body(controller, applied, gpu)  # type: ignore[operator]
+            tg.cancel_scope.cancel()
+        await anyio.sleep(0.2)
+    finally:  # a failing body must not leak its sockets into the next test's warnings
+        for b in (bus, controller, engine_bus):
+            await b.close()
     return gpu, actuator, applied
 
 

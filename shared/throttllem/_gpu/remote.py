@@ -125,7 +125,7 @@ async def serve_gpu(bus: Bus, subject: str, backend: GpuBackend) -> object:
         await msg.respond(msgspec.json.encode(answer_gpu_call(backend, msg.data)))
 
     sub = await bus.nc.subscribe(subject, cb=callback)
-    await bus.nc.flush()  # the server knows we answer before anyone is told we are ready
+    await bus.sync()  # the server knows we answer before anyone is told we are ready
     return sub
 
 

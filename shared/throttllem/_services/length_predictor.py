@@ -227,7 +227,7 @@ class LengthPredictorService:
 
             # No task per request: the callback queues it for the next batch and returns.
             await bus.nc.subscribe(PREDICT_RPC, queue=QUEUE_GROUP, cb=partial(self._on_rpc, bus))
-            await bus.nc.flush()
+            await bus.sync()
             await tg.start(partial(
                 bus.consume, durable="length-predictor", subject=REQUEST_ARRIVED,
                 deliver_new_only=True,
