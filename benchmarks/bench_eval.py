@@ -6,8 +6,12 @@ does), timed wall-clock around `evaluate` (trace loading, oracle predictions, th
 clock search and the performance model load included; one instance's capacity is measured
 once, before the timed runs). "sim s" is the simulated span; "iters" the engine passes;
 "ticks" controller ticks; "s per trace-hour" scales the wall time to a 60-minute window.
+With `--cold`, each predictive policy also runs with every clock search started cold
+(`warm_start=False`; same decisions, checked) right after its warm run, and "warm/cold"
+is the ratio of the two wall times.
 
-    python benchmarks/bench_eval.py [--minutes 60] [--perf-model twin] [--json runs/bench_eval.json]
+    python benchmarks/bench_eval.py [--minutes 60] [--perf-model twin] [--cold]
+        [--json runs/bench_eval.json]
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ import msgspec  # noqa: E402
 
 from throttllem._eval import POLICIES, EvalOptions, evaluate  # noqa: E402
 
+# Policies whose runs make no controller clock search (`static` picks its one clock by
+# whole simulations): warm or cold, they are the same run.
+NO_CLOCK_SEARCH = {"default", "autoscale", "retail", "static"}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,6 +46,8 @@ def main() -> None:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--perf-model", default=None,
                     help="default: the shipped model (as the CLI); 'twin': the oracle formula")
+    ap.add_argument("--cold", action="store_true",
+                    help="also run predictive policies with cold clock searches (ratio)")
     ap.add_argument("--json", type=Path, default=Path("runs/bench_eval.json"))
     args = ap.parse_args()
 
@@ -52,20 +62,30 @@ def main() -> None:
         run = evaluate(opts).runs[name]
         wall_s = time.perf_counter() - t0
         r = run.report
-        rows.append({"policy": name, "wall_s": wall_s, "sim_s": r.duration_s,
-                     "sim_s_per_wall_s": r.duration_s / wall_s,
-                     "wall_s_per_trace_hour": wall_s * 60.0 / args.minutes,
-                     "requests": r.requests_submitted, "iterations": run.iterations,
-                     "ticks": run.ticks, "energy_j": r.energy_j,
-                     "slo_attainment": r.slo_attainment})
+        row = {"policy": name, "wall_s": wall_s, "sim_s": r.duration_s,
+               "sim_s_per_wall_s": r.duration_s / wall_s,
+               "wall_s_per_trace_hour": wall_s * 60.0 / args.minutes,
+               "requests": r.requests_submitted, "iterations": run.iterations,
+               "ticks": run.ticks, "energy_j": r.energy_j,
+               "slo_attainment": r.slo_attainment}
+        if args.cold and name not in NO_CLOCK_SEARCH:
+            t0 = time.perf_counter()
+            cold = evaluate(msgspec.structs.replace(opts, warm_start=False)).runs[name]
+            row["cold_wall_s"] = time.perf_counter() - t0
+            if cold.report != r:
+                raise SystemExit(f"{name}: cold searches decided differently from warm ones")
+        rows.append(row)
 
     head = f"{'policy':<12}{'requests':>9}{'iters':>9}{'ticks':>8}{'sim s':>9}{'wall s':>9}" \
-           f"{'s per trace-hour':>18}"
+           f"{'s per trace-hour':>18}{'warm/cold':>11}"
     print(head)
     print("-" * len(head))
     for row in rows:
+        ratio = (f"{row['wall_s'] / row['cold_wall_s']:>11.2f}" if "cold_wall_s" in row
+                 else f"{'–':>11}")
         print(f"{row['policy']:<12}{row['requests']:>9}{row['iterations']:>9}{row['ticks']:>8}"
-              f"{row['sim_s']:>9.0f}{row['wall_s']:>9.1f}{row['wall_s_per_trace_hour']:>18.1f}")
+              f"{row['sim_s']:>9.0f}{row['wall_s']:>9.1f}{row['wall_s_per_trace_hour']:>18.1f}"
+              f"{ratio}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "benchmark": "bench_eval", "trace": args.trace, "minutes": args.minutes,

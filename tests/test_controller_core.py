@@ -425,17 +425,19 @@ STEPPED = FunctionPerfModel(_stepped, name="stepped")
 @PROPS
 @given(data=st.data(), state=instance_states(), candidate=st.none() | candidates,
        strategy=st.sampled_from(["auto", "secant", "kary", "binary", "scan"]),
-       fanout=st.integers(1, 40), stepped=st.booleans())
+       fanout=st.integers(1, 40), stepped=st.booleans(),
+       hint_mhz=st.none() | st.integers(300, 2100))
 def test_search_finds_the_lowest_feasible_clock(data: st.DataObject, state: InstanceState, *,
                                                 candidate: Candidate | None, strategy: Any,
-                                                fanout: int, stepped: bool) -> None:
+                                                fanout: int, stepped: bool,
+                                                hint_mhz: int | None) -> None:
     perf = STEPPED if stepped else AFFINE
     assert is_monotone_in_clock(perf, H100_CLOCKS.mhz)
     p = project(state, candidate=candidate)
     slo = data.draw(request_slos(state, p, candidate))
     lowest, ok = brute_force_lowest(p, slo, perf)
     got = min_feasible_clock(p, perf, H100_CLOCKS, slo, now_s=NOW_S, strategy=strategy,
-                             fanout=fanout, with_report=True)
+                             fanout=fanout, with_report=True, hint_mhz=hint_mhz)
     if lowest is None:
         assert isinstance(got, NoFeasibleClock)
         assert got.top_clock_mhz == H100_CLOCKS.mhz[-1]

@@ -174,7 +174,7 @@ def _kary(problem: SloProblem, perf: PerfModel, clocks: FloatArray, lo: int, hi:
 
 
 def _secant(problem: SloProblem, perf: PerfModel, table: SupportedClocks, lo: int, hi: int,
-            *, window: int, fanout: int) -> tuple[int | None, int]:
+            *, window: int, fanout: int, hint: int | None = None) -> tuple[int | None, int]:
     """Lowest feasible index in (lo, hi] under monotone feasibility, probing where each
     deadline is projected to bind.
 
@@ -188,12 +188,22 @@ def _secant(problem: SloProblem, perf: PerfModel, table: SupportedClocks, lo: in
     closer, the secants become exact. After `SECANT_ROUNDS` such rounds what is left goes
     to the k-ary search. The prediction only chooses *where* to probe: the bracket logic,
     hence the answer, is exact under monotone feasibility.
+
+    `hint` (an index, e.g. where this instance's last search landed) adds the hint and the
+    clock below it to round 1: when the answer has not moved, that round brackets it
+    exactly and the search ends there (one model call instead of three to five); otherwise
+    the bracket starts narrower. It changes how many rounds are run, never the answer.
     """
     clocks = table.as_f64
     inv = table.inv_f64
     deadline = problem.deadline_s
     limit = problem.span_limit_s
-    cands = [hi] if hi == lo + 1 else [lo + 1, hi]
+    if hi == lo + 1:
+        cands = [hi]
+    elif hint is None or not lo + 1 < hint < hi:
+        cands = [lo + 1, hi]
+    else:
+        cands = sorted({lo + 1, hint - 1, hint, hi})
     ends, spans = constrained_s(problem, perf, clocks[cands])
     g = margin_from(problem, ends, spans)
     evaluated = len(cands)
@@ -201,8 +211,10 @@ def _secant(problem: SloProblem, perf: PerfModel, table: SupportedClocks, lo: in
         return None, evaluated
     if g[0] >= 0.0:
         return cands[0], evaluated
-    lo += 1
-    e_lo, s_lo, e_hi, s_hi = ends[0], spans[0], ends[-1], spans[-1]
+    # Bracket: the highest infeasible probe below the lowest feasible one.
+    k = next(k for k, gv in enumerate(g.tolist()) if gv >= 0.0)
+    lo, hi = cands[k - 1], cands[k]
+    e_lo, s_lo, e_hi, s_hi = ends[k - 1], spans[k - 1], ends[k], spans[k]
     rounds = 0
     while hi - lo > 1:
         if rounds == SECANT_ROUNDS:
@@ -243,7 +255,7 @@ def _scan(problem: SloProblem, perf: PerfModel, clocks: FloatArray, lo: int,
 def search_clock(problem: SloProblem, perf: PerfModel, clocks: SupportedClocks, *,
                  floor_mhz: int | None = None, ceiling_mhz: int | None = None,
                  strategy: Strategy = "auto", fanout: int = DEFAULT_FANOUT,
-                 with_report: bool = False) -> ClockSearchResult:
+                 with_report: bool = False, hint_mhz: int | None = None) -> ClockSearchResult:
     """`min_feasible_clock` on an already prepared problem (see the module docstring)."""
     lo_i = 0 if floor_mhz is None else clocks.index(floor_mhz)
     hi_i = len(clocks) - 1 if ceiling_mhz is None else clocks.index(ceiling_mhz)
@@ -261,8 +273,9 @@ def search_clock(problem: SloProblem, perf: PerfModel, clocks: SupportedClocks, 
     elif strategy == "scan":
         found, evaluated = _scan(problem, perf, table, lo_i - 1, hi_i)
     elif strategy == "secant":
+        hint = bisect.bisect_left(clocks.mhz, hint_mhz) if hint_mhz is not None else None
         found, evaluated = _secant(problem, perf, clocks, lo_i - 1, hi_i,
-                                   window=SECANT_WINDOW, fanout=fanout)
+                                   window=SECANT_WINDOW, fanout=fanout, hint=hint)
     else:
         found, evaluated = _kary(problem, perf, table, lo_i - 1, hi_i,
                                  fanout=1 if strategy == "binary" else fanout)
@@ -279,7 +292,8 @@ def min_feasible_clock(projection: Projection, perf: PerfModel, clocks: Supporte
                        slo: RequestSlo, *, now_s: float, must_meet: BoolArray | None = None,
                        floor_mhz: int | None = None, ceiling_mhz: int | None = None,
                        strategy: Strategy = "auto", fanout: int = DEFAULT_FANOUT,
-                       with_report: bool = False) -> ClockSearchResult:
+                       with_report: bool = False,
+                       hint_mhz: int | None = None) -> ClockSearchResult:
     """The lowest supported clock in [floor, ceiling] at which every request of the
     projection (running, queued, candidate) in `must_meet` meets its SLOs.
 
@@ -289,10 +303,13 @@ def min_feasible_clock(projection: Projection, perf: PerfModel, clocks: Supporte
     into it is the caller's call. `with_report` adds the per-request report at the chosen
     clock (one more model evaluation); a NoFeasibleClock always carries it, at the top
     clock, to say who misses. ClockOutOfRangeError for an unsupported floor/ceiling.
+    `hint_mhz` (any clock, e.g. this instance's last answer) warm-starts the secant search:
+    fewer rounds when the answer is near it, the same answer always.
     """
     problem = prepare(projection, slo, now_s=now_s, must_meet=must_meet)
     return search_clock(problem, perf, clocks, floor_mhz=floor_mhz, ceiling_mhz=ceiling_mhz,
-                        strategy=strategy, fanout=fanout, with_report=with_report)
+                        strategy=strategy, fanout=fanout, with_report=with_report,
+                        hint_mhz=hint_mhz)
 
 
 # --------------------------------------------------------------------------- hysteresis

@@ -113,8 +113,14 @@ class InstanceTracker:
     def __init__(self, name: str, shape: EngineShape, *, capacity: int = 64) -> None:
         self.name = name
         self.shape = shape
-        # (arrival_s, prompt tokens) of recent admissions, for the rate of future prefills.
+        # Where this instance's last clock search landed: a warm start for the next one
+        # (it changes how fast a search is, never its answer).
+        self.last_clock_mhz: int | None = None
+        # (arrival_s, prompt tokens) of recent admissions, for the rate of future prefills,
+        # with their token sum and latest arrival kept as they come and go.
         self.recent: deque[tuple[float, int]] = deque()
+        self._recent_tokens = 0
+        self._latest_arrival_s = -math.inf
         self._row: dict[str, int] = {}  # request id -> row
         self._n = 0  # rows in use, live or dead
         self._alive = np.zeros(capacity, dtype=np.bool_)
@@ -156,6 +162,8 @@ class InstanceTracker:
     def admitted(self, request_id: str, *, prompt_tokens: int, predicted_tokens: float,
                  upper_tokens: float, arrival_s: float, slo: SloClass) -> None:
         self.recent.append((arrival_s, prompt_tokens))
+        self._recent_tokens += prompt_tokens
+        self._latest_arrival_s = max(self._latest_arrival_s, arrival_s)
         self.completed(request_id)  # admitted again: the latest admission counts
         if self._n == len(self._alive):
             self._grow()
@@ -204,7 +212,10 @@ class InstanceTracker:
         """Prompt tokens per second admitted here with arrivals in (now − window, now]."""
         recent = self.recent
         while recent and recent[0][0] <= now_s - window_s:
-            recent.popleft()
+            self._recent_tokens -= recent.popleft()[1]
+        if self._latest_arrival_s <= now_s:
+            return self._recent_tokens / window_s
+        # Some arrival is stamped after `now_s` (clocks of two processes): leave it out.
         return sum(tokens for t, tokens in recent if t <= now_s) / window_s
 
     def snapshot(self) -> tuple[InstanceState, RequestSlo]:
@@ -242,6 +253,9 @@ class Policy:
     strategy: Strategy = "auto"
     # Seconds of admissions that estimate the rate of future prefills; None: ignore them.
     arrival_window_s: float | None = 10.0
+    # Start each instance's search at its last answer (`InstanceTracker.last_clock_mhz`):
+    # the same clocks, found in fewer model calls. False only to measure that.
+    warm_start: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,16 +276,34 @@ def perf_for(tracker: InstanceTracker, policy: Policy, now_s: float) -> PerfMode
     return ArrivalPrefillPerf(policy.perf, rate, policy.clocks.mhz)
 
 
-def _search(state: InstanceState, slo: RequestSlo, policy: Policy, now_s: float,
-            candidate: Candidate | None, *,
-            perf: PerfModel) -> tuple[int | None, BoolArray | None]:
-    """Lowest feasible clock, ignoring requests that miss even at the top clock; returns
-    (clock or None, which requests are lost causes)."""
+def _search(tracker: InstanceTracker, policy: Policy, now_s: float,
+            candidate: tuple[Candidate, RequestSlo] | None = None,
+            ) -> tuple[int | None, BoolArray | None]:
+    """Lowest feasible clock for the tracker's requests (and the candidate, with its SLO
+    row), ignoring requests that miss even at the top clock; returns (clock or None, which
+    requests are lost causes). Records the answer as the tracker's next warm start."""
+    clock, lost = _lowest_clock(tracker, policy, now_s, candidate)
+    if clock is not None:
+        tracker.last_clock_mhz = clock
+    return clock, lost
+
+
+def _lowest_clock(tracker: InstanceTracker, policy: Policy, now_s: float,
+                 with_candidate: tuple[Candidate, RequestSlo] | None,
+                 ) -> tuple[int | None, BoolArray | None]:
+    state, slo = tracker.snapshot()
+    candidate = None
+    if with_candidate is not None:
+        candidate, candidate_slo = with_candidate
+        slo = RequestSlo.concat([slo, candidate_slo])
+    perf = perf_for(tracker, policy, now_s)
+    hint = tracker.last_clock_mhz if policy.warm_start else None
     projection = project(state, use_upper=policy.use_upper, candidate=candidate)
     if candidate is not None and projection.kv_overflow_iter >= 0:
         return None, None
     result = min_feasible_clock(projection, perf, policy.clocks, slo, now_s=now_s,
-                                floor_mhz=policy.floor_mhz, strategy=policy.strategy)
+                                floor_mhz=policy.floor_mhz, strategy=policy.strategy,
+                                hint_mhz=hint)
     if isinstance(result, FeasibleClock):
         return result.clock_mhz, None
     lost = result.report.miss[:, 0].copy()
@@ -279,7 +311,7 @@ def _search(state: InstanceState, slo: RequestSlo, policy: Policy, now_s: float,
         return None, lost  # the candidate itself cannot make it here
     retry = min_feasible_clock(projection, perf, policy.clocks, slo, now_s=now_s,
                                floor_mhz=policy.floor_mhz, must_meet=~lost,
-                               strategy=policy.strategy)
+                               strategy=policy.strategy, hint_mhz=hint)
     if isinstance(retry, NoFeasibleClock):  # cannot happen for a monotone model
         return policy.clocks.mhz[-1], lost
     return retry.clock_mhz, lost
@@ -295,9 +327,7 @@ def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
     hopeless = 0
     for name in sorted(trackers, key=lambda n: (len(trackers[n]), n)):
         tracker = trackers[name]
-        state, slo = tracker.snapshot()
-        clock, lost = _search(state, RequestSlo.concat([slo, candidate_slo]), policy, now_s,
-                              candidate, perf=perf_for(tracker, policy, now_s))
+        clock, lost = _search(tracker, policy, now_s, (candidate, candidate_slo))
         if clock is None:
             hopeless += lost is not None and bool(lost[-1])
             continue
@@ -326,8 +356,7 @@ def _late_even_alone(candidate: Candidate, slo: RequestSlo, policy: Policy,
 
 def retune(tracker: InstanceTracker, policy: Policy, *, now_s: float) -> int:
     """The lowest clock at which the instance's current requests meet their SLOs."""
-    if not tracker.requests:
+    if not len(tracker):
         return policy.floor_mhz
-    state, slo = tracker.snapshot()
-    clock, _ = _search(state, slo, policy, now_s, None, perf=perf_for(tracker, policy, now_s))
+    clock, _ = _search(tracker, policy, now_s)
     return clock if clock is not None else policy.clocks.mhz[-1]

@@ -75,6 +75,9 @@ class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     warmup_s: float = 60.0  # a new instance's warm-up (model load), drawing idle power
     cooldown_s: float = 30.0
     future_prefills: bool = True  # False: the controller ignores arrivals to come (ablation)
+    # False: every clock search starts cold, not at the instance's last answer (same
+    # decisions, slower; benchmarks/bench_eval.py --cold measures the difference).
+    warm_start: bool = True
     # Sensitivity: the twin's power-model parameters replaced (profile [power] names).
     power: dict[str, float] = msgspec.field(default_factory=dict)
     slo_config: Path | None = None  # TOML SLO classes (None: the built-in ones)
@@ -294,6 +297,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
         policy, shape = setup_policy(opts.setup, perf)
         if not opts.future_prefills:
             policy = dataclasses.replace(policy, arrival_window_s=None)
+        if not opts.warm_start:
+            policy = dataclasses.replace(policy, warm_start=False)
         if opts.power:  # the floor is the most efficient clock under the power model used
             policy = dataclasses.replace(policy, floor_mhz=efficient_clock_mhz(profile))
     scaling = None if capacity is None else ScalingPolicy(
