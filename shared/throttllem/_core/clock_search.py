@@ -23,7 +23,10 @@ work ∝ clocks × T. Strategies:
   knee) in 3–4 rounds / ~8 clocks. After `SECANT_ROUNDS` prediction rounds the rest goes
   to k-ary. Predictions only choose where to probe.
 The first round of every strategy includes the top clock (infeasible there → no clock
-works) and, but for binary, the bottom one (light load: done at once).
+works) and, but for binary, the bottom one (light load: done at once). A warm start
+(`hint_mhz`, the controller passes each instance's last answer) adds that clock and the one
+below it to the secant search's first round: an answer that has not moved is then found in
+one round.
 benchmarks/bench_controller.py times all of them on the same decisions (strategies take
 turns, shuffled). On our 2-core dev box, 256 running requests (T ≈ 1,650 passes), one full
 decision at p50: secant 0.50 ms, k-ary 11 / 6 0.58 ms, binary 0.73 ms, scan 1.2 ms with the
