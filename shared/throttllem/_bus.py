@@ -149,7 +149,6 @@ async def sync_with_server(nc: NatsClient) -> None:
     await nc.flush()
 
 
-
 class Bus:
     """A NATS connection with typed publish/subscribe and counted rejections."""
 
