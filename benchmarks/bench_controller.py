@@ -223,14 +223,13 @@ def main() -> None:
             # it released), so noise on the machine hits them alike and ratios compare.
             samples: list[list[tuple[float, float, int, int, int]]] = [[] for _ in strategies]
             for k in range(args.decisions):
-                case = cases[k % len(cases)]
+                case, answer = cases[k % len(cases)], answers[k % len(cases)]
                 for i in rng.permutation(len(strategies)).tolist():
                     _, strategy, fanout, offset = strategies[i]
-                    got = decide(case, perf, strategy, fanout,
-                                 hint_near(answers[k % len(cases)], offset))
-                    if got[2] != answers[k % len(cases)]:
+                    got = decide(case, perf, strategy, fanout, hint_near(answer, offset))
+                    if got[2] != answer:
                         raise SystemExit(f"{strategies[i][0]} chose {got[2]} MHz, the scan "
-                                         f"{answers[k % len(cases)]} MHz")
+                                         f"{answer} MHz")
                     samples[i].append(got)
             for (label, _, fanout, _), got in zip(strategies, samples, strict=True):
                 fc = [g[0] for g in got]

@@ -135,20 +135,6 @@ class EmbeddedNatsServer:
 # --------------------------------------------------------------------------- connection
 
 
-async def sync_with_server(nc: NatsClient) -> None:
-    """Return once the server has processed everything this connection sent before the call.
-
-    One `flush()` does not promise that with nats-py 2.16: it writes its PING straight to the
-    socket, ahead of commands (SUB, PUB) still queued for the client's flusher task, so its
-    PONG can come back before the server has seen a SUB sent just before it, and a message
-    published right after from another connection is then lost (our actuator test missed its
-    first target about 1 run in 20 that way). The first flush wakes the flusher, which writes
-    the queued commands before the loop can read any reply; the second PING goes after them.
-    """
-    await nc.flush()
-    await nc.flush()
-
-
 class Bus:
     """A NATS connection with typed publish/subscribe and counted rejections."""
 
@@ -208,9 +194,19 @@ class Bus:
             await self.nc.close()
 
     async def sync(self) -> None:
-        """Wait until the server has processed all this connection sent (subscriptions
-        included); see `sync_with_server`."""
-        await sync_with_server(self.nc)
+        """Return once the server has processed everything this connection sent before the
+        call (subscriptions included).
+
+        One `flush()` does not promise that with nats-py 2.16: it writes its PING straight to
+        the socket, ahead of commands (SUB, PUB) still queued for the client's flusher task,
+        so its PONG can come back before the server has seen a SUB sent just before it, and a
+        message published right after from another connection is then lost (our actuator
+        test missed its first target about 1 run in 20 that way). The first flush wakes the
+        flusher, which writes the queued commands before the loop can read any reply; the
+        second PING goes after them.
+        """
+        await self.nc.flush()
+        await self.nc.flush()
 
     # ---- publishing
 
