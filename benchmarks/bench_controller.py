@@ -54,6 +54,7 @@ from throttllem._core.forecast import Candidate, InstanceState, project  # noqa:
 from throttllem._core.perf import AffinePerfModel, FunctionPerfModel, PerfModel  # noqa: E402
 from throttllem._core.slo import SloClass  # noqa: E402
 from throttllem._core.slo_check import RequestSlo  # noqa: E402
+from throttllem._setup import DEFAULT_SETUP  # noqa: E402
 
 CLOCKS = SupportedClocks(tuple(range(345, 1981, 15)))
 NOW_S = 10_000.0
@@ -130,7 +131,7 @@ def twin_model() -> PerfModel | None:
         from throttllem._twin.profile import load_profile  # noqa: PLC0415
     except ImportError:
         return None
-    profile = load_profile("h100-llama3-8b-tp1")
+    profile = load_profile(DEFAULT_SETUP)
 
     def fn(b: Any, kv: Any, pf: Any, c: Any) -> Any:
         return clockmodel.iteration_time_s(profile, batch=b, kv_tokens=kv, prefill_tokens=pf,
@@ -146,7 +147,7 @@ def grid_model() -> tuple[PerfModel, tuple[float, float, float]] | None:
         from throttllem._perf.runtime import PerfRuntime  # noqa: PLC0415
     except ImportError:
         return None
-    runtime = PerfRuntime.load("h100-llama3-8b-tp1")
+    runtime = PerfRuntime.load(DEFAULT_SETUP)
     assert runtime.grid is not None
     return FunctionPerfModel(runtime.iteration_time_s, name="onnx grid"), runtime.grid.edge
 

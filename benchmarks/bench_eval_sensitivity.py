@@ -21,6 +21,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from throttllem._eval import EvalOptions, evaluate  # noqa: E402
+from throttllem._setup import DEFAULT_SETUP  # noqa: E402
 from throttllem._twin.profile import load_profile  # noqa: E402
 
 # One assumption at a time, around the shipped value (the profile's sources say why each is
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("runs/bench_eval_sensitivity.json"))
     args = ap.parse_args()
 
-    power = load_profile("h100-llama3-8b-tp1").power
+    power = load_profile(DEFAULT_SETUP).power
     cases: list[tuple[str, dict[str, float]]] = [("shipped profile", {})]
     for name, values in SWEEP.items():
         cases += [(f"{name}={v:g} (shipped {getattr(power, name):g})", {name: v})

@@ -56,13 +56,14 @@ import numpy as np  # noqa: E402
 from throttllem._events import RequestArrived  # noqa: E402
 from throttllem._perf.profiler import run_profile  # noqa: E402
 from throttllem._perf.runtime import DEFAULT_MODEL_ROOT, PerfRuntime, score_table  # noqa: E402
+from throttllem._setup import DEFAULT_SETUP  # noqa: E402
 from throttllem._trace import iter_trace  # noqa: E402
 from throttllem._twin import clockmodel as cm  # noqa: E402
 from throttllem._twin.engine import EngineTwin  # noqa: E402
 from throttllem._twin.gpu import GpuIterationResult, GpuTwin  # noqa: E402
 from throttllem._twin.profile import load_profile  # noqa: E402
 
-MODELS = ("h100-llama3-8b-tp1", "h100-llama2-13b-tp2", "h100-llama3-8b-tp1-measured")
+MODELS = (DEFAULT_SETUP, "h100-llama2-13b-tp2", "h100-llama3-8b-tp1-measured")
 DRIFT_CLOCKS = (1980, 1410, 990, 600)
 QUERY_T = 2000
 

@@ -53,8 +53,9 @@ from throttllem._perf.gpu_engine import (
     serve,
     sweep_shapes,
 )
+from throttllem._setup import DEFAULT_SETUP
 
-SETUP = "h100-llama3-8b-tp1"  # engine limits (max batch 256, 8192-token budget, KV blocks)
+SETUP = DEFAULT_SETUP  # engine limits (max batch 256, 8192-token budget, KV blocks)
 TRACE = "/work/shared/data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
 
 

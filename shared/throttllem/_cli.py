@@ -16,6 +16,7 @@ from throttllem import __version__
 from throttllem._errors import ThrottllemError
 from throttllem._log import configure_logging
 from throttllem._runtime import REAL_TIME, Clock, Service, run_service
+from throttllem._setup import DEFAULT_SETUP
 
 DEFAULT_NATS = os.environ.get("THROTTLLEM_NATS_URL", "nats://127.0.0.1:4222")
 SLO_CONFIG_HELP = ("TOML file of SLO classes, one [name] table each with tbt_ms, ttft_base_ms, "
@@ -127,7 +128,7 @@ def _add_run(sub: Any) -> None:
                                help="comma-separated engine instance names")
                 p.add_argument("--policy", choices=("default", "throttllem"),
                                default="default")
-                p.add_argument("--setup", default="h100-llama3-8b-tp1",
+                p.add_argument("--setup", default=DEFAULT_SETUP,
                                help="serving setup (engine limits, clocks, performance model)")
                 p.add_argument("--perf-model", default=None,
                                help="performance model folder or name (default: the shipped "
@@ -139,7 +140,7 @@ def _add_run(sub: Any) -> None:
                                     "quantile, which is more cautious)")
             case "engine":
                 p.add_argument("--instance", required=True)
-                p.add_argument("--setup", default="h100-llama3-8b-tp1")
+                p.add_argument("--setup", default=DEFAULT_SETUP)
                 p.add_argument("--slack", type=float, default=0.05,
                                help="wall seconds the twin trails the clock (absorbs bus "
                                     "delay; the forecaster sees the twin this much late)")
@@ -174,7 +175,7 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--offset", type=float, default=None,
                                help="event time at which the window starts (default: now + 1 s)")
             case "scaler":
-                p.add_argument("--setup", default="h100-llama3-8b-tp1",
+                p.add_argument("--setup", default=DEFAULT_SETUP,
                                help="the setup whose instances are scaled (names scale.target)")
                 p.add_argument("--instances", type=_csv, required=True,
                                help="instances running (and serving) at start")
@@ -236,7 +237,7 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--length-error", default="0.15",
                    help="throttllem policy on a trace (no prompt text): the oracle length "
                         "predictor's relative error (0, 0.15, 0.3) or 'measured'")
-    p.add_argument("--setup", default="h100-llama3-8b-tp1", help="twin setup profile")
+    p.add_argument("--setup", default=DEFAULT_SETUP, help="twin setup profile")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--log-dir", type=Path, default=None, help="where service logs go")
     p.add_argument("--slo-config", type=Path, default=None, help=SLO_CONFIG_HELP)

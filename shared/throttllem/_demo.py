@@ -42,6 +42,7 @@ from throttllem._events import (
 from throttllem._gpu.remote import RemoteGpu
 from throttllem._runtime import Clock
 from throttllem._services.replayer import replay
+from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import (
     ENGINE_ITERATION_ALL,
     HEALTH_ALL,
@@ -66,7 +67,7 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     speed: float = 1.0
     policies: list[str] = msgspec.field(default_factory=lambda: ["default"])
     length_error: str = "0.15"
-    setup: str = "h100-llama3-8b-tp1"
+    setup: str = DEFAULT_SETUP
     peak_rps: float | None = None
     json_path: Path | None = None
     log_dir: Path | None = None

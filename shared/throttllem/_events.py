@@ -115,8 +115,23 @@ class RequestCompleted(_Event, frozen=True, kw_only=True, tag="request.completed
     energy_mj: float | None = None
 
 
+class RequestAborted(_Event, frozen=True, kw_only=True, tag="request.aborted"):
+    """A request ended without completing: its client went away, its engine failed, or it
+    waited past the gateway's queue timeout. Whoever placed or tracks it forgets it, so that
+    nothing stays pinned in the controller's projections."""
+
+    id: Id
+    decided_s: float
+    # Where it was admitted, if it was ("" while it was still waiting for admission).
+    instance: str = ""
+    # One of "client-disconnected", "engine-failed", "queue-timeout", "shed".
+    cause: str
+    reason: str = ""
+
+
 RequestEvent = (
     RequestArrived | RequestPredicted | RequestAdmitted | RequestDeferred | RequestCompleted
+    | RequestAborted
 )
 
 

@@ -19,6 +19,7 @@ REQUEST_PREDICTED: Final = f"{PREFIX}.request.predicted"
 REQUEST_ADMITTED_ALL: Final = f"{PREFIX}.request.admitted.*"
 REQUEST_DEFERRED: Final = f"{PREFIX}.request.deferred"
 REQUEST_COMPLETED: Final = f"{PREFIX}.request.completed"
+REQUEST_ABORTED: Final = f"{PREFIX}.request.aborted"
 REQUEST_ALL: Final = f"{PREFIX}.request.>"
 PREDICT_RPC: Final = f"{PREFIX}.rpc.predict"
 

@@ -50,6 +50,7 @@ from throttllem._eval.policies import (
 from throttllem._eval.sim import Simulation, Timeline
 from throttllem._events import RequestArrived
 from throttllem._length.oracle import parse_length_error
+from throttllem._setup import DEFAULT_SETUP
 from throttllem._trace import peak_rate_per_s
 from throttllem._twin.clockmodel import efficient_clock_mhz
 from throttllem._twin.profile import SetupProfile
@@ -67,7 +68,7 @@ class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     policies: list[str] = msgspec.field(default_factory=lambda: list(POLICIES))
     length_error: str = "0.15"
     length_errors: list[str] = msgspec.field(default_factory=list)  # extra throttllem runs
-    setup: str = "h100-llama3-8b-tp1"
+    setup: str = DEFAULT_SETUP
     perf_model: str | None = None  # None: the shipped model for the setup; "twin": oracle
     seed: int = 0
     retune_s: float = 0.1  # the live forecaster's retune period (at --speed 1)
@@ -450,7 +451,7 @@ def add_evaluate_parser(sub: Any) -> None:
                    help="oracle length predictor's relative error (0, 0.15, 0.3) or 'measured'")
     p.add_argument("--length-errors", default="",
                    help="extra throttllem runs at these errors, e.g. 0,0.3,measured")
-    p.add_argument("--setup", default="h100-llama3-8b-tp1", help="twin setup profile")
+    p.add_argument("--setup", default=DEFAULT_SETUP, help="twin setup profile")
     p.add_argument("--perf-model", default=None,
                    help="controller performance model: folder or shipped name (default: the "
                         "setup's shipped model, as the live forecaster), or 'twin' (oracle)")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SETUP = "h100-llama3-8b-tp1"
+from throttllem._setup import DEFAULT_SETUP
 
 
 def _out_default(args: argparse.Namespace) -> Path:

@@ -57,6 +57,7 @@ import numpy as np
 
 from throttllem._errors import ConfigError
 from throttllem._perf.table import ProfileRow, TableWriter, refuse_parquet
+from throttllem._setup import DEFAULT_SETUP
 
 TWIN_NOISE_SIGMA: Final = 0.01
 DEFAULT_SAMPLES: Final = 12_000
@@ -239,7 +240,7 @@ def run_profile(*, target: str, setup: str, out: str | Path, samples: int = DEFA
     if target == "gpu":
         from throttllem._perf.gpu_decoder import GpuProfileOptions, run_gpu_profile  # noqa: PLC0415
 
-        if setup != "h100-llama3-8b-tp1":
+        if setup != DEFAULT_SETUP:
             print(f"profile: note: the gpu target always runs a Llama-3-8B-shaped decoder "
                   f"(TP1); --setup {setup} only names the default output file", file=log)
         opts = GpuProfileOptions(device_index=device_index, seed=seed)

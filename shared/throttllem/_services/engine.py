@@ -20,6 +20,7 @@ from throttllem._errors import ConfigError, RequestRejectedError
 from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
 from throttllem._gpu.remote import serve_gpu
 from throttllem._runtime import Clock
+from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import (
     REQUEST_COMPLETED,
     REQUEST_DEFERRED,
@@ -41,7 +42,7 @@ _IDLE_POLL_WALL_S = 0.25
 class EngineTwinService:
     name = "engine"
 
-    def __init__(self, *, instance: str, setup: str = "h100-llama3-8b-tp1",
+    def __init__(self, *, instance: str, setup: str = DEFAULT_SETUP,
                  slack_wall_s: float = 0.05) -> None:
         """`slack_wall_s`: how far (wall seconds) the engine's time trails the shared clock, so
         that an admission delayed on the bus by less than that still starts at its own decision

@@ -56,6 +56,7 @@ from throttllem._events import (
     RequestPredicted,
 )
 from throttllem._runtime import Clock
+from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import (
     ENGINE_ITERATION_ALL,
     REQUEST_ALL,
@@ -180,7 +181,7 @@ class ForecasterService:
     name = "forecaster"
 
     def __init__(self, *, instances: list[str], policy: str = "default",
-                 setup: str = "h100-llama3-8b-tp1", perf: PerfModel | None = None,
+                 setup: str = DEFAULT_SETUP, perf: PerfModel | None = None,
                  use_upper: bool = True, lease_s: float = 3.0, retune_wall_s: float = 0.1,
                  min_dwell_s: float = 1.0, down_margin_steps: int = 2,
                  slo_classes: dict[str, SloClass] | None = None,

@@ -24,6 +24,7 @@ import numpy as np
 
 from throttllem._data import data_file
 from throttllem._errors import ConfigError
+from throttllem._setup import DEFAULT_SETUP
 from throttllem._twin import clockmodel
 from throttllem._twin.clockmodel import FloatArray
 from throttllem._twin.profile import SetupProfile, load_profile
@@ -164,7 +165,7 @@ def fit(profile: SetupProfile, table: MeasuredTable) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    profile = load_profile(args[0] if args else "h100-llama3-8b-tp1")
+    profile = load_profile(args[0] if args else DEFAULT_SETUP)
     table = load_measured()
     fitted = fit(profile, table)
     print(f"fit of {profile.name} to {MEASURED_CSV} ({len(table.phase)} rows):")
