@@ -91,7 +91,7 @@ def vllm_server(model_dir: Path, *, log_dir: Path, nats_url: str, instance: str 
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", model,
             "--host", "127.0.0.1", "--port", str(port),
-            "--scheduler-cls", "throttllem._engines.vllm.scheduler.IterationScheduler",
+            "--scheduler-cls", "throttllem._engines.vllm.scheduler.iteration_scheduler",
             "--kv-cache-memory-bytes", str(kv_cache_bytes),
             "--disable-uvicorn-access-log", *extra_args]
     env = {**os.environ, "THROTTLLEM_NATS_URL": nats_url, "THROTTLLEM_INSTANCE": instance,

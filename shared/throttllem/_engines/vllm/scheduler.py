@@ -1,8 +1,9 @@
 """vLLM schedulers that publish every engine step as `engine.iteration.<instance>`.
 
-Start vLLM with ``--scheduler-cls throttllem._engines.vllm.scheduler.IterationScheduler``
-(``AsyncIterationScheduler`` where async scheduling is on, the default on GPUs) and the
-environment ``THROTTLLEM_INSTANCE=<name>`` (and ``THROTTLLEM_NATS_URL``).
+Start vLLM with ``--scheduler-cls throttllem._engines.vllm.scheduler.iteration_scheduler``
+and the environment ``THROTTLLEM_INSTANCE=<name>`` (and ``THROTTLLEM_NATS_URL``). vLLM only
+calls what it is given, so the factory picks ``AsyncIterationScheduler`` where async
+scheduling is on (vLLM's GPU default) and ``IterationScheduler`` where it is off (CPU).
 
 Why a scheduler and not a stat-logger plugin: a stat logger runs in the API server and sees
 only aggregates per step (`SchedulerStats.iteration_details`: request and token counts), never
@@ -126,3 +127,10 @@ class AsyncIterationScheduler(_IterationPublishing, AsyncScheduler):  # type: ig
     def shutdown(self) -> None:
         self._tllm_publisher.close()
         super().shutdown()
+
+
+def iteration_scheduler(**kwargs: Any) -> IterationScheduler | AsyncIterationScheduler:
+    """What ``--scheduler-cls`` names: vLLM's scheduler of the configured kind, publishing."""
+    if kwargs["vllm_config"].scheduler_config.async_scheduling:
+        return AsyncIterationScheduler(**kwargs)
+    return IterationScheduler(**kwargs)
