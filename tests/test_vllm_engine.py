@@ -86,10 +86,19 @@ async def test_iterations_match_vllms_counters_and_carry_our_request_ids(
     await client.close()
     assert usage == {r: tokens for r, (tokens, _) in plan.items()}  # ignore_eos: exact lengths
 
+    expected = sum(usage.values())
+
+    def delta(name: str) -> float:
+        return after[name] - before[name]
+
     after = scrape(vllm)
-    generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
-    prompt_tokens = after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"]
-    assert generated == sum(usage.values())
+    with anyio.fail_after(30):  # vLLM records its stats just after it answers: let them land
+        while delta("vllm:generation_tokens_total") < expected:
+            await anyio.sleep(0.1)
+            after = scrape(vllm)
+    generated = delta("vllm:generation_tokens_total")
+    prompt_tokens = delta("vllm:prompt_tokens_total")
+    assert generated == expected
 
     def seen_tokens() -> int:  # every scheduled request emits one token per step (no chunking)
         return sum(e.batch_size for e in events)
@@ -104,9 +113,7 @@ async def test_iterations_match_vllms_counters_and_carry_our_request_ids(
     assert sum(e.prefill_tokens for e in events) == prompt_tokens
     assert sum(e.decode_tokens for e in events) == generated - len(plan)  # first token: prefill
     # vLLM's histogram of tokens per iteration adds prompt and generated tokens.
-    iteration_tokens = (after["vllm:iteration_tokens_total_sum"]
-                        - before["vllm:iteration_tokens_total_sum"])
-    assert iteration_tokens == prompt_tokens + generated
+    assert delta("vllm:iteration_tokens_total_sum") == prompt_tokens + generated
 
     # Each request appears under the id we sent, once per token it generated.
     per_request = Counter(r for e in events for r in e.request_ids)
