@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from throttllem._core.clock_search import SupportedClocks
-from throttllem._core.controller import EngineShape, InstanceTracker, Policy, perf_for, retune
+from throttllem._core.placement import EngineShape, InstanceTracker, Policy, perf_for, retune
 from throttllem._core.perf import (
     AffinePerfModel,
     ArrivalPrefillPerf,

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from throttllem._core.controller import InstanceTracker, place, retune
+from throttllem._core.placement import InstanceTracker, place, retune
 from throttllem._core.forecast import Candidate
 from throttllem._core.slo import SloClass
 from throttllem._core.slo_check import RequestSlo

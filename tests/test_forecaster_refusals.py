@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
-from throttllem._core.controller import (
+from throttllem._core.placement import (
     EngineShape,
     InstanceTracker,
     never_fits,

@@ -11,7 +11,7 @@ import numpy.typing as npt
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
-from throttllem._core.controller import InstanceTracker
+from throttllem._core.placement import InstanceTracker
 from throttllem._core.perf import FunctionPerfModel
 from throttllem._core.slo import DEFAULT_SLO_CLASSES
 from throttllem._events import (

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from throttllem._core.clock_search import SupportedClocks
-from throttllem._core.controller import (
+from throttllem._core.placement import (
     EngineShape,
     InstanceTracker,
     Policy,

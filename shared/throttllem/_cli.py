@@ -33,15 +33,17 @@ def _csv(value: str) -> list[str]:
 
 
 def _forecaster(args: argparse.Namespace) -> Service:
+    from throttllem._core.controller import POLICIES  # noqa: PLC0415
     from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
-    from throttllem._services.forecaster import (  # noqa: PLC0415
-        ForecasterService,
-        load_perf_model,
-    )
+    from throttllem._eval.driver import perf_model_for  # noqa: PLC0415
+    from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
 
-    perf = load_perf_model(args.setup, args.perf_model) if args.policy == "throttllem" else None
-    return ForecasterService(instances=args.instances, policy=args.policy, setup=args.setup,
-                             use_upper=not args.median, perf=perf,
+    profile = load_profile(args.setup)
+    perf = (perf_model_for(profile, args.perf_model)
+            if POLICIES[args.policy].tracks_requests else None)
+    return ForecasterService(instances=args.instances, policy=args.policy,
+                             setup=profile.setup, use_upper=not args.median, perf=perf,
                              slo_classes=load_slo_classes(args.slo_config))
 
 
@@ -77,12 +79,12 @@ def _actuator(args: argparse.Namespace) -> Service:
 
 
 def _replayer(args: argparse.Namespace) -> Service:
-    from throttllem._demo import DemoOptions, trace_requests  # noqa: PLC0415
     from throttllem._services.replayer import ReplayerService  # noqa: PLC0415
+    from throttllem._trace import WindowSpec, window_requests  # noqa: PLC0415
 
-    opts = DemoOptions(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
-                       seed=args.seed, slo_class=args.slo_class)
-    return ReplayerService(lambda offset_s: trace_requests(opts, offset_s=offset_s),
+    spec = WindowSpec(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
+                      seed=args.seed, slo_class=args.slo_class)
+    return ReplayerService(lambda offset_s: window_requests(spec, offset_s=offset_s),
                            offset_s=args.offset)
 
 
@@ -126,8 +128,10 @@ def _add_run(sub: Any) -> None:
             case "forecaster":
                 p.add_argument("--instances", type=_csv, required=True,
                                help="comma-separated engine instance names")
-                p.add_argument("--policy", choices=("default", "throttllem"),
-                               default="default")
+                p.add_argument("--policy", choices=("default", "throttllem", "retail"),
+                               default="default",
+                               help="default: admit at once, GPU clocks; throttllem: the "
+                                    "predictive controller; retail: a reactive governor")
                 p.add_argument("--setup", default=DEFAULT_SETUP,
                                help="serving setup (engine limits, clocks, performance model)")
                 p.add_argument("--perf-model", default=None,

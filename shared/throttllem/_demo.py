@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -50,12 +49,9 @@ from throttllem._subjects import (
     REQUEST_DEFERRED,
     twin_gpu,
 )
-from throttllem._trace import TraceRequest, iter_trace, load_window, resolve_trace
+from throttllem._trace import WindowSpec, window_requests
 
 log = structlog.get_logger("throttllem.demo")
-
-TENANTS = ("tenant-a", "tenant-b", "tenant-c")
-
 
 class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str | None = None
@@ -77,33 +73,17 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     slo_config: Path | None = None  # TOML SLO classes for the forecaster and the report
     slo_class: str = "standard"  # the class of every replayed request
 
+    @property
+    def window(self) -> WindowSpec:
+        return WindowSpec(trace=self.trace, minutes=self.minutes,
+                          start_minute=self.start_minute, seed=self.seed,
+                          peak_rps=self.peak_rps, slo_class=self.slo_class)
+
 
 def trace_requests(opts: DemoOptions, *, offset_s: float,
                    run_tag: str = "") -> Iterator[RequestArrived]:
-    """The window's requests as arrivals, shifted so the window starts at `offset_s`."""
-    rng = random.Random(opts.seed)
-    start_s = opts.start_minute * 60.0
-    path = resolve_trace(opts.trace)
-    rows: Iterable[TraceRequest]
-    if opts.peak_rps is None:
-        rows = iter_trace(path, start_s=start_s, duration_s=opts.minutes * 60.0)
-    else:  # time-scale the window so that its busiest minute carries `peak_rps`
-        window = load_window(path, start_s=start_s, duration_s=opts.minutes * 60.0)
-        if len(window) < 2:
-            raise ConfigError("the trace window holds too few requests to time-scale")
-        window = window.scale_to_peak(opts.peak_rps)
-        start_s = start_s / window.rate_factor
-        rows = window.requests()
-    for row in rows:
-        yield RequestArrived(
-            id=f"{run_tag}{opts.trace}-{row.index}",
-            arrival_s=offset_s + row.arrival_s - start_s,
-            prompt_tokens=row.prompt_tokens,
-            max_tokens=max(4096, row.output_tokens),
-            tenant=rng.choice(TENANTS),
-            true_output_tokens=row.output_tokens,
-            slo_class=opts.slo_class,
-        )
+    """The demo window's requests (see `WindowSpec`), shifted to start at `offset_s`."""
+    return window_requests(opts.window, offset_s=offset_s, run_tag=run_tag)
 
 
 def _spawn(args: list[str], log_path: Path, clock: Clock, nats_url: str) -> subprocess.Popen[bytes]:

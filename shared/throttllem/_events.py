@@ -241,6 +241,11 @@ class ScaleTarget(_Event, frozen=True, kw_only=True, tag="scale.target"):
     instances: int
     decided_s: float
     reason: str = ""
+    # The instances by phase (their counts add up to `instances`): only `active` ones may
+    # take new requests. Empty lists from a scaler that predates these fields.
+    warming: list[str] = []
+    active: list[str] = []
+    draining: list[str] = []
 
 
 class ScaleApplied(_Event, frozen=True, kw_only=True, tag="scale.applied"):

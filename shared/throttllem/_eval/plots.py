@@ -15,7 +15,7 @@ import numpy as np
 from throttllem._errors import ThrottllemError
 
 if TYPE_CHECKING:
-    from throttllem._eval.cli import Evaluation
+    from throttllem._eval.driver import Evaluation
 
 
 class PlotsUnavailableError(ThrottllemError, RuntimeError):

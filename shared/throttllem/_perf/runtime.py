@@ -93,6 +93,7 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from throttllem._core.perf import FunctionPerfModel, PerfModel
 from throttllem._data import models_dir
 from throttllem._errors import ModelError
 
@@ -1010,3 +1011,10 @@ def score_table(model: PerfRuntime, path: str | Path, *, use_grid: bool = False
         "prefill_above_trained": int((p > float(m.get("trained_prefill_max", "inf"))).sum()),
     }
     return compute_metrics(table.iter_s, pred, table.phase), notes
+
+
+def load_perf_model(spec: str) -> PerfModel:
+    """The controller's performance model from a model folder or shipped model name: the ONNX
+    model compiled to its grid (queries never call ONNX on the decision path)."""
+    runtime = PerfRuntime.load(spec)
+    return FunctionPerfModel(runtime.iteration_time_s, name=f"onnx-grid:{spec}")

@@ -21,6 +21,8 @@ import structlog
 
 from throttllem._bus import Bus
 from throttllem._core.scaling import (
+    LOAD_WINDOW_S,
+    SCALE_TICK_S,
     Action,
     LoadEstimator,
     Phase,
@@ -59,7 +61,8 @@ class ScalerService:
     name = "scaler"
 
     def __init__(self, *, setup: str, policy: ScalingPolicy, instances: list[str],
-                 unit: LoadUnit = "requests", window_s: float = 10.0, tick_s: float = 1.0,
+                 unit: LoadUnit = "requests", window_s: float = LOAD_WINDOW_S,
+                 tick_s: float = SCALE_TICK_S,
                  reannounce_s: float = 30.0, name_prefix: str = "i",
                  remember_completed: int = 100_000) -> None:
         """`policy.capacity_per_instance` is in `unit` per second (requests/s, or prompt
@@ -138,8 +141,12 @@ class ScalerService:
         return decision
 
     async def _announce(self, bus: Bus, now_s: float, reason: str) -> None:
-        target = ScaleTarget(setup=self.setup, instances=self.state.provisioned,
-                             decided_s=now_s, reason=reason)
+        state = self.state
+        target = ScaleTarget(setup=self.setup, instances=state.provisioned,
+                             decided_s=now_s, reason=reason,
+                             warming=state.names(Phase.WARMING),
+                             active=state.names(Phase.ACTIVE),
+                             draining=state.names(Phase.DRAINING))
         self.published.append(target)
         self._last_announce_s = now_s
         await bus.publish(SCALE_TARGET, target)

@@ -15,6 +15,7 @@ from typing import Any, Final
 from throttllem._errors import ConfigError
 from throttllem._setup import (
     SETUP_SECTIONS,
+    ControllerLimits,
     EngineLimits,
     GpuSpec,
     ModelShape,
@@ -64,6 +65,7 @@ class SetupProfile:
     gpu: GpuSpec
     model: ModelShape
     engine: EngineLimits
+    controller: ControllerLimits
     time: TimeModel
     power: PowerModel
     # "section.key" -> where the number came from.
@@ -74,7 +76,8 @@ class SetupProfile:
     def setup(self) -> Setup:
         """The setup this profile models (what the controller and the engines need)."""
         return Setup(name=self.name, description=self.description, gpu=self.gpu,
-                     model=self.model, engine=self.engine, sources=self.sources,
+                     model=self.model, engine=self.engine, controller=self.controller,
+                     sources=self.sources,
                      path=self.path)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> SetupProfile:
