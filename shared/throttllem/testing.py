@@ -8,16 +8,22 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pynvml
 from structlog.testing import capture_logs
 
 from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._core.controller import POLICIES
+from throttllem._core.perf import PerfModel
+from throttllem._core.placement import EngineShape, Policy, clock_policy
 from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
+from throttllem._services.forecaster import ForecasterService
+from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import REQUEST_ADMITTED_ALL, REQUEST_DEFERRED
 
-__all__ = ["H100_SM_CLOCKS_DESCENDING", "FakeNvml", "capture_logs", "nats_server",
-           "watch_decisions"]
+__all__ = ["H100_SM_CLOCKS_DESCENDING", "FakeNvml", "capture_logs", "forecaster_service",
+           "nats_server", "setup_policy", "watch_decisions"]
 
 H100_SM_CLOCKS_DESCENDING = list(range(1980, 344, -15))  # NVML lists them high to low
 
@@ -149,3 +155,29 @@ class FakeNvml:
     def nvmlDeviceResetGpuLockedClocks(self, handle: object, /) -> None:
         self._enter("nvmlDeviceResetGpuLockedClocks", handle)
         assert self.allow_set, "a setter was called"
+
+
+def setup_policy(setup: str = DEFAULT_SETUP) -> tuple[Policy, EngineShape]:
+    """The controller's clock policy and engine shape on a shipped setup, with the twin's own
+    timing formula as the performance model (exact for the twin, no ONNX needed)."""
+    from throttllem._twin.clockmodel import oracle_perf_model  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    profile = load_profile(setup)
+    return (clock_policy(profile.setup, oracle_perf_model(profile)),
+            EngineShape.of(profile.setup))
+
+
+def forecaster_service(*, instances: list[str], policy: str = "throttllem",
+                       perf: PerfModel | None = None, setup: str = DEFAULT_SETUP,
+                       **kwargs: Any) -> ForecasterService:
+    """A forecaster on a shipped setup; a policy that plans gets the twin's own timing
+    formula unless `perf` says otherwise."""
+    from throttllem._twin.clockmodel import oracle_perf_model  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    profile = load_profile(setup)
+    if perf is None and POLICIES[policy].tracks_requests:
+        perf = oracle_perf_model(profile)
+    return ForecasterService(instances=instances, policy=policy, setup=profile.setup,
+                             perf=perf, **kwargs)

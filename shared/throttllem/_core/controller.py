@@ -50,7 +50,7 @@ from throttllem._core.placement import (
     retune,
 )
 from throttllem._core.routing import least_loaded
-from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass
+from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class
 from throttllem._core.slo_check import RequestSlo
 from throttllem._errors import ConfigError
 from throttllem._events import (
@@ -272,10 +272,10 @@ class Controller:
         return out
 
     def _refusal(self, request: RequestArrived) -> Refuse | None:
-        if request.slo_class not in self.slo_classes:
-            known = ", ".join(sorted(self.slo_classes))
-            return Refuse(request.id, f"controller: unknown SLO class {request.slo_class!r} "
-                          f"(known: {known})", "unknown_slo_class")
+        try:
+            require_slo_class(request.slo_class, self.slo_classes)
+        except ConfigError as e:
+            return Refuse(request.id, f"controller: {e}", "unknown_slo_class")
         why = never_fits(self.shape, request.prompt_tokens)
         if why is not None:
             return Refuse(request.id, f"controller: {why}", "never_fits")
