@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -40,9 +41,12 @@ def _forecaster(args: argparse.Namespace) -> Service:
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
 
     profile = load_profile(args.setup)
-    perf = (perf_model_for(profile, args.perf_model)
-            if POLICIES[args.policy].tracks_requests else None)
-    return ForecasterService(instances=args.instances, policy=args.policy,
+    config = dataclasses.replace(
+        POLICIES[args.policy], lease_s=args.lease_s,
+        max_pending=args.max_pending if args.max_pending > 0 else None,
+        max_wait_s=args.max_wait_s, tenant_rps=args.tenant_rps, tenant_burst=args.tenant_burst)
+    perf = perf_model_for(profile, args.perf_model) if config.tracks_requests else None
+    return ForecasterService(instances=args.instances, policy=args.policy, config=config,
                              setup=profile.setup, use_upper=not args.median, perf=perf,
                              slo_classes=load_slo_classes(args.slo_config))
 
@@ -142,6 +146,20 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--median", action="store_true",
                                help="plan with median length predictions (default: the upper "
                                     "quantile, which is more cautious)")
+                from throttllem._core.controller import ControllerConfig  # noqa: PLC0415
+
+                defaults = ControllerConfig()
+                p.add_argument("--lease-s", type=float, default=defaults.lease_s,
+                               help="seconds a clock target holds unless renewed (the "
+                                    "actuator resets the clocks when it runs out)")
+                p.add_argument("--max-pending", type=int, default=defaults.max_pending,
+                               help="shed new requests while this many wait (0: unbounded)")
+                p.add_argument("--max-wait-s", type=float, default=defaults.max_wait_s,
+                               help="shed a deferred request after waiting this long")
+                p.add_argument("--tenant-rps", type=float, default=defaults.tenant_rps,
+                               help="per-tenant admission rate limit (requests/s)")
+                p.add_argument("--tenant-burst", type=float, default=defaults.tenant_burst,
+                               help="per-tenant burst allowance (requests)")
             case "engine":
                 p.add_argument("--instance", required=True)
                 p.add_argument("--setup", default=DEFAULT_SETUP)
@@ -233,11 +251,12 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--start-minute", type=float, default=0.0, help="trace window start")
     p.add_argument("--instances", type=int, default=2, help="engine instances")
     p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix")
-    p.add_argument("--speed", type=float, default=1.0,
-                   help="replay this many times faster than real time")
-    p.add_argument("--policy", default="default",
-                   help="default, throttllem, or both as 'default,throttllem' (run one after "
-                        "the other on the same window, one table)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="replay this many times faster than real time (default: 2 when two "
+                        "policies run, so both fit in about two minutes; else 1)")
+    p.add_argument("--policy", default="default,throttllem",
+                   help="default, throttllem, or both (the default: one after the other on "
+                        "the same window, one table and the saving)")
     p.add_argument("--length-error", default="0.15",
                    help="throttllem policy on a trace (no prompt text): the oracle length "
                         "predictor's relative error (0, 0.15, 0.3) or 'measured'")
@@ -246,6 +265,10 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--log-dir", type=Path, default=None, help="where service logs go")
     p.add_argument("--slo-config", type=Path, default=None, help=SLO_CONFIG_HELP)
     p.add_argument("--slo-class", default="standard", help=SLO_CLASS_HELP)
+    p.add_argument("--plots", type=Path, default=Path("runs/demo"),
+                   help="folder for the PNG plots (needs matplotlib: pip install "
+                        "'throttllem[plot]')")
+    p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -255,10 +278,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging(json=False, level="warning")
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    speed = args.speed if args.speed is not None else (2.0 if len(policies) > 1 else 1.0)
     run_demo(DemoOptions(
         nats_url=args.nats, trace=args.trace, minutes=args.minutes,
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
-        speed=args.speed, policies=policies, setup=args.setup, json_path=args.json,
+        speed=speed, policies=policies, plots_dir=None if args.no_plots else args.plots,
+        setup=args.setup, json_path=args.json,
         length_error=args.length_error,
         peak_rps=args.peak_rps, slo_config=args.slo_config, slo_class=args.slo_class,
         log_dir=args.log_dir, progress=not args.no_progress))

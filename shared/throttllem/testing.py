@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pynvml
 from structlog.testing import capture_logs
@@ -18,9 +18,11 @@ from throttllem._core.controller import POLICIES
 from throttllem._core.perf import PerfModel
 from throttllem._core.placement import EngineShape, Policy, clock_policy
 from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
-from throttllem._services.forecaster import ForecasterService
 from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import REQUEST_ADMITTED_ALL, REQUEST_DEFERRED
+
+if TYPE_CHECKING:
+    from throttllem._services.forecaster import ForecasterService
 
 __all__ = ["H100_SM_CLOCKS_DESCENDING", "FakeNvml", "capture_logs", "forecaster_service",
            "nats_server", "setup_policy", "watch_decisions"]
@@ -173,6 +175,7 @@ def forecaster_service(*, instances: list[str], policy: str = "throttllem",
                        **kwargs: Any) -> ForecasterService:
     """A forecaster on a shipped setup; a policy that plans gets the twin's own timing
     formula unless `perf` says otherwise."""
+    from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
     from throttllem._twin.clockmodel import oracle_perf_model  # noqa: PLC0415
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
 

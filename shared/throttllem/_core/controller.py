@@ -81,6 +81,16 @@ class ControllerConfig:
     down_margin_steps: int = 2
     governor: ReactiveGovernor = field(default_factory=ReactiveGovernor)
     static_clock_mhz: int | None = None
+    # Overload control. A request arriving while this many wait is shed at once (a final
+    # refusal with a retry hint; the gateway answers 429 with Retry-After): a bounded queue
+    # keeps memory flat and latency meaningful under a burst. None: unbounded.
+    max_pending: int | None = 4096
+    # A deferred request still waiting after this many seconds is shed (None: never).
+    max_wait_s: float | None = None
+    # Per-tenant admission rate limit (token bucket: `tenant_rps` requests/s, bursts of up
+    # to `tenant_burst`); None: no limit.
+    tenant_rps: float | None = None
+    tenant_burst: float = 100.0
 
     def __post_init__(self) -> None:
         if not self.lease_s > 0:
@@ -89,6 +99,12 @@ class ControllerConfig:
             raise ConfigError("min_dwell_s must be >= 0 and down_margin_steps >= 1")
         if self.clocks == "static" and self.static_clock_mhz is None:
             raise ConfigError("a static clock rule needs static_clock_mhz")
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ConfigError(f"max_pending must be >= 1 or None, not {self.max_pending}")
+        if self.max_wait_s is not None and not self.max_wait_s > 0:
+            raise ConfigError(f"max_wait_s must be > 0 or None, not {self.max_wait_s}")
+        if self.tenant_rps is not None and not (self.tenant_rps > 0 and self.tenant_burst >= 1):
+            raise ConfigError("tenant_rps must be > 0 and tenant_burst >= 1")
 
     @property
     def tracks_requests(self) -> bool:
@@ -141,11 +157,14 @@ class Defer:
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Refused for good; `cause` names the counter ("unknown_slo_class", "never_fits")."""
+    """Refused for good; `cause` names the counter ("unknown_slo_class", "never_fits",
+    "shed", "queue_timeout", "rate_limited"); `retry_after_s` > 0 where a retry later may
+    succeed (overload), 0 where it never will."""
 
     request_id: str
     reason: str
     cause: str
+    retry_after_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +221,8 @@ class Controller:
         self._governed_s = 0.0
         # The governor honours the tightest TBT bound of the classes it has served.
         self._governed_tbt_ms = math.inf
+        # tenant -> (tokens, when last refilled), for the per-tenant rate limit.
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ instances
 
@@ -249,7 +270,7 @@ class Controller:
               now_s: float) -> list[Decision]:
         """A new request, with (median, upper) predicted generation lengths where the
         admission rule needs them."""
-        refusal = self._refusal(request)
+        refusal = self._refusal(request) or self._overload(request, now_s)
         if refusal is not None:
             return [refusal]
         if lengths is None and self.config.needs_predictions:
@@ -279,6 +300,23 @@ class Controller:
         why = never_fits(self.shape, request.prompt_tokens)
         if why is not None:
             return Refuse(request.id, f"controller: {why}", "never_fits")
+        return None
+
+    def _overload(self, request: RequestArrived, now_s: float) -> Refuse | None:
+        cfg = self.config
+        if cfg.max_pending is not None and len(self.pending) >= cfg.max_pending:
+            return Refuse(request.id, f"controller: overloaded, {len(self.pending)} requests "
+                          "waiting already; retry later", "shed", retry_after_s=1.0)
+        if cfg.tenant_rps is None:
+            return None
+        tokens, last_s = self._buckets.get(request.tenant, (cfg.tenant_burst, now_s))
+        tokens = min(cfg.tenant_burst, tokens + max(now_s - last_s, 0.0) * cfg.tenant_rps)
+        if tokens < 1.0:
+            self._buckets[request.tenant] = (tokens, now_s)
+            return Refuse(request.id, f"controller: tenant {request.tenant!r} is over its "
+                          f"rate limit of {cfg.tenant_rps:g} requests/s", "rate_limited",
+                          retry_after_s=(1.0 - tokens) / cfg.tenant_rps)
+        self._buckets[request.tenant] = (tokens - 1.0, now_s)
         return None
 
     def _try(self, waiting: _Waiting, now_s: float, out: list[Decision]) -> bool:
@@ -382,8 +420,21 @@ class Controller:
                                 "retune", out)
         elif self.config.clocks == "reactive":
             self._govern(now_s, out)
+        if self.config.max_wait_s is not None:  # first: a stale request is not admitted late
+            self._shed_stale(now_s, self.config.max_wait_s, out)
         self._drain(now_s, out)
         return out
+
+    def _shed_stale(self, now_s: float, max_wait_s: float, out: list[Decision]) -> None:
+        kept: deque[_Waiting] = deque()
+        for waiting in self.pending:
+            if now_s - waiting.request.arrival_s > max_wait_s:
+                out.append(Refuse(waiting.request.id, f"controller: waited more than "
+                                  f"{max_wait_s:g} s for capacity; retry later",
+                                  "queue_timeout", retry_after_s=1.0))
+            else:
+                kept.append(waiting)
+        self.pending = kept
 
     def _set_clock(self, instance: str, proposed_mhz: int, now_s: float, reason: str,
                    out: list[Decision]) -> None:

@@ -102,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from throttllem._eval.plots import PlotsUnavailableError, write_plots  # noqa: PLC0415
 
         try:
-            written = write_plots(ev, args.plots)
+            written = write_plots(ev.runs, args.plots)
         except PlotsUnavailableError as e:
             print(f"throttllem: note: {e}", file=sys.stderr)
         else:

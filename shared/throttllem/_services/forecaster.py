@@ -131,7 +131,8 @@ class ForecasterService:
                     log.warning("forecaster.request_rejected", id=d.request_id,
                                 reason=d.reason)
                     await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
-                        id=d.request_id, decided_s=now_s, reason=d.reason, final=True),
+                        id=d.request_id, decided_s=now_s, reason=d.reason, final=True,
+                        retry_after_s=d.retry_after_s),
                         msg_id=f"forecaster-rejected-{d.request_id}")
 
     # ------------------------------------------------------------------ events in
