@@ -1,9 +1,9 @@
 """On the device: the forecaster against a real decode loop at the card's own clock.
 
 A Llama-3-8B-shaped random-weight decoder serves a time-scaled window of the Azure conv trace
-through the engine twin's scheduler (`throttllem._perf.gpu_engine`: inflight batching, FCFS,
+through the engine twin's scheduler (`throttllem._gpulab.loop`: inflight batching, FCFS,
 paged-KV accounting, prefill inside the pass under the token budget), every pass really run
-on the GPU (`throttllem._perf.gpu_pass`: FlashAttention-2 varlen over per-sequence KV
+on the GPU (`throttllem._gpulab.passes`: FlashAttention-2 varlen over per-sequence KV
 regions, CUDA graphs per decode batch bucket, eager passes when prefilling) and timed with
 CUDA events. The performance model is trained on a profile of the same runner's passes
 (random shapes, measured the same way), then every logged pass is predicted by `PerfRuntime`
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from throttllem._perf.gpu_engine import (
+from throttllem._gpulab.loop import (
     PASS_COLUMNS,
     DriftStats,
     LoopGpu,
@@ -190,7 +190,7 @@ def serve_json(res: ServeResult, requests: list[Any], meta: dict[str, Any]) -> d
 def cmd_device(args: argparse.Namespace) -> int:
     import importlib  # noqa: PLC0415
 
-    from throttllem._perf.gpu_pass import TorchPassRunner  # noqa: PLC0415
+    from throttllem._gpulab.passes import TorchPassRunner  # noqa: PLC0415
     from throttllem._perf.table import TableWriter  # noqa: PLC0415
     from throttllem._twin.engine import EngineTwin  # noqa: PLC0415
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
@@ -254,7 +254,7 @@ def cmd_device(args: argparse.Namespace) -> int:
                                   seed=args.seed, on_row=on_row)
         clocks = [r.sm_clock_mhz for r in rows]
         pmeta = {**meta, "rows": len(rows), "elapsed_s": time.perf_counter() - t0,
-                 "reps": args.reps, "warmup": 1, "sweep": "gpu_engine.sweep_shapes seed "
+                 "reps": args.reps, "warmup": 1, "sweep": "loop.sweep_shapes seed "
                  f"{args.seed}", "sm_clock_mhz_min_median_max": [
                      min(clocks), statistics.median(clocks), max(clocks)] if clocks else None}
         (out / "profile.csv.meta.json").write_text(json.dumps(pmeta, indent=1) + "\n")
@@ -497,7 +497,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_loop_table(args: argparse.Namespace) -> int:
     """A loop run's passes as a profile table (to train the performance model on)."""
-    from throttllem._perf.gpu_engine import record_row  # noqa: PLC0415
+    from throttllem._gpulab.loop import record_row  # noqa: PLC0415
     from throttllem._perf.table import write_table  # noqa: PLC0415
 
     p = read_passes(args.passes)

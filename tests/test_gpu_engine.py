@@ -1,4 +1,4 @@
-"""The real decode loop's CPU-testable parts (`throttllem._perf.gpu_engine`): buckets, KV
+"""The real decode loop's CPU-testable parts (`throttllem._gpulab.loop`): buckets, KV
 regions, pass plans, split-KV chunks, profile rows, the sweep, drift arithmetic, segment
 tracking, and the engine twin's scheduler driving a fake pass timer (with the forecaster's
 projection checked against what the loop did). The torch runner is checked on a tiny CPU
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from throttllem._events import RequestArrived
-from throttllem._perf.gpu_engine import (
+from throttllem._gpulab.loop import (
     DECODE_BUCKETS,
     FakePassRunner,
     LoopGpu,
@@ -291,8 +291,8 @@ def test_projection_matches_the_loop_when_no_one_arrives_later() -> None:
 
 def test_torch_runner_cache_and_split_on_a_tiny_cpu_model() -> None:
     torch = pytest.importorskip("torch")
-    from throttllem._perf.gpu_decoder import DecoderShape  # noqa: PLC0415
-    from throttllem._perf.gpu_pass import TorchPassRunner  # noqa: PLC0415
+    from throttllem._gpulab.decoder import DecoderShape  # noqa: PLC0415
+    from throttllem._gpulab.passes import TorchPassRunner  # noqa: PLC0415
 
     shape = DecoderShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128,
                          vocab=256)

@@ -522,7 +522,7 @@ def load_training_data(data: Sequence[str], setup: str, *, samples: int, seed: i
 
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "twin.csv"
-                run_profile(target="twin", setup=setup, out=path, samples=samples, seed=seed,
+                run_profile(setup=setup, out=path, samples=samples, seed=seed,
                             log=log)
                 tables.append(read_table(path))
                 digest = _sha256(path.read_bytes())

@@ -1,16 +1,16 @@
-"""Real forward passes for the decode loop (`throttllem._perf.gpu_engine`): the Llama-3-8B-shaped
-random-weight decoder of `gpu_decoder` (its weights, RMSNorm and rotary), run on ragged
+"""Real forward passes for the decode loop (`throttllem._gpulab.loop`): the Llama-3-8B-shaped
+random-weight decoder of `decoder` (its weights, RMSNorm and rotary), run on ragged
 batches the way a serving engine runs them.
 
 One pass processes, as one token stream through every GEMM, one token for each decoding
 sequence and the whole prompt of each sequence admitted in the pass; the new K/V rows go to
 the sequences' KV regions in a flat cache (``[layers, rows, kv_heads, head_dim]``, one
-contiguous region per sequence; which rows are in use is `gpu_engine`'s accounting).
+contiguous region per sequence; which rows are in use is `loop`'s accounting).
 Attention is FlashAttention-2 through ``torch.ops.aten._flash_attention_forward`` (varlen):
 
 * decode rows: one query per sequence over its own c cached keys, read in place
   (``cu_seqlens_k`` = region starts, ``seqused_k`` = contexts), GQA native; in decode-only
-  passes split-KV: each row's keys in `gpu_engine.decode_splits` chunks attended at once and
+  passes split-KV: each row's keys in `loop.decode_splits` chunks attended at once and
   merged by their log-sum-exps, rows longest first — without it a pass's time follows its
   longest context rather than Σ c (measured: residuals of a Σ c model correlated 0.91 with
   the longest context), which no (batch, KV tokens) model can see;
@@ -21,7 +21,7 @@ Backends, probed at start against a float32 reference (`ATTENTION_BACKENDS`): ``
 misbehaves), ``math`` (a per-sequence reference; CPU tests); split-KV is kept only if it
 matches too.
 
-Decode-only passes replay a CUDA graph per batch bucket (`gpu_engine.DECODE_BUCKETS`; the
+Decode-only passes replay a CUDA graph per batch bucket (`loop.DECODE_BUCKETS`; the
 batch is padded up to the bucket, padding rows attend one scratch key); passes that prefill
 run eagerly (their GEMMs dominate launch costs, mostly). Every pass is timed by CUDA events
 around all of its device work (metadata copies included). The SM clock and the energy
@@ -41,8 +41,8 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 
-from throttllem._perf.gpu_decoder import LLAMA3_8B, DecoderShape, _Decoder, _nvml_index_for
-from throttllem._perf.gpu_engine import (
+from throttllem._gpulab.decoder import LLAMA3_8B, DecoderShape, _Decoder, _nvml_index_for
+from throttllem._gpulab.loop import (
     DECODE_BUCKETS,
     PassMeasurement,
     PassPlan,
@@ -375,7 +375,7 @@ class TorchPassRunner:
         return parts[0] if len(parts) == 1 else t.cat(parts)
 
     def _rot(self, x: Any, cos: Any, sin: Any) -> Any:
-        """Rotary embedding (rotate-half convention, as `gpu_decoder`), in 4 kernels."""
+        """Rotary embedding (rotate-half convention, as `decoder`), in 4 kernels."""
         t = self.torch
         half = x.shape[-1] // 2
         rot = t.cat((-x[..., half:], x[..., :half]), dim=-1)

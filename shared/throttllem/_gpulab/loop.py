@@ -4,7 +4,7 @@ forecaster's drift measured on them.
 `EngineTwin` (iteration-level inflight batching, FCFS admission, paged-KV accounting, prefill
 inside the pass under the token budget, preemption) is reused unchanged: it is given a
 `LoopGpu`, a `GpuTwin` whose `run_iteration` hands the pass to a `PassRunner` — on a GPU the
-Llama-3-8B-shaped random-weight decoder of `throttllem._perf.gpu_pass`, in tests a fake timer —
+Llama-3-8B-shaped random-weight decoder of `throttllem._gpulab.passes`, in tests a fake timer —
 and returns the *measured* duration, energy and SM clock. Engine time therefore advances by
 measured pass times (idle gaps between arrivals are skipped over in event time; host work
 between passes is logged, not added).
@@ -184,7 +184,7 @@ def pass_spec(decode_ctx: Sequence[int] | IntArray, decode_start: Sequence[int] 
 
 
 class PassPlan(NamedTuple):
-    """The device-side arrays of one pass (host numpy; `gpu_pass` copies them over).
+    """The device-side arrays of one pass (host numpy; `passes` copies them over).
 
     Rows are tokens: the `n_dec` decode rows first (real ones, then padding up to a graph
     bucket), then the prefill tokens prompt by prompt. Padding rows write and attend one
@@ -287,7 +287,7 @@ class PassMeasurement(NamedTuple):
 
 
 class PassRunner(Protocol):
-    """Runs passes; `gpu_pass.TorchPassRunner` on a GPU, `FakePassRunner` in tests."""
+    """Runs passes; `passes.TorchPassRunner` on a GPU, `FakePassRunner` in tests."""
 
     kv_capacity_tokens: int
     token_slots: int
