@@ -155,8 +155,8 @@ def smoke(torch: Any, runner: Any) -> dict[str, Any]:
     if runner.nvml is not None:
         t0 = time.perf_counter()
         for _ in range(100):
-            runner.nvml.sm_clock_mhz()
-            runner.nvml.energy_mj()
+            runner.nvml.sm_clock_mhz(runner.nvml_index)
+            runner.nvml.energy_mj(runner.nvml_index)
         out["nvml_two_reads_us"] = (time.perf_counter() - t0) / 100 * 1e6
     runner.tok.copy_(saved)
     return out
@@ -191,6 +191,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     import importlib  # noqa: PLC0415
 
     from throttllem._gpulab.passes import TorchPassRunner  # noqa: PLC0415
+    from throttllem._gpulab.sampler import describe_gpu  # noqa: PLC0415
     from throttllem._perf.table import TableWriter  # noqa: PLC0415
     from throttllem._twin.engine import EngineTwin  # noqa: PLC0415
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
@@ -213,7 +214,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     say(f"runner: KV {runner.kv_capacity_tokens} tokens, attention {runner.attention} "
         f"{runner.probe}, graphs {sorted(runner.graphs)} {runner.notes}")
     meta: dict[str, Any] = {
-        "device": runner.nvml.describe() if runner.nvml else {}, "torch": torch.__version__,
+        "device": describe_gpu(runner.nvml_index) if runner.nvml else {},
+        "torch": torch.__version__,
         "cuda": torch.version.cuda, "kv_capacity_tokens": cap, "attention": runner.attention,
         "attention_probe": runner.probe, "graph_buckets": sorted(runner.graphs),
         "runner_notes": runner.notes, "clocks_locked": False,
