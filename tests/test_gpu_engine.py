@@ -219,6 +219,31 @@ def requests(n: int, seed: int = 0, gap_s: float = 0.004) -> list[RequestArrived
                                            strict=True))]
 
 
+def test_engine_view_for_pass_drivers_agrees_with_its_requests() -> None:
+    """The public reads the loop drives the engine through (never its slots)."""
+    profile = load_profile("h100-llama3-8b-tp1").with_overrides({"engine.max_batch": 2})
+    gpu = LoopGpu(profile, FakePassRunner(affine_ms))
+    engine = EngineTwin(profile, "i0", gpu)
+    gpu.attach(engine)
+    reqs = requests(5)
+    for r in reqs:
+        engine.admit(r, 0.0)
+    assert [q.id for q in engine.queue_head(2)] == ["q0", "q1"]
+    assert engine.queue_head(0) == ()
+    gpu.before_step()
+    engine.step(0.0)
+    running = engine.running()
+    assert engine.running_ids() == [r.id for r in running] == ["q0", "q1"]
+    assert engine.running_context_tokens().tolist() == [
+        r.prompt_tokens + r.generated_tokens for r in running]
+    assert engine.running_target_tokens().tolist() == [
+        r.true_output_tokens for r in reqs[:2]]
+    head = engine.queue_head()
+    assert [(q.id, q.prompt_tokens, q.generated_tokens) for q in head] == [
+        (q.id, q.prompt_tokens, q.generated_tokens) for q in engine.queued()]
+    assert [q.target_tokens for q in head] == [r.true_output_tokens for r in reqs[2:]]
+
+
 def test_loop_serves_every_request_with_real_pass_shapes() -> None:
     profile = load_profile("h100-llama3-8b-tp1")
     runner = FakePassRunner(affine_ms)
