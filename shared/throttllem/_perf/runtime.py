@@ -96,6 +96,7 @@ import numpy.typing as npt
 from throttllem._core.perf import FunctionPerfModel, PerfModel
 from throttllem._data import models_dir
 from throttllem._errors import ModelError
+from throttllem._onnx import onnx_session
 
 MODEL_FILE: Final = "model.onnx"
 CARD_FILE: Final = "MODEL_CARD.md"
@@ -173,22 +174,7 @@ def compute_metrics(true_s: npt.ArrayLike, pred_s: npt.ArrayLike,
                    mape_by_phase=by_phase)
 
 
-# --------------------------------------------------------------------------- ONNX
-
-
-def onnx_session(model: bytes | Path, what: str) -> Any:
-    """An ONNX Runtime session on one intra-op thread; ModelError if it cannot load."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
-        raise ModelError(f"{what} is not a loadable ONNX model: {e}") from e
+# --------------------------------------------------------------------------- loading
 
 
 def _resolve(path: str | Path | None) -> tuple[Path, Path | None]:

@@ -63,6 +63,7 @@ import numpy.typing as npt
 
 from throttllem._data import models_dir
 from throttllem._errors import ConfigError, ModelError
+from throttllem._onnx import onnx_session
 from throttllem._perf.runtime import (
     BASELINE_TERMS,
     CARD_FILE,
@@ -75,7 +76,6 @@ from throttllem._perf.runtime import (
     Baseline,
     Metrics,
     compute_metrics,
-    onnx_session,
 )
 from throttllem._perf.table import ProfileTable, concat, read_table
 
