@@ -71,7 +71,7 @@ class Utilization:
 
 @dataclass
 class FakeNvml:
-    """One or more identical fake GPUs behind exactly the NvmlLib functions.
+    """One or more fake GPUs, alike but for their UUIDs, behind exactly the NvmlLib functions.
 
     `fail` maps a function name to the NVML error code it raises. Setters raise
     AssertionError unless `allow_set`, so a dry-run test fails if one is ever called.
@@ -79,6 +79,7 @@ class FakeNvml:
 
     count: int = 1
     power_mw: int = 250_500
+    power_limit_mw: int = 700_000
     energy_mj: int = 123_456_789
     sm_clock_mhz: int = 1980
     mem_clock_mhz: int = 2619
@@ -120,7 +121,8 @@ class FakeNvml:
 
     def nvmlDeviceGetUUID(self, handle: object, /) -> str:
         self._enter("nvmlDeviceGetUUID", handle)
-        return "GPU-0b9c3a52-0000-0000-0000-000000000000"
+        index = int(str(handle).removeprefix("handle-"))
+        return f"GPU-0b9c3a52-0000-0000-0000-{index:012d}"
 
     def nvmlDeviceGetPowerUsage(self, handle: object, /) -> int:
         self._enter("nvmlDeviceGetPowerUsage", handle)
@@ -141,6 +143,10 @@ class FakeNvml:
     def nvmlDeviceGetTemperature(self, handle: object, sensor: int, /) -> int:
         self._enter("nvmlDeviceGetTemperature", handle, sensor)
         return 54
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: object, /) -> int:
+        self._enter("nvmlDeviceGetEnforcedPowerLimit", handle)
+        return self.power_limit_mw
 
     def nvmlDeviceGetSupportedMemoryClocks(self, handle: object, /) -> list[int]:
         self._enter("nvmlDeviceGetSupportedMemoryClocks", handle)
