@@ -52,10 +52,12 @@ def _engine(args: argparse.Namespace) -> Service:
 
 
 def _telemetry(args: argparse.Namespace) -> Service:
+    from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
     from throttllem._services.telemetry import TelemetryService  # noqa: PLC0415
 
     return TelemetryService(gpu=args.gpu, instances=args.instances, node=args.node,
-                            interval_s=args.interval)
+                            interval_s=args.interval,
+                            slo_classes=load_slo_classes(args.slo_config))
 
 
 def _length_predictor(args: argparse.Namespace) -> Service:
@@ -122,6 +124,7 @@ def _add_run(sub: Any) -> None:
         p.add_argument("--speed", type=float, default=1.0,
                        help="simulated time: event seconds per wall second")
         p.add_argument("--log-level", default="info")
+        _add_metrics_flags(p)
         match name:
             case "forecaster":
                 p.add_argument("--instances", type=_csv, required=True,
@@ -150,6 +153,9 @@ def _add_run(sub: Any) -> None:
                                help="engine-twin instances to sample (twin backend)")
                 p.add_argument("--node", default=os.environ.get("THROTTLLEM_NODE", "node0"))
                 p.add_argument("--interval", type=float, default=0.5, help="seconds")
+                p.add_argument("--slo-config", type=Path, default=None,
+                               help="SLO classes that label completions as met or not in "
+                                    "throttllem_requests_completed_total (as the forecaster's)")
             case "length-predictor":
                 p.add_argument("--model", type=Path, default=None,
                                help="model folder (default: the shipped models/length/)")
@@ -209,8 +215,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         clock = REAL_TIME  # event time is Unix time
     else:
         clock = Clock(epoch_wall_s=time.time(), speed=args.speed)
-    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock))
+    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock,
+                                  metrics_port=args.metrics_port,
+                                  metrics_host=args.metrics_host))
     return 0
+
+
+def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    """Prometheus `/metrics` of one service (throttllem._metrics names them all)."""
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port at /metrics (default: off; "
+                        "0 picks a free port, logged as metrics.serving)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics server binds (0.0.0.0 in a container)")
 
 
 # --------------------------------------------------------------------------- demo
