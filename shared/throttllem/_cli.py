@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 
 from throttllem import __version__
-from throttllem._errors import ThrottllemError
+from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._log import configure_logging
 from throttllem._runtime import REAL_TIME, Clock, Service, run_service
 from throttllem._setup import DEFAULT_SETUP
@@ -100,6 +100,23 @@ def _scaler(args: argparse.Namespace) -> Service:
                          unit=args.unit, window_s=args.window, tick_s=args.tick)
 
 
+def _consumer(args: argparse.Namespace) -> Service:
+    from throttllem._consumers import ConsumerContext, load_plugin  # noqa: PLC0415
+    from throttllem._consumers.service import ConsumerService  # noqa: PLC0415
+    from throttllem._metrics import ServiceMetrics  # noqa: PLC0415
+
+    options: dict[str, str] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option takes KEY=VALUE, not {item!r}")
+        options[key] = value
+    context = ConsumerContext(plugin=args.plugin, durable=args.durable or args.plugin,
+                              options=options, metrics=ServiceMetrics("consumer"))
+    return ConsumerService(load_plugin(args.plugin)(context), context,
+                           deliver_new_only=args.new_only, ack_wait_s=args.ack_wait)
+
+
 SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
     "engine": ("one engine-twin instance with its simulated GPU", _engine),
@@ -110,6 +127,8 @@ SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
                  _actuator),
     "replayer": ("publishes a trace's requests at their arrival times", _replayer),
     "scaler": ("instance count by load thresholds, published as scale.target", _scaler),
+    "consumer": ("a plug-in (entry point throttllem.consumers) fed the durable energy records",
+                 _consumer),
 }
 
 
@@ -203,6 +222,20 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--window", type=float, default=10.0,
                                help="seconds of arrivals in the load estimate")
                 p.add_argument("--tick", type=float, default=1.0, help="seconds between decisions")
+            case "consumer":
+                p.add_argument("--plugin", required=True,
+                               help="entry-point name in throttllem.consumers (shipped: "
+                                    "ledger, prometheus)")
+                p.add_argument("--durable", default=None,
+                               help="JetStream durable name (default: the plug-in's name); "
+                                    "replicas with one name share the records")
+                p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                               help="plug-in setting, repeatable (ledger: path=FILE)")
+                p.add_argument("--new-only", action="store_true",
+                               help="a new durable skips the records already in the stream")
+                p.add_argument("--ack-wait", type=float, default=30.0,
+                               help="seconds before a record handed over but not acked (the "
+                                    "consumer died) is delivered again")
         p.set_defaults(func=_cmd_run)
 
 
