@@ -329,7 +329,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_models(sub)
+    _add_report(sub)
     return parser
+
+
+def _add_report(sub: Any) -> None:
+    """`report energy`: per-tenant and per-instance energy from the durable records."""
+    report = sub.add_parser("report", help="reports from the durable records")
+    report_sub = report.add_subparsers(dest="report", required=True, metavar="REPORT")
+    p = report_sub.add_parser("energy", help="energy, tokens and J/token per tenant and "
+                                             "per instance, from a NATS stream or a ledger")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--nats", default=DEFAULT_NATS,
+                        help="read the TLLM_REQUESTS stream of this server (env "
+                             "THROTTLLEM_NATS_URL)")
+    source.add_argument("--ledger", type=Path, default=None,
+                        help="read a ledger file (throttllem run consumer --plugin ledger)")
+    p.add_argument("--since", default=None,
+                   help="completed at or after: event-time seconds or ISO 8601 (UTC if naive)")
+    p.add_argument("--until", default=None, help="completed before (same forms as --since)")
+    p.add_argument("--json", nargs="?", type=Path, const=Path("-"), default=None,
+                   metavar="FILE", help="print JSON instead of the table (or write it to FILE)")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="also draw the report as a PNG (needs the plot extra)")
+    p.set_defaults(func=_cmd_report_energy)
+
+
+def _cmd_report_energy(args: argparse.Namespace) -> int:
+    from throttllem import _energy_report as er  # noqa: PLC0415
+    from throttllem._consumers.ledger import read_ledger  # noqa: PLC0415
+
+    configure_logging(json=False, level="warning")
+    since = er.parse_instant(args.since) if args.since is not None else None
+    until = er.parse_instant(args.until) if args.until is not None else None
+    if args.ledger is not None:
+        records = list(read_ledger(args.ledger, since_s=since, until_s=until))
+        source = str(args.ledger)
+    else:
+        records = anyio.run(er.read_stream, args.nats)
+        source = args.nats
+    report = er.summarize(records, source=source, since_s=since, until_s=until)
+    if args.plot is not None:
+        er.plot(report, args.plot)
+    if args.json is None:
+        print(er.format_table(report))
+    elif str(args.json) == "-":
+        print(er.write_json(report, None))
+    else:
+        er.write_json(report, args.json)
+    return 0
 
 
 def _add_evaluate(sub: Any) -> None:
