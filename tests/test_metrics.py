@@ -229,3 +229,26 @@ def test_run_metrics_port_serves_the_scalers_target_over_http(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_dashboard_queries_only_defined_metrics() -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "throttllem.json").read_text())
+    specs = {s.name: s.kind for s in m.METRICS}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    used: set[str] = set()
+    for expr in exprs:
+        for name in re.findall(r"\bthrottllem_\w+", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if base != name:
+                assert specs.get(base) == "histogram", f"{name}: not a histogram's series"
+            else:
+                assert name in specs, f"the dashboard queries {name}, which _metrics lacks"
+            used.add(base)
+            if specs[base] == "counter":
+                assert re.search(rf"(rate|increase)\({name}\b", expr), (
+                    f"{name} is a counter: graph its rate or increase")
+    # The dashboard shows what the issue asks for: energy, J/token, clocks, SLOs, decisions.
+    assert {"throttllem_request_energy_joules_total", "throttllem_generated_tokens_total",
+            "throttllem_clock_applied_mhz", "throttllem_requests_completed_total",
+            "throttllem_admissions_total"} <= used
