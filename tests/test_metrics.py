@@ -252,3 +252,15 @@ def test_dashboard_queries_only_defined_metrics() -> None:
     assert {"throttllem_request_energy_joules_total", "throttllem_generated_tokens_total",
             "throttllem_clock_applied_mhz", "throttllem_requests_completed_total",
             "throttllem_admissions_total"} <= used
+
+
+def test_a_metrics_port_that_cannot_be_served_is_a_clear_error() -> None:
+    metrics = m.ServiceMetrics("scaler")
+    server = metrics.serve(0)
+    try:
+        with pytest.raises(ConfigError, match=rf"cannot serve metrics on 127.0.0.1:{server.port}"):
+            m.ServiceMetrics("other").serve(server.port)
+    finally:
+        server.close()
+    with pytest.raises(ConfigError, match="0-65535"):
+        metrics.serve(70000)
