@@ -49,6 +49,8 @@ def scrape(url: str) -> dict[str, tuple[str, list[tuple[dict[str, str], float]]]
         text = response.read().decode()
     out: dict[str, tuple[str, list[tuple[dict[str, str], float]]]] = {}
     for family in text_string_to_metric_families(text):
+        if family.name.endswith("_created"):  # prometheus_client's counter start times
+            continue
         # The parser strips a counter's _total from the family name; samples keep it.
         name = family.name + "_total" if family.type == "counter" else family.name
         # A histogram keeps its _count samples (one per label set).

@@ -26,7 +26,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -36,9 +35,6 @@ from throttllem import __version__
 from throttllem._errors import ConfigError
 
 log = structlog.get_logger("throttllem.metrics")
-
-# `_created` series double every counter's cardinality for no use on our dashboards.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 Kind = Literal["counter", "gauge", "histogram"]
 
