@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from throttllem import __version__
-from throttllem._errors import ThrottllemError
+from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._log import configure_logging
 from throttllem._runtime import REAL_TIME, Clock, Service, run_service
 from throttllem._setup import DEFAULT_SETUP
@@ -58,10 +58,12 @@ def _engine(args: argparse.Namespace) -> Service:
 
 
 def _telemetry(args: argparse.Namespace) -> Service:
+    from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
     from throttllem._services.telemetry import TelemetryService  # noqa: PLC0415
 
     return TelemetryService(gpu=args.gpu, instances=args.instances, node=args.node,
-                            interval_s=args.interval)
+                            interval_s=args.interval,
+                            slo_classes=load_slo_classes(args.slo_config))
 
 
 def _length_predictor(args: argparse.Namespace) -> Service:
@@ -104,6 +106,23 @@ def _scaler(args: argparse.Namespace) -> Service:
                          unit=args.unit, window_s=args.window, tick_s=args.tick)
 
 
+def _consumer(args: argparse.Namespace) -> Service:
+    from throttllem._consumers import ConsumerContext, load_plugin  # noqa: PLC0415
+    from throttllem._consumers.service import ConsumerService  # noqa: PLC0415
+    from throttllem._metrics import ServiceMetrics  # noqa: PLC0415
+
+    options: dict[str, str] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option takes KEY=VALUE, not {item!r}")
+        options[key] = value
+    context = ConsumerContext(plugin=args.plugin, durable=args.durable or args.plugin,
+                              options=options, metrics=ServiceMetrics("consumer"))
+    return ConsumerService(load_plugin(args.plugin)(context), context,
+                           deliver_new_only=args.new_only, ack_wait_s=args.ack_wait)
+
+
 SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
     "engine": ("one engine-twin instance with its simulated GPU", _engine),
@@ -114,6 +133,8 @@ SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
                  _actuator),
     "replayer": ("publishes a trace's requests at their arrival times", _replayer),
     "scaler": ("instance count by load thresholds, published as scale.target", _scaler),
+    "consumer": ("a plug-in (entry point throttllem.consumers) fed the durable energy records",
+                 _consumer),
 }
 
 
@@ -128,6 +149,7 @@ def _add_run(sub: Any) -> None:
         p.add_argument("--speed", type=float, default=1.0,
                        help="simulated time: event seconds per wall second")
         p.add_argument("--log-level", default="info")
+        _add_metrics_flags(p)
         match name:
             case "forecaster":
                 p.add_argument("--instances", type=_csv, required=True,
@@ -172,6 +194,9 @@ def _add_run(sub: Any) -> None:
                                help="engine-twin instances to sample (twin backend)")
                 p.add_argument("--node", default=os.environ.get("THROTTLLEM_NODE", "node0"))
                 p.add_argument("--interval", type=float, default=0.5, help="seconds")
+                p.add_argument("--slo-config", type=Path, default=None,
+                               help="SLO classes that label completions as met or not in "
+                                    "throttllem_requests_completed_total (as the forecaster's)")
             case "length-predictor":
                 p.add_argument("--model", type=Path, default=None,
                                help="model folder (default: the shipped models/length/)")
@@ -219,6 +244,20 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--window", type=float, default=10.0,
                                help="seconds of arrivals in the load estimate")
                 p.add_argument("--tick", type=float, default=1.0, help="seconds between decisions")
+            case "consumer":
+                p.add_argument("--plugin", required=True,
+                               help="entry-point name in throttllem.consumers (shipped: "
+                                    "ledger, prometheus)")
+                p.add_argument("--durable", default=None,
+                               help="JetStream durable name (default: the plug-in's name); "
+                                    "replicas with one name share the records")
+                p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                               help="plug-in setting, repeatable (ledger: path=FILE)")
+                p.add_argument("--new-only", action="store_true",
+                               help="a new durable skips the records already in the stream")
+                p.add_argument("--ack-wait", type=float, default=30.0,
+                               help="seconds before a record handed over but not acked (the "
+                                    "consumer died) is delivered again")
         p.set_defaults(func=_cmd_run)
 
 
@@ -231,8 +270,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         clock = REAL_TIME  # event time is Unix time
     else:
         clock = Clock(epoch_wall_s=time.time(), speed=args.speed)
-    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock))
+    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock,
+                                  metrics_port=args.metrics_port,
+                                  metrics_host=args.metrics_host))
     return 0
+
+
+def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    """Prometheus `/metrics` of one service (throttllem._metrics names them all)."""
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port at /metrics (default: off; "
+                        "0 picks a free port, logged as metrics.serving)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics server binds (0.0.0.0 in a container)")
 
 
 # --------------------------------------------------------------------------- demo
@@ -308,7 +358,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_models(sub)
+    _add_report(sub)
     return parser
+
+
+def _add_report(sub: Any) -> None:
+    """`report energy`: per-tenant and per-instance energy from the durable records."""
+    report = sub.add_parser("report", help="reports from the durable records")
+    report_sub = report.add_subparsers(dest="report", required=True, metavar="REPORT")
+    p = report_sub.add_parser("energy", help="energy, tokens and J/token per tenant and "
+                                             "per instance, from a NATS stream or a ledger")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--nats", default=DEFAULT_NATS,
+                        help="read the TLLM_REQUESTS stream of this server (env "
+                             "THROTTLLEM_NATS_URL)")
+    source.add_argument("--ledger", type=Path, default=None,
+                        help="read a ledger file (throttllem run consumer --plugin ledger)")
+    p.add_argument("--since", default=None,
+                   help="completed at or after: event-time seconds or ISO 8601 (UTC if naive)")
+    p.add_argument("--until", default=None, help="completed before (same forms as --since)")
+    p.add_argument("--json", nargs="?", type=Path, const=Path("-"), default=None,
+                   metavar="FILE", help="print JSON instead of the table (or write it to FILE)")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="also draw the report as a PNG (needs the plot extra)")
+    p.set_defaults(func=_cmd_report_energy)
+
+
+def _cmd_report_energy(args: argparse.Namespace) -> int:
+    from throttllem import _energy_report as er  # noqa: PLC0415
+    from throttllem._consumers.ledger import read_ledger  # noqa: PLC0415
+
+    configure_logging(json=False, level="warning")
+    since = er.parse_instant(args.since) if args.since is not None else None
+    until = er.parse_instant(args.until) if args.until is not None else None
+    if args.ledger is not None:
+        records = list(read_ledger(args.ledger, since_s=since, until_s=until))
+        source = str(args.ledger)
+    else:
+        records = anyio.run(er.read_stream, args.nats)
+        source = args.nats
+    report = er.summarize(records, source=source, since_s=since, until_s=until)
+    if args.plot is not None:
+        er.plot(report, args.plot)
+    if args.json is None:
+        print(er.format_table(report))
+    elif str(args.json) == "-":
+        print(er.write_json(report, None))
+    else:
+        er.write_json(report, args.json)
+    return 0
 
 
 def _add_evaluate(sub: Any) -> None:

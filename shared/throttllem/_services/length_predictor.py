@@ -29,6 +29,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from throttllem import _metrics as m
 from throttllem._batching import MicroBatcher
 from throttllem._bus import Bus, Reply
 from throttllem._core.feedback import LengthFeedback
@@ -92,6 +93,18 @@ class LengthPredictorService:
         self.batcher: MicroBatcher[RequestArrived, RequestPredicted] = MicroBatcher(
             self.predict_batch, max_size=64, in_thread=False)
         self._drift_warned = False
+        self.metrics = m.ServiceMetrics(self.name)
+        self._predictions = self.metrics.counter(m.LENGTH_PREDICTIONS).labels(self.model_version)
+        self._predicted_tokens = self.metrics.histogram(m.LENGTH_PREDICTED_TOKENS)
+        self._rejected = self.metrics.counter(m.LENGTH_REJECTED)
+        self._feedback = self.metrics.counter(m.LENGTH_FEEDBACK)
+        self.metrics.gauge_functions([
+            (m.LENGTH_MAE, lambda: self.feedback.stats().mae_tokens),
+            (m.LENGTH_COVERAGE, lambda: self.feedback.stats().upper_coverage)])
+
+    def _observe_prediction(self, prediction: RequestPredicted) -> None:
+        self._predictions.inc()
+        self._predicted_tokens.observe(prediction.predicted_tokens)
 
     # ---- the model call (inline in the event loop, one batch at a time)
 
@@ -133,6 +146,7 @@ class LengthPredictorService:
         prediction = await self.batcher.submit(request)
         self.feedback.predicted(request.id, prediction.predicted_tokens,
                                 prediction.upper_tokens)
+        self._observe_prediction(prediction)
         return prediction
 
     async def _on_arrived(self, bus: Bus, event: RequestEvent) -> None:
@@ -144,6 +158,7 @@ class LengthPredictorService:
             # Final: retrying cannot help, so it is recorded and acked, never nak'ed; any
             # other failure propagates and the bus naks it for redelivery.
             bus.counters["requests_rejected"] += 1
+            self._rejected.inc()
             log.warning("length.request_rejected", id=event.id, error=str(e))
             await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
                 id=event.id, decided_s=event.arrival_s, reason=f"length-predictor: {e}",
@@ -158,14 +173,18 @@ class LengthPredictorService:
         self.batcher.submit_nowait(request, partial(self._rpc_done, reply))
 
     async def _rpc_done(self, reply: Reply, result: RequestPredicted | Exception) -> None:
-        if not isinstance(result, Exception):
+        if isinstance(result, Exception):
+            self._rejected.inc()
+        else:
             self.feedback.predicted(result.id, result.predicted_tokens, result.upper_tokens)
+            self._observe_prediction(result)
         await reply(result)
 
     async def _on_completed(self, event: RequestEvent) -> None:
         if not isinstance(event, RequestCompleted):
             return
-        self.feedback.completed(event.id, event.generated_tokens)
+        if self.feedback.completed(event.id, event.generated_tokens):
+            self._feedback.inc()
         stats = self.feedback.stats()
         if stats.drifting and not self._drift_warned:
             log.warning("length.drift", mae_tokens=stats.mae_tokens,
