@@ -128,6 +128,9 @@ async def test_the_forecaster_refuses_an_unknown_class_and_serves_the_rest(
     assert "--slo-config" in refused.reason
     assert isinstance(decided["b"], RequestAdmitted)  # the next request is not held up
     assert counters["requests_rejected.unknown_slo_class"] == 1
+    assert service.metrics.value("throttllem_refusals_total",
+                                 {"reason": "unknown_slo_class"}) == 1
+    assert service.metrics.value("throttllem_admissions_total", {"instance": "i0"}) == 1
     assert not any(k.startswith("handler_errors") for k in counters)  # acked, not retried
 
 

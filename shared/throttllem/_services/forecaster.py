@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from throttllem import _metrics as m
 from throttllem._bus import Bus
 from throttllem._core.controller import (
     POLICIES,
@@ -99,6 +100,12 @@ class ForecasterService:
         self.controller = Controller(cfg, shape=EngineShape.of(setup), policy=clocks,
                                      slo_classes=slo_classes)
         self._instances_added = False
+        self.metrics = m.ServiceMetrics(self.name)
+        self._admissions = self.metrics.counter(m.ADMISSIONS)
+        self._deferrals = self.metrics.counter(m.DEFERRALS)
+        self._refusals = self.metrics.counter(m.REFUSALS)
+        self._decision_s = self.metrics.histogram(m.DECISION_LATENCY)
+        self._clock_target = self.metrics.gauge(m.CLOCK_TARGET)
         log.info("forecaster.policy", policy=policy, setup=setup.name,
                  perf_model=getattr(perf, "name", None),
                  floor_mhz=clocks.floor_mhz if clocks else None, use_upper=use_upper)
@@ -110,11 +117,13 @@ class ForecasterService:
         for d in decisions:
             match d:
                 case SetClock():
+                    self._clock_target.labels(d.instance).set(d.clock_mhz)
                     await bus.publish(freq_target(d.instance), FreqTarget(
                         instance=d.instance, clock_mhz=d.clock_mhz, lease_s=lease_s,
                         reason=d.reason, decided_s=now_s))
                 case Admit():
                     bus.counters["admitted"] += 1
+                    self._admissions.labels(d.instance).inc()
                     # The msg id makes a redelivered input (after a crash before its ack)
                     # admit once.
                     await bus.publish_durable(request_admitted(d.instance), RequestAdmitted(
@@ -123,11 +132,13 @@ class ForecasterService:
                         upper_tokens=d.upper_tokens), msg_id=f"admit-{d.request.id}")
                 case Defer():
                     bus.counters["deferred"] += 1
+                    self._deferrals.labels("no_instance_meets_slos").inc()
                     await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
                         id=d.request_id, decided_s=now_s, reason=d.reason),
                         msg_id=f"deferred-{d.request_id}")
                 case Refuse():
                     bus.counters[f"requests_rejected.{d.cause}"] += 1
+                    self._refusals.labels(d.cause).inc()
                     log.warning("forecaster.request_rejected", id=d.request_id,
                                 reason=d.reason)
                     await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
@@ -140,6 +151,7 @@ class ForecasterService:
     async def _on_request(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
         """A new request to place: `request.arrived` or `request.predicted` (by policy)."""
         now_s = clock.now_s()
+        started = time.perf_counter()
         match event:
             case RequestPredicted(request=RequestArrived() as request):
                 decisions = self.controller.offer(
@@ -148,6 +160,7 @@ class ForecasterService:
                 decisions = self.controller.offer(event, None, now_s)
             case _:
                 return
+        self._decision_s.observe(time.perf_counter() - started)
         bus.counters["events.request"] += 1
         await self._publish(bus, now_s, decisions)
 
