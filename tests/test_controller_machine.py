@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-import numpy.typing as npt
 import pytest
 
 from throttllem._core.controller import (
@@ -19,22 +17,15 @@ from throttllem._core.controller import (
     Refuse,
     SetClock,
 )
-from throttllem._core.perf import FunctionPerfModel
 from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._events import RequestAborted, RequestAdmitted, RequestArrived
-from throttllem.testing import setup_policy
+from throttllem.testing import crowded_perf, setup_policy
 
 POLICY, SHAPE = setup_policy()
 
 
-def _three_fit(batch: npt.NDArray[np.float64], kv: npt.NDArray[np.float64],
-               prefill: npt.NDArray[np.float64], clock: npt.NDArray[np.float64],
-               ) -> npt.NDArray[np.float64]:
-    """5 ms passes up to 3 requests, 1 s beyond, at every clock: a 4th request must wait."""
-    return np.asarray(0.005 + 1.0 * (batch > 3) + 0.0 * (kv + prefill + clock), np.float64)
 
-
-THREE_FIT = dataclasses.replace(POLICY, perf=FunctionPerfModel(_three_fit, name="three"))
+THREE_FIT = dataclasses.replace(POLICY, perf=crowded_perf(3))
 LENGTHS = (50.0, 60.0)
 
 

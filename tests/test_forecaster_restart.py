@@ -6,13 +6,10 @@ from __future__ import annotations
 import time
 
 import anyio
-import numpy as np
-import numpy.typing as npt
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._core.controller import POLICIES, Controller
-from throttllem._core.perf import FunctionPerfModel
 from throttllem._events import (
     RequestAdmitted,
     RequestArrived,
@@ -23,19 +20,13 @@ from throttllem._events import (
 from throttllem._runtime import Clock
 from throttllem._services.forecaster import ForecasterService
 from throttllem._subjects import REQUEST_PREDICTED
-from throttllem.testing import forecaster_service, setup_policy
+from throttllem.testing import crowded_perf, forecaster_service, setup_policy
 
 _, SHAPE = setup_policy()
 
 
-def _crowded(batch: npt.NDArray[np.float64], kv: npt.NDArray[np.float64],
-             prefill: npt.NDArray[np.float64], clock: npt.NDArray[np.float64],
-             ) -> npt.NDArray[np.float64]:
-    """5 ms passes up to 3 requests, 1 s beyond, at every clock: a 4th request must wait."""
-    return np.asarray(0.005 + 1.0 * (batch > 3) + 0.0 * (kv + prefill + clock), np.float64)
 
-
-CROWDED = FunctionPerfModel(_crowded, name="crowded")
+CROWDED = crowded_perf(3)
 
 
 def arrived(rid: str) -> RequestArrived:

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pynvml
 from structlog.testing import capture_logs
 
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._core.controller import POLICIES
-from throttllem._core.perf import PerfModel
+from throttllem._core.perf import AnyArray, FunctionPerfModel, PerfModel
 from throttllem._core.placement import EngineShape, Policy, clock_policy
 from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
 from throttllem._setup import DEFAULT_SETUP
@@ -24,8 +25,16 @@ from throttllem._subjects import REQUEST_ADMITTED_ALL, REQUEST_DEFERRED
 if TYPE_CHECKING:
     from throttllem._services.forecaster import ForecasterService
 
-__all__ = ["H100_SM_CLOCKS_DESCENDING", "FakeNvml", "capture_logs", "forecaster_service",
-           "nats_server", "setup_policy", "watch_decisions"]
+__all__ = [
+    "H100_SM_CLOCKS_DESCENDING",
+    "FakeNvml",
+    "capture_logs",
+    "crowded_perf",
+    "forecaster_service",
+    "nats_server",
+    "setup_policy",
+    "watch_decisions",
+]
 
 H100_SM_CLOCKS_DESCENDING = list(range(1980, 344, -15))  # NVML lists them high to low
 
@@ -190,3 +199,15 @@ def forecaster_service(*, instances: list[str], policy: str = "throttllem",
         perf = oracle_perf_model(profile)
     return ForecasterService(instances=instances, policy=policy, setup=profile.setup,
                              perf=perf, **kwargs)
+
+
+def crowded_perf(fits: int = 3) -> FunctionPerfModel:
+    """A performance model under which an instance holds `fits` requests: 5 ms passes up to
+    that batch, 1 s beyond, at every clock (so the next request must wait)."""
+
+    def crowded(batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+                clock_mhz: AnyArray) -> AnyArray:
+        return np.asarray(0.005 + 1.0 * (batch > fits)
+                          + 0.0 * (kv_tokens + prefill_tokens + clock_mhz), np.float64)
+
+    return FunctionPerfModel(crowded, name=f"crowded-{fits}")
