@@ -24,6 +24,7 @@ from throttllem._bus import Bus
 from throttllem._engines.contract import (
     ENGINE_SERVICE,
     REMEMBERED_IDS,
+    EngineAdapter,
     aborts_durable,
     acts_on_abort,
     admissions_durable,
@@ -208,3 +209,6 @@ class EngineTwinService:
             tg.start_soon(self._loop, bus, clock)
             log.info("engine.started", instance=self.instance, setup=self.profile.name)
             task_status.started()
+
+
+_KEEPS_THE_CONTRACT: type[EngineAdapter] = EngineTwinService  # checked by mypy
