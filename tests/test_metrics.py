@@ -31,7 +31,7 @@ from throttllem._events import (
 from throttllem._gpu.remote import serve_gpu
 from throttllem._runtime import Clock
 from throttllem._services.actuator import ActuatorService
-from throttllem._services.engine import EngineTwinService
+from throttllem._engines.twin import EngineTwinService
 from throttllem._services.telemetry import TelemetryService
 from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import ENERGY_REQUEST, freq_target, request_admitted, twin_gpu

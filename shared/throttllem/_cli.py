@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from throttllem import __version__
+from throttllem._engines import BACKENDS, DEFAULT_BACKEND
 from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._log import configure_logging
 from throttllem._runtime import REAL_TIME, Clock, Service, run_service
@@ -52,7 +53,10 @@ def _forecaster(args: argparse.Namespace) -> Service:
 
 
 def _engine(args: argparse.Namespace) -> Service:
-    from throttllem._services.engine import EngineTwinService  # noqa: PLC0415
+    from throttllem._engines import check_backend  # noqa: PLC0415
+
+    check_backend(args.backend)  # only the twin runs inside this command today
+    from throttllem._engines.twin import EngineTwinService  # noqa: PLC0415
 
     return EngineTwinService(instance=args.instance, setup=args.setup, slack_wall_s=args.slack)
 
@@ -125,7 +129,8 @@ def _consumer(args: argparse.Namespace) -> Service:
 
 SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
-    "engine": ("one engine-twin instance with its simulated GPU", _engine),
+    "engine": ("one engine instance on the bus (--backend twin: the twin and its GPU)",
+               _engine),
     "telemetry": ("GPU samples (NVML or twin) and per-request energy records", _telemetry),
     "length-predictor": ("generation-length predictions (ONNX model, or oracle for traces)",
                          _length_predictor),
@@ -183,6 +188,9 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--tenant-burst", type=float, default=defaults.tenant_burst,
                                help="per-tenant burst allowance (requests)")
             case "engine":
+                p.add_argument("--backend", choices=tuple(BACKENDS), default=DEFAULT_BACKEND,
+                               help="which engine serves this instance: "
+                                    + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
                 p.add_argument("--instance", required=True)
                 p.add_argument("--setup", default=DEFAULT_SETUP)
                 p.add_argument("--slack", type=float, default=0.05,

@@ -241,6 +241,21 @@ class EngineTwin:
         self._queue.append(_Req(request, target, admitted_s))
         self._ids.add(request.id)
 
+    def abort(self, request_id: str) -> bool:
+        """Forget a request whose client went away: it leaves the queue or its batch slot,
+        its KV blocks are free for the next pass, and it never completes. False when this
+        engine does not hold it (never admitted, already finished or already aborted)."""
+        if request_id not in self._ids:
+            return False
+        self._ids.discard(request_id)
+        for r in self._queue:
+            if r.id == request_id:
+                self._queue.remove(r)
+                return True
+        keep = np.array([r.id != request_id for r in self._reqs], dtype=bool)
+        self._keep_slots(keep)
+        return True
+
     # ------------------------------------------------------------------ one pass
 
     def step(self, now_s: float) -> IterationOutcome | None:
@@ -370,10 +385,15 @@ class EngineTwin:
                 tbt_max_ms=float(self._gap[k]) * 1e3, e2e_ms=(end - req.arrival_s) * 1e3,
                 preemptions=r.preemptions, energy_mj=float(self._energy[k])))
             self._ids.discard(req.id)
-        keep = ~done
-        kept = m - len(out)
+        self._keep_slots(~done)
+        return out
+
+    def _keep_slots(self, keep: npt.NDArray[np.bool_]) -> None:
+        """Compact the batch slots to those marked in `keep` (one flag per running request),
+        keeping admission order."""
+        m = self._n
+        kept = int(keep.sum())
         for arr in (self._ctx, self._gen, self._target, self._last, self._gap, self._energy):
             arr[:kept] = arr[:m][keep]
-        self._reqs = [r for r, d in zip(self._reqs, done.tolist(), strict=True) if not d]
+        self._reqs = [r for r, k in zip(self._reqs, keep.tolist(), strict=True) if k]
         self._n = kept
-        return out
