@@ -27,6 +27,7 @@ import structlog
 
 from throttllem import __version__
 from throttllem._bus import Bus
+from throttllem._busauth import BusAuth, redact_url
 from throttllem._events import Heartbeat
 from throttllem._subjects import health
 
@@ -84,11 +85,13 @@ async def _heartbeats(bus: Bus, service: Service, clock: Clock, instance_id: str
 
 
 async def run_service(service: Service, *, nats_url: str, clock: Clock = REAL_TIME,
-                      heartbeat_s: float = 2.0) -> None:
-    """Run one service until SIGTERM/SIGINT, then drain and return."""
+                      heartbeat_s: float = 2.0, auth: BusAuth | None = None) -> None:
+    """Run one service until SIGTERM/SIGINT, then drain and return. `auth`: the service's
+    NATS identity and TLS settings (its reply inbox is `_INBOX.<service name>`)."""
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     bound = log.bind(service=service.name, instance_id=instance_id)
-    bus = await Bus.connect(nats_url, name=f"{service.name}-{instance_id}")
+    bus = await Bus.connect(nats_url, name=f"{service.name}-{instance_id}", auth=auth,
+                            service=service.name)
     try:
         async with anyio.create_task_group() as tg:
             async def stop_on_signal() -> None:
@@ -100,7 +103,7 @@ async def run_service(service: Service, *, nats_url: str, clock: Clock = REAL_TI
 
             tg.start_soon(stop_on_signal)
             await tg.start(service.run, bus, clock)
-            bound.info("service.ready", nats=nats_url)
+            bound.info("service.ready", nats=redact_url(nats_url))
             tg.start_soon(_heartbeats, bus, service, clock, instance_id, heartbeat_s)
     finally:
         with anyio.CancelScope(shield=True):

@@ -7,6 +7,8 @@ sent as request/reply on `tllm.v1.twin.gpu.<instance>`.
 
 from __future__ import annotations
 
+import contextlib
+from functools import partial
 from typing import Literal, Protocol
 
 import anyio.to_thread
@@ -63,6 +65,9 @@ class ThreadedGpu:
 # --------------------------------------------------------------------------- twin over NATS
 
 Op = Literal["count", "read", "supported", "set_locked", "reset"]
+# Calls that change the GPU go to `<subject>.control`, reads to `<subject>.read`: subject
+# permissions then let a collector read a GPU that only the actuator may lock.
+CONTROL_OPS: frozenset[str] = frozenset({"set_locked", "reset"})
 
 
 class GpuCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,12 +98,17 @@ _call_decoder = msgspec.json.Decoder(GpuCall)
 _reply_decoder = msgspec.json.Decoder(GpuReply)
 
 
-def answer_gpu_call(backend: GpuBackend, data: bytes) -> GpuReply:  # noqa: PLR0911 - one per op
-    """Run one encoded call against a local backend; errors become replies, never raise."""
+def answer_gpu_call(backend: GpuBackend, data: bytes, *,  # noqa: PLR0911 - one per op
+                    control: bool = True) -> GpuReply:
+    """Run one encoded call against a local backend; errors become replies, never raise.
+    `control=False` (a call that came on the read subject) refuses calls that change clocks."""
     try:
         call = _call_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         return GpuReply(ok=False, error=f"bad gpu call: {e}", error_kind="gpu")
+    if call.op in CONTROL_OPS and not control:
+        return GpuReply(ok=False, error=f"{call.op} is a control call: send it to the "
+                        "GPU's .control subject", error_kind="permission")
     try:
         match call.op:
             case "count":
@@ -119,14 +129,18 @@ def answer_gpu_call(backend: GpuBackend, data: bytes) -> GpuReply:  # noqa: PLR0
 
 
 async def serve_gpu(bus: Bus, subject: str, backend: GpuBackend) -> object:
-    """Answer NVML-shaped calls for `backend` on `subject` (used by the engine twin)."""
+    """Answer NVML-shaped calls for `backend` on `<subject>.read` and `<subject>.control`
+    (used by the engine twin). Returns the two subscriptions."""
 
-    async def callback(msg: Msg) -> None:
-        await msg.respond(msgspec.json.encode(answer_gpu_call(backend, msg.data)))
+    async def answer(msg: Msg, *, control: bool) -> None:
+        reply = answer_gpu_call(backend, msg.data, control=control)
+        with contextlib.suppress(nats.errors.Error, OSError):  # the asker is gone or offline
+            await msg.respond(msgspec.json.encode(reply))
 
-    sub = await bus.nc.subscribe(subject, cb=callback)
+    subs = (await bus.nc.subscribe(f"{subject}.read", cb=partial(answer, control=False)),
+            await bus.nc.subscribe(f"{subject}.control", cb=partial(answer, control=True)))
     await bus.sync()  # the server knows we answer before anyone is told we are ready
-    return sub
+    return subs
 
 
 class RemoteGpu:
@@ -140,8 +154,9 @@ class RemoteGpu:
         self._timeout_s = timeout_s
 
     async def _call(self, call: GpuCall) -> GpuReply:
+        subject = f"{self.subject}.{'control' if call.op in CONTROL_OPS else 'read'}"
         try:
-            msg = await self._bus.nc.request(self.subject, msgspec.json.encode(call),
+            msg = await self._bus.nc.request(subject, msgspec.json.encode(call),
                                              timeout=self._timeout_s)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError) as e:
             raise GpuNotFoundError(f"no twin GPU answers on {self.subject}: {e!r}") from e

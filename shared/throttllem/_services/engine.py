@@ -3,7 +3,8 @@
 It consumes its own admissions from JetStream, runs iteration-level inflight batching in
 event time paced to the shared clock, publishes `engine.iteration.<instance>` for every
 forward pass and `request.completed` (durable) for every finished request, and answers
-NVML-shaped calls for its twin GPU on `twin.gpu.<instance>` for the collector and actuator.
+NVML-shaped calls for its twin GPU on `twin.gpu.<instance>.read` (the collector) and
+`.control` (the actuator).
 """
 
 from __future__ import annotations
