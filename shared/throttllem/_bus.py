@@ -141,6 +141,11 @@ class EmbeddedNatsServer:
         self.stop()
         raise BusError(f"nats-server did not become ready in {self._start_timeout_s} s")
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (tests freeze it with SIGSTOP)."""
+        return self._proc.pid if self._proc is not None else None
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
@@ -231,12 +236,24 @@ class Bus:
         seen: list[Exception] = []  # errors of the first connect, for a clear message
 
         async def on_error(e: Exception) -> None:
-            if holder:
-                holder[0]._on_server_error(e)
-            else:
+            if not holder:
                 seen.append(e)
-            if _PERMISSION_RE.search(str(e)) is None:
                 log_.warning("nats.error", error=redact_url(str(e)))
+                return
+            bus = holder[0]
+            bus._on_server_error(e)
+            if _PERMISSION_RE.search(str(e)) is not None:
+                return
+            if isinstance(e, OSError | TimeoutError) and not bus.nc.is_connected:
+                # A reconnect attempt failed: the server is still away. Said at the 1st,
+                # 10th, 100th and then every 100th attempt, not twice a second.
+                bus.counters["reconnect_attempts_failed"] += 1
+                n = bus.counters["reconnect_attempts_failed"]
+                if n not in _LOG_AT and n % 100:
+                    return
+                log_.warning("nats.reconnect_failed", attempts=n, error=redact_url(str(e)))
+                return
+            log_.warning("nats.error", error=redact_url(str(e)))
 
         options: dict[str, Any] = auth.connect_options()
         # Seconds, fractions allowed (nats-py's annotations say int).
