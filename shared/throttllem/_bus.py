@@ -186,7 +186,7 @@ class Bus:
         self.counters: Counter[str] = Counter()
         self._log = log.bind(client=name)
         self._closing: list[bool] = []
-        self._refused_subjects: set[str] = set()
+        self._refused_subjects: set[str] = set()  # lower case, as nats-py reports them
 
     def _on_server_error(self, error: Exception) -> None:
         """Count what the server refused; a refused durable publish then fails at once
@@ -197,8 +197,8 @@ class Bus:
             return
         kind = "subscribe" if match.group(1).lower().startswith("sub") else "publish"
         self.counters[f"refused.{kind}"] += 1
-        if kind == "publish":
-            self._refused_subjects.add(match.group(2))
+        if kind == "publish":  # nats-py lower-cases the server's error text
+            self._refused_subjects.add(match.group(2).lower())
         self._log.warning("nats.permission_denied", operation=kind, subject=match.group(2))
 
     @classmethod
@@ -273,13 +273,13 @@ class Bus:
         except (OSError, nats.errors.Error, TimeoutError) as e:
             with contextlib.suppress(Exception):
                 await nc.close()
-            cause = seen[-1] if seen else e
-            detail = redact_url(repr(cause))
-            if isinstance(cause, nats.errors.AuthorizationError) or (
-                    "authorization violation" in detail.lower()):
+            if any(isinstance(x, nats.errors.AuthorizationError)
+                   or "authorization violation" in str(x).lower() for x in [*seen, e]):
                 raise BusError(f"NATS at {shown} refused the credentials "
                                f"({auth.describe()['auth']}): check the identity's nkey, "
                                "creds, password or token") from e
+            cause = next((x for x in seen if isinstance(x, ssl.SSLError)), seen[-1] if seen else e)
+            detail = redact_url(repr(cause))
             if isinstance(cause, ssl.SSLError):
                 raise BusError(f"TLS with NATS at {shown} failed ({detail}): check --nats-ca "
                                "(the CA that signed the server), --nats-cert/--nats-key "
@@ -357,7 +357,7 @@ class Bus:
             except nats.errors.ConnectionClosedError as e:
                 raise BusError(f"JetStream publish to {subject}: connection closed") from e
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
-                if subject in self._refused_subjects:
+                if subject.lower() in self._refused_subjects:
                     raise BusError(f"NATS refused this identity publishing to {subject} "
                                    "(permissions violation)") from e
                 failures += 1
@@ -591,7 +591,8 @@ class Bus:
                 raise BusError(f"consumer {durable}: connection closed") from e
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
                 refused = sorted(s for s in self._refused_subjects
-                                 if s.startswith("$JS.API.CONSUMER.") and durable in s.split("."))
+                                 if s.startswith("$js.api.consumer.")
+                                 and durable.lower() in s.split("."))
                 if refused:
                     raise BusError(f"NATS refused this identity the consumer {durable} "
                                    f"({refused[0]})") from e

@@ -39,7 +39,7 @@ class Identity:
     service: str
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
-    durables: tuple[str, ...] = ()
+    durables: tuple[tuple[str, str], ...] = ()  # (consumer name, its filter subject)
     uses_stream: bool = False
     answers_requests: bool = False
     why: str = ""
@@ -49,12 +49,12 @@ class Identity:
         allow = list(self.publish)
         if self.uses_stream or self.durables:
             allow += [f"{JS_API}.STREAM.INFO.{S}", f"{JS_API}.STREAM.CREATE.{S}"]
-        for durable in self.durables:
+        for durable, filter_subject in self.durables:
+            # The create subject carries the filter (nats-server >= 2.9 checks that it is the
+            # config's): an identity can read only what its consumers are for.
             allow += [
                 f"{JS_API}.CONSUMER.INFO.{S}.{durable}",
-                f"{JS_API}.CONSUMER.CREATE.{S}.{durable}",
-                f"{JS_API}.CONSUMER.CREATE.{S}.{durable}.>",
-                f"{JS_API}.CONSUMER.DURABLE.CREATE.{S}.{durable}",
+                f"{JS_API}.CONSUMER.CREATE.{S}.{durable}.{filter_subject}",
                 f"{JS_API}.CONSUMER.DELETE.{S}.{durable}",
                 f"{JS_API}.CONSUMER.MSG.NEXT.{S}.{durable}",
                 f"$JS.ACK.{S}.{durable}.>",
@@ -75,21 +75,23 @@ def identities(instances: Sequence[str] = ("i0", "i1")) -> dict[str, Identity]:
                      f"{p}.health.forecaster"),
             subscribe=(f"{p}.request.>", f"{p}.engine.iteration.*", f"{p}.freq.applied.*",
                        f"{p}.scale.target"),
-            durables=("forecaster", "forecaster-throttllem", history_consumer("forecaster")),
+            durables=(("forecaster", f"{p}.request.arrived"),
+                      ("forecaster-throttllem", f"{p}.request.predicted"),
+                      (history_consumer("forecaster"), f"{p}.request.>")),
             why="the only one that admits requests and sets clock targets"),
         Identity(
             "length-predictor", "length-predictor",
             publish=(f"{p}.request.predicted", f"{p}.request.deferred",
                      f"{p}.health.length-predictor"),
             subscribe=(f"{p}.request.completed", f"{p}.rpc.predict"),
-            durables=("length-predictor",), answers_requests=True,
+            durables=(("length-predictor", f"{p}.request.arrived"),), answers_requests=True,
             why="predictions; answers rpc.predict"),
         Identity(
             "telemetry", "telemetry",
             publish=(f"{p}.gpu.sample.>", f"{p}.energy.request", f"{p}.twin.gpu.*.read",
                      f"{p}.health.telemetry"),
             subscribe=(f"{p}.engine.iteration.*", f"{p}.request.completed"),
-            durables=("telemetry",),
+            durables=(("telemetry", f"{p}.request.completed"),),
             why="the only one that publishes GPU samples and energy records; reads twin GPUs"),
         Identity(
             "replayer", "replayer",
@@ -119,6 +121,10 @@ def identities(instances: Sequence[str] = ("i0", "i1")) -> dict[str, Identity]:
             uses_stream=True,
             why="`throttllem demo`'s own client: replays arrivals, watches everything"),
         Identity(
+            "billing", "billing", publish=(f"{p}.health.billing",), subscribe=(),
+            durables=(("billing", f"{p}.energy.request"),),
+            why="reads energy records (durable `billing`) for invoices and reports"),
+        Identity(
             "observer", "observer", publish=(), subscribe=(f"{p}.>",),
             why="read-only: dashboards, `nats sub 'tllm.>'`"),
     ]
@@ -129,7 +135,8 @@ def identities(instances: Sequence[str] = ("i0", "i1")) -> dict[str, Identity]:
             publish=(f"{p}.engine.iteration.{inst}", f"{p}.request.completed",
                      f"{p}.request.deferred", f"{p}.request.aborted", f"{p}.health.engine"),
             subscribe=(f"{p}.twin.gpu.{inst}.read", f"{p}.twin.gpu.{inst}.control"),
-            durables=(f"engine-{inst}",), answers_requests=True,
+            durables=((f"engine-{inst}", f"{p}.request.admitted.{inst}"),),
+            answers_requests=True,
             why=f"serves {inst}'s admissions; its twin GPU answers NVML-shaped calls"))
         out.append(Identity(
             f"actuator-{inst}", "actuator",
@@ -409,7 +416,8 @@ def matrix_markdown(matrix: dict[str, Identity]) -> str:
         if ident.answers_requests:
             pub += " (+ replies to requests it receives)"
         sub = ", ".join(f"`{s.removeprefix(PREFIX + '.')}`" for s in ident.subscribe) or "–"
-        durables = ", ".join(f"`{d}`" for d in ident.durables) or "–"
+        durables = ", ".join(f"`{d}` (`{f.removeprefix(PREFIX + '.')}`)"
+                             for d, f in ident.durables) or "–"
         rows.append(f"| `{ident.name}` | {pub} | {sub} | {durables} |")
     rows.append(f"| `{ADMIN}` | everything | everything | all (stream updates) |")
     return "\n".join(rows)
