@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import anyio.to_thread
 import msgspec
@@ -70,11 +70,15 @@ Op = Literal["count", "read", "supported", "set_locked", "reset"]
 CONTROL_OPS: frozenset[str] = frozenset({"set_locked", "reset"})
 
 
+GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=65_535)]
+Mhz = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+
+
 class GpuCall(msgspec.Struct, frozen=True, kw_only=True):
     op: Op
-    index: int = 0
-    min_mhz: int = 0
-    max_mhz: int = 0
+    index: GpuIndex = 0
+    min_mhz: Mhz = 0
+    max_mhz: Mhz = 0
 
 
 class GpuReply(msgspec.Struct, frozen=True, kw_only=True):
