@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -347,6 +348,29 @@ def _start_telemetry(url: str, layout: SecurityLayout, log_path: Path) -> subpro
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_the_deploy_config_is_valid_with_generated_secrets(
+        layout: SecurityLayout, tmp_path: Path) -> None:
+    """deploy/nats.conf (secure by default) loads with what `security init` wrote, at the
+    paths compose.yaml mounts; every identity compose.yaml mounts exists."""
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    (tmp_path / "secrets").symlink_to(layout.root)
+    conf = (deploy / "nats.conf").read_text().replace("/etc/nats/secrets", str(layout.root))
+    conf = conf.replace("/data/jetstream", str(tmp_path / "js"))
+    (tmp_path / "nats.conf").write_text(conf)
+    from throttllem._bus import find_nats_server  # noqa: PLC0415
+
+    check = subprocess.run([str(find_nats_server()), "-c", str(tmp_path / "nats.conf"), "-t"],
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "verify: true" in conf
+    assert "http: 127.0.0.1:8222" in conf
+    compose = (deploy / "compose.yaml").read_text()
+    mounted = set(re.findall(r"\./secrets/clients/([\w-]+):/run/secrets/nats", compose))
+    assert mounted
+    assert mounted <= set(layout.identities())
+    assert '"8222:8222"' not in compose
 
 
 def test_urls_with_credentials_are_redacted() -> None:
