@@ -409,13 +409,17 @@ def init_security(out: Path, *, instances: Sequence[str] = ("i0", "i1"),
 
 def matrix_markdown(matrix: dict[str, Identity]) -> str:
     """The permissions matrix as the README's table."""
-    rows = ["| identity | may publish | may subscribe | durable consumers |",
+    def short(subject: str) -> str:
+        rest = subject.removeprefix(PREFIX + ".")
+        return f"`{subject}` (all)" if rest == ">" else f"`{rest}`"
+
+    rows = ["| identity | may publish | may subscribe | durable consumers (filter) |",
             "| --- | --- | --- | --- |"]
     for ident in matrix.values():
-        pub = ", ".join(f"`{s.removeprefix(PREFIX + '.')}`" for s in ident.publish) or "–"
+        pub = ", ".join(short(s) for s in ident.publish) or "–"
         if ident.answers_requests:
             pub += " (+ replies to requests it receives)"
-        sub = ", ".join(f"`{s.removeprefix(PREFIX + '.')}`" for s in ident.subscribe) or "–"
+        sub = ", ".join(short(s) for s in ident.subscribe) or "–"
         durables = ", ".join(f"`{d}` (`{f.removeprefix(PREFIX + '.')}`)"
                              for d, f in ident.durables) or "–"
         rows.append(f"| `{ident.name}` | {pub} | {sub} | {durables} |")
