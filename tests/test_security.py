@@ -236,6 +236,26 @@ async def _ignore(_: object) -> None:
     return None
 
 
+async def test_the_forecaster_reads_the_stream_back_under_its_fixed_consumer_name(
+        secure_nats: EmbeddedNatsServer, layout: SecurityLayout) -> None:
+    """`Bus.history` uses one consumer name per service (its permissions name it), replacing
+    a leftover of an earlier run, so a restarted forecaster reads the stream again."""
+    replayer = await connect_as(secure_nats, layout, "replayer")
+    forecaster = await connect_as(secure_nats, layout, "forecaster")
+    try:
+        await replayer.ensure_request_stream()
+        for n in range(3):
+            await replayer.publish_durable("tllm.v1.request.arrived", RequestArrived(
+                id=f"h{n}", arrival_s=float(n), prompt_tokens=5), msg_id=f"h{n}")
+        for _ in range(2):  # the second read replaces the first one's consumer
+            events = await forecaster.history("tllm.v1.request.>", REQUEST_CODEC)
+            assert [e.id for e in events if isinstance(e, RequestArrived)] == ["h0", "h1", "h2"]
+        assert not [k for k in forecaster.counters if k.startswith("refused")]
+    finally:
+        await replayer.close()
+        await forecaster.close()
+
+
 async def test_admin_may_update_the_stream_and_services_may_not(
         secure_nats: EmbeddedNatsServer, layout: SecurityLayout) -> None:
     replayer = await connect_as(secure_nats, layout, "replayer")
@@ -394,3 +414,39 @@ def test_secrets_come_from_files_or_the_environment(tmp_path: Path) -> None:
         BusAuth.from_env({"THROTTLLEM_NATS_USER": "svc"})
     with pytest.raises(ValueError, match="does not exist"):
         BusAuth(nkey_seed_file=tmp_path / "missing.seed")
+
+
+async def test_password_and_token_identities_work_against_a_real_server(tmp_path: Path) -> None:
+    """The other ways to authenticate, read from files: right secret in, wrong one refused."""
+    (tmp_path / "users.conf").write_text(
+        'authorization { users: [ { user: "svc", password: "s3cret-pw" } ] }\n')
+    (tmp_path / "right").write_text("s3cret-pw\n")
+    (tmp_path / "wrong").write_text("guess\n")
+    for f in ("right", "wrong"):
+        (tmp_path / f).chmod(0o600)
+    server = EmbeddedNatsServer(store_dir=tmp_path / "nats", config=tmp_path / "users.conf")
+    url = server.start()
+    try:
+        good = BusAuth.from_env({"THROTTLLEM_NATS_USER": "svc",
+                                 "THROTTLLEM_NATS_PASSWORD_FILE": str(tmp_path / "right")})
+        bus = await Bus.connect(url, name="svc", auth=good, connect_timeout_s=2.0)
+        await bus.close()
+        bad = BusAuth.from_env({"THROTTLLEM_NATS_USER": "svc",
+                                "THROTTLLEM_NATS_PASSWORD_FILE": str(tmp_path / "wrong")})
+        with pytest.raises(BusError, match="refused the credentials") as refused:
+            await Bus.connect(url, name="svc", auth=bad, connect_timeout_s=2.0)
+        assert "guess" not in str(refused.value)
+    finally:
+        server.stop()
+    (tmp_path / "token.conf").write_text('authorization { token: "t0ken-value" }\n')
+    server = EmbeddedNatsServer(store_dir=tmp_path / "nats2", config=tmp_path / "token.conf")
+    url = server.start()
+    try:
+        bus = await Bus.connect(url, name="svc", connect_timeout_s=2.0,
+                                auth=BusAuth.from_env({"THROTTLLEM_NATS_TOKEN": "t0ken-value"}))
+        await bus.close()
+        with pytest.raises(BusError, match="refused the credentials"):
+            await Bus.connect(url, name="svc", connect_timeout_s=2.0,
+                              auth=BusAuth.from_env({"THROTTLLEM_NATS_TOKEN": "nope"}))
+    finally:
+        server.stop()
