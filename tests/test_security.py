@@ -35,6 +35,7 @@ from throttllem._events import (
     RequestCompleted,
     RequestEnergy,
     RequestEvent,
+    encode,
 )
 from throttllem._runtime import Clock
 from throttllem._security import ADMIN, SecurityLayout, identities
@@ -333,6 +334,12 @@ async def test_services_with_their_own_identities_serve_requests_end_to_end(
                                        prompt_tokens=100 + 10 * n, true_output_tokens=8 + n)
                         for n in range(6)]
             await replay(replayer, clock, requests)
+            # The gateway asks the predictor directly; the answer comes to its own inbox.
+            gateway = await connect_as(secure_nats, layout, "gateway")
+            buses["gateway"] = gateway
+            answer = await gateway.nc.request("tllm.v1.rpc.predict", encode(requests[0]),
+                                              timeout=10)
+            assert b'"request.predicted"' in answer.data
             with anyio.fail_after(60):
                 while len(completed) < len(requests) or len(energy) < len(requests):
                     await anyio.sleep(0.05)

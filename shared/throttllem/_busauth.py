@@ -194,8 +194,8 @@ class BusAuth:
 
 AUTH_ENV_HELP: Final = (
     "NATS identity and TLS: the options below, or the environment variables "
-    f"{ENV_PREFIX}CREDS, NKEY, USER, PASSWORD(_FILE), TOKEN(_FILE), CA, CERT, KEY, "
-    "TLS_HOSTNAME (each prefixed). Secrets are read from files or the environment, never "
+    f"{ENV_PREFIX}CREDS, _NKEY, _USER, _PASSWORD or _PASSWORD_FILE, _TOKEN or _TOKEN_FILE, "
+    "_CA, _CERT, _KEY, _TLS_HOSTNAME. Secrets are read from files or the environment, never "
     "from the command line.")
 
 
