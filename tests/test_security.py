@@ -362,15 +362,30 @@ async def test_services_with_their_own_identities_serve_requests_end_to_end(
 
 
 def _start_telemetry(url: str, layout: SecurityLayout, log_path: Path) -> subprocess.Popen[bytes]:
-    d = layout.client_dir("telemetry")
+    """As the demo starts a service: its identity in THROTTLLEM_NATS_* variables."""
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "throttllem", "run", "telemetry", "--gpu", "twin",
-             "--instances", "i0", "--interval", "0.2", "--nats", url,
-             "--nats-nkey", str(d / "nkey.seed"), "--nats-ca", str(d / "ca.pem"),
-             "--nats-cert", str(d / "cert.pem"), "--nats-key", str(d / "key.pem")],
+             "--instances", "i0", "--interval", "0.2", "--nats", url],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, **layout.env("telemetry"), "PYTHONUNBUFFERED": "1"})
+
+
+def test_run_options_name_files_and_never_take_secrets(layout: SecurityLayout) -> None:
+    from throttllem._busauth import auth_from_args  # noqa: PLC0415
+    from throttllem._cli import build_parser  # noqa: PLC0415
+
+    d = layout.client_dir("forecaster")
+    args = build_parser().parse_args([
+        "run", "forecaster", "--instances", "i0", "--nats", "tls://localhost:4222",
+        "--nats-nkey", str(d / "nkey.seed"), "--nats-ca", str(d / "ca.pem"),
+        "--nats-cert", str(d / "cert.pem"), "--nats-key", str(d / "key.pem")])
+    auth = auth_from_args(args, environ={})
+    assert auth == layout.auth("forecaster")
+    assert auth.describe() == {"auth": f"nkey {d / 'nkey.seed'}", "tls": "mutual"}
+    with pytest.raises(SystemExit):  # there is no option that takes a secret itself
+        build_parser().parse_args(["run", "forecaster", "--instances", "i0",
+                                   "--nats-password", "x"])
 
 
 def _read(path: Path) -> str:

@@ -116,7 +116,8 @@ def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run one service (what each container does)")
     run_sub = run.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name, (help_text, _) in SERVICES.items():
-        p = run_sub.add_parser(name, help=help_text)
+        # No abbreviations: `--nats-password x` must be an error, not the file option.
+        p = run_sub.add_parser(name, help=help_text, allow_abbrev=False)
         p.add_argument("--nats", default=DEFAULT_NATS,
                        help="NATS URL, tls://host:4222 for TLS (env THROTTLLEM_NATS_URL); "
                             "credentials go in the options below, not in the URL")
