@@ -163,8 +163,13 @@ class RemoteGpu:
             msg = await self._bus.nc.request(subject, msgspec.json.encode(call),
                                              timeout=self._timeout_s)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError) as e:
-            raise GpuNotFoundError(f"no twin GPU answers on {self.subject}: {e!r}") from e
-        reply = _reply_decoder.decode(msg.data)
+            raise GpuNotFoundError(f"no twin GPU answers on {subject}: {e!r}") from e
+        except nats.errors.Error as e:  # the bus is away (an outage): a failed GPU call
+            raise GpuError(f"twin GPU call on {subject} failed: {e!r}") from e
+        try:
+            reply = _reply_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise GpuError(f"bad reply from the twin GPU on {subject}: {e}") from e
         if not reply.ok:
             raise _ERROR_KINDS.get(reply.error_kind or "gpu", GpuError)(reply.error or "")
         return reply
