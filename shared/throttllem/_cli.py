@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from throttllem import __version__
+from throttllem._busauth import add_auth_arguments, auth_from_args
 from throttllem._engines import BACKENDS, DEFAULT_BACKEND
 from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._log import configure_logging
@@ -147,8 +148,12 @@ def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run one service (what each container does)")
     run_sub = run.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name, (help_text, _) in SERVICES.items():
-        p = run_sub.add_parser(name, help=help_text)
-        p.add_argument("--nats", default=DEFAULT_NATS, help="NATS URL (env THROTTLLEM_NATS_URL)")
+        # No abbreviations: `--nats-password x` must be an error, not the file option.
+        p = run_sub.add_parser(name, help=help_text, allow_abbrev=False)
+        p.add_argument("--nats", default=DEFAULT_NATS,
+                       help="NATS URL, tls://host:4222 for TLS (env THROTTLLEM_NATS_URL); "
+                            "credentials go in the options below, not in the URL")
+        add_auth_arguments(p)
         p.add_argument("--epoch-wall", type=float, default=None,
                        help="simulated time: wall instant (Unix s) where event time is 0")
         p.add_argument("--speed", type=float, default=1.0,
@@ -271,6 +276,7 @@ def _add_run(sub: Any) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(json=True, level=args.log_level)
+    auth = auth_from_args(args)
     service = SERVICES[args.service][1](args)
     if args.epoch_wall is not None:
         clock = Clock(epoch_wall_s=args.epoch_wall, speed=args.speed)
@@ -278,9 +284,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
         clock = REAL_TIME  # event time is Unix time
     else:
         clock = Clock(epoch_wall_s=time.time(), speed=args.speed)
-    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock,
+    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock, auth=auth,
                                   metrics_port=args.metrics_port,
                                   metrics_host=args.metrics_host))
+    return 0
+
+
+# --------------------------------------------------------------------------- security
+
+
+def _add_security(sub: Any) -> None:
+    p = sub.add_parser("security", help="NATS identities, permissions and TLS certificates")
+    sec = p.add_subparsers(dest="security_command", required=True, metavar="ACTION")
+    init = sec.add_parser(
+        "init", help="generate a CA, server and client certificates, one nkey per service "
+                     "and the nats-server config that grants each only what it needs")
+    init.add_argument("--out", type=Path, required=True,
+                      help="folder to create (keep it private: it holds the secrets)")
+    init.add_argument("--instances", type=_csv, default=["i0", "i1"],
+                      help="engine instances: one engine and one actuator identity each")
+    init.add_argument("--hosts", type=_csv, default=["localhost", "127.0.0.1", "nats"],
+                      help="names and addresses the server certificate is valid for")
+    init.add_argument("--listen", default="127.0.0.1:4222",
+                      help="address in the generated nats.conf (0.0.0.0:4222 to serve others)")
+    init.add_argument("--no-mutual-tls", action="store_true",
+                      help="do not require client certificates (TLS still required)")
+    init.add_argument("--days", type=int, default=825, help="certificate validity")
+    init.add_argument("--force", action="store_true", help="replace existing credentials")
+    init.set_defaults(func=_cmd_security_init)
+    matrix = sec.add_parser("matrix", help="print who may publish and subscribe to what")
+    matrix.add_argument("--instances", type=_csv, default=["i0", "i1"])
+    matrix.set_defaults(func=_cmd_security_matrix)
+
+
+def _cmd_security_init(args: argparse.Namespace) -> int:
+    from throttllem._security import init_security  # noqa: PLC0415
+
+    layout = init_security(args.out, instances=args.instances, hosts=args.hosts,
+                           mutual_tls=not args.no_mutual_tls, days=args.days,
+                           force=args.force, listen=args.listen)
+    names = layout.identities()
+    print(f"wrote {layout.root}: CA ca.pem (its key in private/, keep it offline), server "
+          f"certificate server/, nats.conf + auth.conf (the permissions), and "
+          f"{len(names)} client identities under clients/: {', '.join(names)}")
+    print(f"start a server:  nats-server -c {layout.nats_conf}")
+    print("run a service:   throttllem run <service> --nats tls://localhost:4222 "
+          f"--nats-nkey {layout.client_dir('<identity>')}/nkey.seed --nats-ca ... "
+          "--nats-cert ... --nats-key ...")
+    return 0
+
+
+def _cmd_security_matrix(args: argparse.Namespace) -> int:
+    from throttllem._security import identities, matrix_markdown  # noqa: PLC0415
+
+    print(matrix_markdown(identities(args.instances)))
     return 0
 
 
@@ -367,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_models(sub)
     _add_report(sub)
+    _add_security(sub)
     return parser
 
 
