@@ -154,13 +154,13 @@ async def test_the_services_serve_every_request_once_across_a_server_outage(
         tmp_path: Path) -> None:
     """Replayer, forecaster, engine and telemetry keep running through an outage in the middle
     of a replay: every request is completed and billed exactly once, nobody exits."""
+    from throttllem._engines.twin import EngineTwinService  # noqa: PLC0415
     from throttllem._events import ENERGY_CODEC, RequestCompleted, RequestEnergy  # noqa: PLC0415
     from throttllem._runtime import Clock  # noqa: PLC0415
-    from throttllem._services.engine import EngineTwinService  # noqa: PLC0415
-    from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
     from throttllem._services.replayer import replay  # noqa: PLC0415
     from throttllem._services.telemetry import TelemetryService  # noqa: PLC0415
     from throttllem._subjects import ENERGY_REQUEST, REQUEST_COMPLETED  # noqa: PLC0415
+    from throttllem.testing import forecaster_service  # noqa: PLC0415
 
     store = tmp_path / "js"
     server = EmbeddedNatsServer(store_dir=store)
@@ -168,7 +168,7 @@ async def test_the_services_serve_every_request_once_across_a_server_outage(
     again = EmbeddedNatsServer(store_dir=store, port=int(url.rsplit(":", 1)[1]))
     clock = Clock(epoch_wall_s=time.time())
     services = {"engine": EngineTwinService(instance="i0"),
-                "forecaster": ForecasterService(instances=["i0"], policy="default"),
+                "forecaster": forecaster_service(instances=["i0"], policy="default"),
                 "telemetry": TelemetryService(gpu="twin", instances=["i0"], interval_s=0.2)}
     buses = {name: await Bus.connect(url, name=name, service=name) for name in services}
     audit = await Bus.connect(url, name="audit")

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from throttllem import MalformedEventError
+from throttllem._errors import GpuError
 from throttllem._events import (
     ENERGY_CODEC,
     ENGINE_CODEC,
@@ -22,7 +23,10 @@ from throttllem._events import (
     HEALTH_CODEC,
     MAX_LEASE_S,
     REQUEST_CODEC,
+    RPC_ERROR_CODEC,
     SCALE_CODEC,
+    TWIN_GPU_ANSWER_CODEC,
+    TWIN_GPU_CALL_CODEC,
     Codec,
     EngineIteration,
     FreqApplied,
@@ -36,12 +40,15 @@ from throttllem._events import (
     RequestDeferred,
     RequestEnergy,
     RequestPredicted,
+    RpcError,
     ScaleApplied,
     ScaleTarget,
+    TwinGpuAnswer,
+    TwinGpuCall,
     encode,
 )
 from throttllem._gpu.backend import GpuReading
-from throttllem._gpu.remote import GpuCall, answer_gpu_call
+from throttllem._gpu.remote import CONTROL_OPS, answer_gpu_call
 
 ARRIVED = RequestArrived(id="r1", arrival_s=1.0, prompt_tokens=10, prompt_text="hi",
                          true_output_tokens=5)
@@ -78,9 +85,12 @@ SAMPLES: list[tuple[Codec[Any], msgspec.Struct]] = [
     (SCALE_CODEC, ScaleApplied(setup="s", instances=2, applied_s=1.0, backend="podman")),
     (HEALTH_CODEC, Heartbeat(service="s", instance_id="i", version="1", now_s=1.0,
                              uptime_s=1.0, counters={"a": 1}, metrics={"m": 1.0})),
+    (TWIN_GPU_CALL_CODEC, TwinGpuCall(op="set_locked", index=1, min_mhz=1200, max_mhz=1200)),
+    (TWIN_GPU_ANSWER_CODEC, TwinGpuAnswer(clocks_mhz=[1980, 1965], count=1)),
+    (RPC_ERROR_CODEC, RpcError(error="x", kind="ConfigError")),
 ]
 CODECS = [REQUEST_CODEC, ENGINE_CODEC, GPU_CODEC, ENERGY_CODEC, FREQ_CODEC, SCALE_CODEC,
-          HEALTH_CODEC]
+          HEALTH_CODEC, TWIN_GPU_CALL_CODEC, TWIN_GPU_ANSWER_CODEC, RPC_ERROR_CODEC]
 
 
 def _constrained(t: msgspec.inspect.Type) -> msgspec.inspect.Type | None:
@@ -230,8 +240,6 @@ def test_random_bytes_never_crash_a_decoder(data: bytes) -> None:
         except MalformedEventError:
             continue
         _check_decoded(msgspec.to_builtins(event))
-    reply = answer_gpu_call(_NoGpu(), data, control=False)  # a reply, never an exception
-    assert isinstance(reply.ok, bool)
 
 
 @settings(max_examples=400, deadline=None)
@@ -257,10 +265,22 @@ def test_random_values_in_a_valid_structure_decode_in_bounds_or_are_rejected(
 @given(call=st.fixed_dictionaries({}, optional={
     "op": st.sampled_from(["count", "read", "supported", "set_locked", "reset", "rm -rf"]),
     "index": JSON_VALUE, "min_mhz": JSON_VALUE, "max_mhz": JSON_VALUE}))
-def test_random_gpu_calls_are_answered_never_raised(call: dict[str, Any]) -> None:
-    reply = answer_gpu_call(_NoGpu(), msgspec.json.encode(call), control=False)
-    if call.get("op") in ("set_locked", "reset"):
-        assert not reply.ok  # never on the read subject
+def test_random_gpu_calls_are_rejected_or_answered_or_fail_as_gpu_errors(
+        call: dict[str, Any]) -> None:
+    """What reaches a twin GPU is a decoded, bounded call; the backend's own failures are
+    GpuErrors, which `Bus.serve` answers as `rpc.error` naming their class."""
+    try:
+        decoded = TWIN_GPU_CALL_CODEC.decode(msgspec.json.encode({"tag": "twin.gpu.call",
+                                                                   **call}))
+    except MalformedEventError:
+        return
+    if decoded.op in CONTROL_OPS:  # the GPU without GPUs refuses them loudly (below)
+        return
+    try:
+        answer = answer_gpu_call(_NoGpu(), decoded)
+    except GpuError:
+        return
+    assert isinstance(answer, TwinGpuAnswer)
 
 
 class _NoGpu:
@@ -289,8 +309,7 @@ class _NoGpu:
 def test_a_gpu_call_out_of_bounds_is_refused() -> None:
     for call in ({"op": "read", "index": -1}, {"op": "read", "index": 2**40},
                  {"op": "set_locked", "min_mhz": 10**9}):
-        reply = answer_gpu_call(_NoGpu(), msgspec.json.encode(call))
-        assert not reply.ok
-        assert reply.error is not None
-        assert reply.error.startswith("bad gpu call")
-    assert isinstance(GpuCall(op="count"), GpuCall)
+        with pytest.raises(MalformedEventError, match=r"bad twin\.gpu event"):
+            TWIN_GPU_CALL_CODEC.decode(msgspec.json.encode({"tag": "twin.gpu.call", **call}))
+    assert TWIN_GPU_CALL_CODEC.decode(msgspec.json.encode(
+        {"tag": "twin.gpu.call", "op": "count"})) == TwinGpuCall(op="count")

@@ -24,6 +24,7 @@ from throttllem import BusError
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._busauth import BusAuth, redact_url
 from throttllem._cli import main as cli_main
+from throttllem._engines.twin import EngineTwinService
 from throttllem._events import (
     ENERGY_CODEC,
     FREQ_CODEC,
@@ -37,11 +38,10 @@ from throttllem._events import (
     RequestEvent,
     encode,
 )
+from throttllem._perf.runtime import load_perf_model
 from throttllem._runtime import Clock
 from throttllem._security import ADMIN, SecurityLayout, identities
 from throttllem._services.actuator import ActuatorService
-from throttllem._services.engine import EngineTwinService
-from throttllem._services.forecaster import ForecasterService, load_perf_model
 from throttllem._services.length_predictor import LengthPredictorService
 from throttllem._services.replayer import replay
 from throttllem._setup import DEFAULT_SETUP
@@ -51,6 +51,7 @@ from throttllem._subjects import (
     HEALTH_ALL,
     REQUEST_COMPLETED,
 )
+from throttllem.testing import forecaster_service
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -307,8 +308,8 @@ async def test_services_with_their_own_identities_serve_requests_end_to_end(
         "engine-i0": EngineTwinService(instance="i0"),
         "actuator-i0": ActuatorService(instance="i0", backend="twin"),
         "length-predictor": LengthPredictorService(oracle=0.0),
-        "forecaster": ForecasterService(instances=["i0"], policy="throttllem",
-                                        perf=load_perf_model(DEFAULT_SETUP, None)),
+        "forecaster": forecaster_service(instances=["i0"], policy="throttllem",
+                                         perf=load_perf_model(DEFAULT_SETUP)),
     }
     buses: dict[str, Bus] = {}
     telemetry = _start_telemetry(secure_nats.url, layout, tmp_path / "telemetry.log")

@@ -221,15 +221,15 @@ class GpuReading(msgspec.Struct, frozen=True, kw_only=True):
     """One read of a GPU's counters (`throttllem._gpu.backend.GpuBackend.read`), as it also
     travels inside `TwinGpuAnswer`. `energy_mj` is the total-energy counter since driver load."""
 
-    power_w: float
-    energy_mj: float
-    sm_clock_mhz: float
-    mem_clock_mhz: float
-    gpu_util_pct: float = 0.0
-    mem_util_pct: float = 0.0
-    temperature_c: float = 0.0
-    uuid: str = ""
-    name: str = ""
+    power_w: PowerW
+    energy_mj: EnergyMj
+    sm_clock_mhz: ClockMhz
+    mem_clock_mhz: ClockMhz
+    gpu_util_pct: Percent = 0.0
+    mem_util_pct: Percent = 0.0
+    temperature_c: Celsius = 0.0
+    uuid: Name = ""
+    name: Name = ""
 
 
 # --------------------------------------------------------------------------- request/reply
@@ -243,8 +243,8 @@ class RpcError(_Event, frozen=True, kw_only=True, tag="rpc.error"):
     failure is one of ours (a bad request, a clock out of range), so that the caller raises
     the same kind; empty for a failure of the responder itself."""
 
-    error: str
-    kind: str = ""
+    error: Text
+    kind: Name = ""
 
 
 TwinGpuOp = Literal["count", "read", "supported", "set_locked", "reset"]
@@ -255,17 +255,18 @@ class TwinGpuCall(_Event, frozen=True, kw_only=True, tag="twin.gpu.call"):
     <instance>`), from the telemetry collector or the actuator."""
 
     op: TwinGpuOp
-    index: NonNegInt = 0
-    min_mhz: int = 0
-    max_mhz: int = 0
+    index: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 0
+    min_mhz: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    max_mhz: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
 
 
 class TwinGpuAnswer(_Event, frozen=True, kw_only=True, tag="twin.gpu.answer"):
     """The twin GPU's answer to a `TwinGpuCall`: the field its op asks for."""
 
     reading: GpuReading | None = None
-    clocks_mhz: list[int] = []
-    count: NonNegInt = 0
+    clocks_mhz: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=100_000)]],
+                          msgspec.Meta(max_length=MAX_ITEMS)] = []
+    count: Annotated[int, msgspec.Meta(ge=0, le=65_536)] = 0
 
 
 # --------------------------------------------------------------------------- energy
