@@ -50,12 +50,14 @@ async def test_iterations_match_vllms_counters_and_carry_our_request_ids(
     client = openai.AsyncOpenAI(base_url=f"{vllm.url}/v1", api_key="unused", max_retries=0)
     words = ["please", "explain", "the", "energy", "of", "a", "server", "clock", "in", "one",
              "short", "story"]
-    # Eight concurrent requests of different lengths, completions and chat, streamed and not.
-    plan = {f"req-{k}": (4 + 3 * k, 1 + k % 5) for k in range(8)}  # id -> (tokens, prompt words)
+    # Eight concurrent requests of different lengths, completions and chat, streamed and not;
+    # their prompts (~3,400 tokens) exceed vLLM's default CPU step budget (2,048), which the
+    # fixture raises to the context length with chunked prefill off: no prompt is split.
+    plan = {f"req-{k}": (4 + 3 * k, 3 + 120 * k) for k in range(8)}  # id -> (tokens, words)
     usage: dict[str, int] = {}
 
     async def one(request_id: str, max_tokens: int, n_words: int, k: int) -> None:
-        prompt = " ".join(words[:n_words + 3])
+        prompt = " ".join(words[i % len(words)] for i in range(n_words))
         headers = {"X-Request-Id": request_id}
         extra = {"ignore_eos": True}
         if k % 2 == 0:
@@ -119,11 +121,12 @@ async def test_iterations_match_vllms_counters_and_carry_our_request_ids(
     per_request = Counter(r for e in events for r in e.request_ids)
     assert per_request == Counter(usage)
     # The contract: sequence numbers rise, counts add up, KV use within the pool, no energy.
-    seqs = [e.seq for e in events]
-    assert seqs == sorted(seqs)
+    seqs = sorted(e.seq for e in events)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # +1 per pass, none missing
     for e in events:
         assert e.instance == vllm.instance
         assert e.batch_size == len(e.request_ids) == len(e.request_tokens)
+        assert len(set(e.request_ids)) == len(e.request_ids)  # each request once per pass
         assert e.prefill_tokens + e.decode_tokens == sum(e.request_tokens)
         assert 0 < e.kv_blocks_used <= e.kv_blocks_total
         assert e.energy_mj == 0.0

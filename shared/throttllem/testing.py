@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -97,13 +98,15 @@ def _free_loopback_port() -> int:
 @contextlib.contextmanager
 def vllm_server(model_dir: Path, *, log_dir: Path, nats_url: str, instance: str = "v0",
                 model: str = "tiny", extra_args: Sequence[str] = (),
-                kv_cache_bytes: int = 64 << 20, start_timeout_s: float = 600.0,
-                ) -> Iterator[VllmServer]:
+                kv_cache_bytes: int = 64 << 20, chunked_prefill: bool = False,
+                start_timeout_s: float = 600.0) -> Iterator[VllmServer]:
     """A real vLLM server (CPU build) on a free loopback port, serving `model_dir` with the
     throttLL'eM scheduler that publishes `engine.iteration.<instance>` to `nats_url`.
 
     Waits for `/health`; stops the whole process group (API server, engine core, worker) on
     exit. The KV cache is capped at `kv_cache_bytes` (vLLM's CPU default takes most of RAM).
+    Chunked prefill is off unless asked for (the step budget then covers the whole context),
+    so that every request in a step generates one token, as the controller counts them.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"vllm-{instance}.log"
@@ -113,7 +116,12 @@ def vllm_server(model_dir: Path, *, log_dir: Path, nats_url: str, instance: str 
             "--host", "127.0.0.1", "--port", str(port),
             "--scheduler-cls", "throttllem._engines.vllm.scheduler.iteration_scheduler",
             "--kv-cache-memory-bytes", str(kv_cache_bytes),
-            "--disable-uvicorn-access-log", *extra_args]
+            "--disable-uvicorn-access-log"]
+    if not chunked_prefill:
+        config = json.loads((model_dir / "config.json").read_text())
+        budget = max(2048, int(config.get("max_position_embeddings", 2048)))
+        args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
+    args += extra_args
     env = {**os.environ, "THROTTLLEM_NATS_URL": nats_url, "THROTTLLEM_INSTANCE": instance,
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}

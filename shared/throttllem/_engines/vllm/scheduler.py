@@ -28,7 +28,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from throttllem._engines.vllm.iteration import iteration_event
-from throttllem._engines.vllm.publisher import EventPublisher, settings_from_env
+from throttllem._engines.vllm.publisher import EventPublisher, log, settings_from_env
 from throttllem._subjects import engine_iteration
 
 
@@ -38,6 +38,7 @@ class _IterationPublishing:
 
     # Provided by vLLM's Scheduler (annotations only: the MRO finds vLLM's).
     kv_cache_manager: Any
+    scheduler_config: Any
     get_request_counts: Any
 
     def _init_publishing(self) -> None:
@@ -50,6 +51,13 @@ class _IterationPublishing:
         self._tllm_randomized = not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION")
         # id(scheduler_output) -> (monotonic end of schedule(), KV blocks used, queue length)
         self._tllm_pending: dict[int, tuple[float, int, int]] = {}
+        if self.scheduler_config.enable_chunked_prefill:
+            log.warning("vllm.chunked_prefill_on", instance=instance,
+                        consequence="a step that prefills only part of a prompt lists that "
+                        "request although it generates no token in it; start vLLM with "
+                        "--no-enable-chunked-prefill and --max-num-batched-tokens >= the "
+                        "context length for exact per-request token counts")
+        log.info("vllm.publishing", instance=instance, subject=self._tllm_subject, nats=url)
 
     def _record_schedule(self, output: Any) -> None:
         if output.total_num_scheduled_tokens <= 0:
