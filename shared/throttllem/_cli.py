@@ -384,6 +384,10 @@ def _add_demo(sub: Any) -> None:
                    help="folder for the PNG plots (needs matplotlib: pip install "
                         "'throttllem[plot]')")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--secure", action="store_true",
+                   help="lock the embedded NATS down as deploy/ does: TLS with client "
+                        "certificates and one identity per service (generated in the log "
+                        "folder)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -398,6 +402,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         nats_url=args.nats, trace=args.trace, minutes=args.minutes,
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
         speed=speed, policies=policies, plots_dir=None if args.no_plots else args.plots,
+        secure=args.secure,
         setup=args.setup, json_path=args.json,
         length_error=args.length_error,
         peak_rps=args.peak_rps, slo_config=args.slo_config, slo_class=args.slo_class,
