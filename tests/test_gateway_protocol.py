@@ -24,6 +24,7 @@ from throttllem._gateway.protocol import (
     upstream_body,
 )
 from throttllem._gateway.tokenizer import PromptCounter
+from throttllem.testing import write_test_tokenizer as write_tokenizer
 
 MODELS = ("tiny",)
 CLASSES = frozenset({"standard", "interactive", "batch"})
@@ -186,29 +187,6 @@ def test_instances_and_scaler_phases() -> None:
 
 
 # --------------------------------------------------------------------------- tokenizer
-
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
-            "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def write_tokenizer(folder: Path, *, template: str | None = TEMPLATE) -> Path:
-    """A real BPE tokenizer trained here on a few lines, saved as a model folder would be."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers  # noqa: PLC0415
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    config: dict[str, object] = {"bos_token": "<s>", "eos_token": {"content": "</s>"}}
-    if template is not None:
-        config["chat_template"] = template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
-
 
 def test_prompt_counter_counts_as_the_tokenizer_and_template_do(tmp_path: Path) -> None:
     counter = PromptCounter.load(write_tokenizer(tmp_path / "m"))
