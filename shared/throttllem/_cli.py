@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_models(sub)
+    _add_model(sub)
     return parser
 
 
@@ -358,6 +359,12 @@ def _add_models(sub: Any) -> None:
     add_perf_parser(sub)
     add_profile_parser(sub)
 
+
+def _add_model(sub: Any) -> None:
+    """`model tiny`: a servable model written locally (no download)."""
+    from throttllem._engines.vllm.tiny_model import add_model_parser  # noqa: PLC0415
+
+    add_model_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Engines: the engine contract and its adapters (the twin, vLLM)."""
