@@ -6,6 +6,7 @@ the right event, so nothing stays pinned in the controller."""
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,8 +38,6 @@ CLASSES = frozenset({"standard", "interactive", "batch"})
 
 def closed_port_url() -> str:
     """A loopback URL where nothing listens (connections are refused at once)."""
-    import socket  # noqa: PLC0415
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
@@ -144,6 +143,11 @@ async def test_bad_input_is_refused_in_openai_shape_and_nothing_published(
         assert counters["gateway.refused.context_length_exceeded"] == 1
         models = await c.models.list()
         assert [m.id for m in models.data] == ["tiny"]
+        # Streams are small writes: without TCP_NODELAY each would wait on Nagle (~40 ms).
+        sock = run.gateway.listening
+        assert sock is not None
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 async def test_a_queue_timeout_answers_503_with_retry_after_and_aborts(
