@@ -114,7 +114,8 @@ async def measure(direct: str, gateway: str, levels: list[int], bursts: int,
                   max_tokens: int) -> tuple[dict[int, dict[str, list[float]]],
                                             dict[int, tuple[float, float]]]:
     """TTFTs per level and path, and each level's wall-time window."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024,
+                          keepalive_expiry=2.0)  # below the servers' 5 s keep-alive
     results: dict[int, dict[str, list[float]]] = {}
     windows: dict[int, tuple[float, float]] = {}
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:

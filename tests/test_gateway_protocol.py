@@ -12,11 +12,13 @@ import pytest
 from throttllem._errors import ApiRequestError, ConfigError
 from throttllem._gateway.instances import InstanceRegistry, parse_instances, phases_of
 from throttllem._gateway.protocol import (
+    PROMPT_TEXT_MAX_CHARS,
     SseSplitter,
     check_length,
     error_body,
     latencies,
     parse_request,
+    published_prompt_text,
     read_chunk,
     response_usage,
     slo_of,
@@ -107,6 +109,15 @@ def test_the_context_window_holds_prompt_and_completion() -> None:
     too_long = refusal(check_length, 512, None, 512)
     assert too_long.code == "context_length_exceeded"
     assert "512 tokens" in too_long.message
+
+
+def test_published_prompt_text_fits_a_nats_message() -> None:
+    assert published_prompt_text(None) is None
+    assert published_prompt_text("short") == "short"
+    long = published_prompt_text("é" * (PROMPT_TEXT_MAX_CHARS + 10))
+    assert long is not None
+    assert len(long) == PROMPT_TEXT_MAX_CHARS
+    assert len(long.encode()) < 1 << 20  # NATS's default max_payload
 
 
 def test_tenant_from_key_or_header() -> None:

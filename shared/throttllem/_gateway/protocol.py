@@ -235,6 +235,17 @@ def check_length(prompt_tokens: int, max_tokens: int | None, max_model_len: int)
     return max_tokens
 
 
+# NATS refuses messages over its max_payload (1 MiB by default); a prompt that fits a long
+# context window can be larger, so `request.arrived` carries at most this much of its text.
+PROMPT_TEXT_MAX_CHARS: Final = 100_000
+
+
+def published_prompt_text(text: str | None) -> str | None:
+    """The prompt text `request.arrived` carries: the whole prompt, or its first
+    PROMPT_TEXT_MAX_CHARS characters (its token count is always the whole prompt's)."""
+    return None if text is None else text[:PROMPT_TEXT_MAX_CHARS]
+
+
 def upstream_body(parsed: ParsedRequest) -> bytes:
     """What goes to the engine: the client's body, asking a stream for its final usage chunk
     (the gateway counts generated tokens from it) when the client did not."""

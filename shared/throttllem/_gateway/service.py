@@ -64,6 +64,7 @@ from throttllem._gateway.protocol import (
     header_map,
     latencies,
     parse_request,
+    published_prompt_text,
     read_chunk,
     response_usage,
     slo_of,
@@ -300,7 +301,8 @@ class GatewayService:
         request = RequestArrived(
             id=f"gw-{uuid.uuid4().hex}", arrival_s=arrival_s, prompt_tokens=prompt_tokens,
             max_tokens=max_tokens, tenant=tenant, slo_class=slo.slo_class,
-            prompt_text=prompt_text, ttft_slo_ms=slo.ttft_ms, tbt_slo_ms=slo.tpot_ms)
+            prompt_text=published_prompt_text(prompt_text), ttft_slo_ms=slo.ttft_ms,
+            tbt_slo_ms=slo.tpot_ms)
         flight = _Flight(request)
         waiter = _Waiter()
         # Registered before the arrival is published: no decision can come before it.
@@ -609,7 +611,11 @@ class GatewayService:
             self.app(), http="httptools", lifespan="off", log_config=None, access_log=False,
             timeout_graceful_shutdown=max(1, math.ceil(self.config.shutdown_grace_s)),
             backlog=4096))
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=4096)
+        # Idle connections expire well before the engine's own keep-alive timeout (uvicorn's
+        # and vLLM's default is 5 s): a request sent on a connection the engine is closing at
+        # that instant would fail as if the engine had.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=4096,
+                              keepalive_expiry=2.0)
         timeout = httpx.Timeout(None, connect=self.config.connect_timeout_s)
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as http, \
                 anyio.create_task_group() as tg:
