@@ -216,3 +216,17 @@ async def test_a_client_leaving_mid_stream_aborts_the_engine_request(
                 await anyio.sleep(0.1)
         generated = _metric(metrics, "vllm:generation_tokens_total") - before
         assert generated < asked  # vLLM stopped generating when the gateway hung up
+
+
+async def test_an_engine_refusal_passes_through_and_is_forgotten(
+        nats: EmbeddedNatsServer, vllm_server: Vllm) -> None:
+    async with stack(nats, vllm_server) as s:
+        # Valid to the gateway, refused by vLLM's own checks: its 400 reaches the client.
+        with pytest.raises(openai.BadRequestError) as info:
+            await s.client.completions.create(model="tiny", prompt="the dog", max_tokens=4,
+                                              temperature=-1.0)
+        assert "temperature" in info.value.message
+        events = await s.wait_for(RequestAborted)
+        aborted = next(e for e in events if isinstance(e, RequestAborted))
+        assert (aborted.cause, aborted.instance) == ("engine-failed", "i0")
+        assert "HTTP 400" in aborted.reason
