@@ -332,7 +332,7 @@ def main() -> None:
             }
             test_csv = Path(tmp) / f"{rt.setup}-seed1.csv"
             if not test_csv.exists():
-                run_profile(target="twin", setup=rt.setup, out=test_csv,
+                run_profile(setup=rt.setup, out=test_csv,
                             samples=args.test_samples, seed=1, log=open(os.devnull, "w"))  # noqa: SIM115
             scored = {}
             extra = [(v, Path(v)) for k, _, v in

@@ -1,9 +1,9 @@
 """On the device: the forecaster against a real decode loop at the card's own clock.
 
 A Llama-3-8B-shaped random-weight decoder serves a time-scaled window of the Azure conv trace
-through the engine twin's scheduler (`throttllem._perf.gpu_engine`: inflight batching, FCFS,
+through the engine twin's scheduler (`throttllem._gpulab.loop`: inflight batching, FCFS,
 paged-KV accounting, prefill inside the pass under the token budget), every pass really run
-on the GPU (`throttllem._perf.gpu_pass`: FlashAttention-2 varlen over per-sequence KV
+on the GPU (`throttllem._gpulab.passes`: FlashAttention-2 varlen over per-sequence KV
 regions, CUDA graphs per decode batch bucket, eager passes when prefilling) and timed with
 CUDA events. The performance model is trained on a profile of the same runner's passes
 (random shapes, measured the same way), then every logged pass is predicted by `PerfRuntime`
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from throttllem._perf.gpu_engine import (
+from throttllem._gpulab.loop import (
     PASS_COLUMNS,
     DriftStats,
     LoopGpu,
@@ -155,8 +155,8 @@ def smoke(torch: Any, runner: Any) -> dict[str, Any]:
     if runner.nvml is not None:
         t0 = time.perf_counter()
         for _ in range(100):
-            runner.nvml.sm_clock_mhz()
-            runner.nvml.energy_mj()
+            runner.nvml.sm_clock_mhz(runner.nvml_index)
+            runner.nvml.energy_mj(runner.nvml_index)
         out["nvml_two_reads_us"] = (time.perf_counter() - t0) / 100 * 1e6
     runner.tok.copy_(saved)
     return out
@@ -190,7 +190,8 @@ def serve_json(res: ServeResult, requests: list[Any], meta: dict[str, Any]) -> d
 def cmd_device(args: argparse.Namespace) -> int:
     import importlib  # noqa: PLC0415
 
-    from throttllem._perf.gpu_pass import TorchPassRunner  # noqa: PLC0415
+    from throttllem._gpulab.passes import TorchPassRunner  # noqa: PLC0415
+    from throttllem._gpulab.sampler import describe_gpu  # noqa: PLC0415
     from throttllem._perf.table import TableWriter  # noqa: PLC0415
     from throttllem._twin.engine import EngineTwin  # noqa: PLC0415
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
@@ -213,7 +214,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     say(f"runner: KV {runner.kv_capacity_tokens} tokens, attention {runner.attention} "
         f"{runner.probe}, graphs {sorted(runner.graphs)} {runner.notes}")
     meta: dict[str, Any] = {
-        "device": runner.nvml.describe() if runner.nvml else {}, "torch": torch.__version__,
+        "device": describe_gpu(runner.nvml_index) if runner.nvml else {},
+        "torch": torch.__version__,
         "cuda": torch.version.cuda, "kv_capacity_tokens": cap, "attention": runner.attention,
         "attention_probe": runner.probe, "graph_buckets": sorted(runner.graphs),
         "runner_notes": runner.notes, "clocks_locked": False,
@@ -254,7 +256,7 @@ def cmd_device(args: argparse.Namespace) -> int:
                                   seed=args.seed, on_row=on_row)
         clocks = [r.sm_clock_mhz for r in rows]
         pmeta = {**meta, "rows": len(rows), "elapsed_s": time.perf_counter() - t0,
-                 "reps": args.reps, "warmup": 1, "sweep": "gpu_engine.sweep_shapes seed "
+                 "reps": args.reps, "warmup": 1, "sweep": "loop.sweep_shapes seed "
                  f"{args.seed}", "sm_clock_mhz_min_median_max": [
                      min(clocks), statistics.median(clocks), max(clocks)] if clocks else None}
         (out / "profile.csv.meta.json").write_text(json.dumps(pmeta, indent=1) + "\n")
@@ -497,7 +499,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_loop_table(args: argparse.Namespace) -> int:
     """A loop run's passes as a profile table (to train the performance model on)."""
-    from throttllem._perf.gpu_engine import record_row  # noqa: PLC0415
+    from throttllem._gpulab.loop import record_row  # noqa: PLC0415
     from throttllem._perf.table import write_table  # noqa: PLC0415
 
     p = read_passes(args.passes)

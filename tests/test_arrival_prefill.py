@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from throttllem._core.clock_search import SupportedClocks
-from throttllem._core.controller import EngineShape, InstanceTracker, Policy, perf_for, retune
 from throttllem._core.perf import (
     AffinePerfModel,
     ArrivalPrefillPerf,
     is_monotone_in_clock,
     prefill_s_per_token,
 )
+from throttllem._core.placement import EngineShape, InstanceTracker, Policy, perf_for, retune
 from throttllem._core.slo import SloClass
 
 CLOCKS = tuple(range(345, 1981, 15))

@@ -1,5 +1,5 @@
-"""The bus over a real nats-server: typed pub/sub, rejection of bad payloads, JetStream
-resumption, redelivery after handler failure, clear connection errors."""
+"""The bus over a real nats-server: typed pub/sub and request/reply, rejection of bad
+payloads, JetStream resumption, redelivery after handler failure, clear connection errors."""
 
 from __future__ import annotations
 
@@ -7,12 +7,32 @@ from functools import partial
 
 import anyio
 import pytest
+from nats.aio.msg import Msg
 from structlog.testing import capture_logs
 
-from throttllem import BusError
-from throttllem._bus import Bus, EmbeddedNatsServer
-from throttllem._events import REQUEST_CODEC, RequestArrived, RequestEvent, encode
-from throttllem._subjects import REQUEST_ARRIVED
+from throttllem import (
+    BusError,
+    ClockOutOfRangeError,
+    GpuNotFoundError,
+    MalformedEventError,
+    RemoteCallError,
+    RequestRejectedError,
+)
+from throttllem._bus import Bus, EmbeddedNatsServer, Reply
+from throttllem._events import (
+    ARRIVAL_CODEC,
+    PREDICTION_CODEC,
+    REQUEST_CODEC,
+    RPC_ERROR_CODEC,
+    RequestArrived,
+    RequestEvent,
+    RequestPredicted,
+    encode,
+)
+from throttllem._gpu.remote import RemoteGpu, serve_gpu
+from throttllem._subjects import REQUEST_ARRIVED, twin_gpu
+from throttllem._twin.gpu import GpuTwin
+from throttllem._twin.profile import load_profile
 
 pytestmark = pytest.mark.anyio
 
@@ -237,3 +257,172 @@ def test_embedded_server_reports_its_port_and_stops(tmp_path: object) -> None:
 
 def test_encode_is_bytes() -> None:
     assert encode(arrived(1)).startswith(b'{"tag":"request.arrived"')
+
+
+# --------------------------------------------------------------------------- request/reply
+
+RPC = "tllm.v1.test.rpc"
+
+
+def prediction(request: RequestArrived) -> RequestPredicted:
+    return RequestPredicted(id=request.id, predicted_tokens=float(request.prompt_tokens),
+                            upper_tokens=2.0 * request.prompt_tokens, model_version="echo")
+
+
+async def test_request_and_serve_are_typed_both_ways(nats: EmbeddedNatsServer) -> None:
+    server = await Bus.connect(nats.url, name="server")
+    client = await Bus.connect(nats.url, name="client")
+
+    async def handler(request: RequestArrived) -> RequestPredicted:
+        return prediction(request)
+
+    try:
+        await server.serve(RPC, ARRIVAL_CODEC, handler)
+        replies = [await client.request(RPC, arrived(n), PREDICTION_CODEC) for n in range(3)]
+        assert replies == [prediction(arrived(n)) for n in range(3)]
+        assert not server.counters
+    finally:
+        await server.close()
+        await client.close()
+
+
+async def test_a_malformed_request_gets_an_error_reply_and_is_counted(
+        nats: EmbeddedNatsServer) -> None:
+    server = await Bus.connect(nats.url, name="server")
+    client = await Bus.connect(nats.url, name="client")
+
+    async def handler(request: RequestArrived) -> RequestPredicted:
+        return prediction(request)
+
+    try:
+        with capture_logs() as logs:
+            await server.serve(RPC, ARRIVAL_CODEC, handler)
+            raw = await client.nc.request(RPC, b'{"tag":"request.arrived","id":""}', timeout=5)
+            with pytest.raises(MalformedEventError, match="bad request event"):
+                await client.request(RPC, prediction(arrived(1)), PREDICTION_CODEC)
+            after = await client.request(RPC, arrived(2), PREDICTION_CODEC)
+        error = RPC_ERROR_CODEC.decode(raw.data)
+        assert error.kind == "MalformedEventError"
+        assert "bad request event" in error.error
+        assert after == prediction(arrived(2))
+        assert server.counters["rejected.request"] == 2
+        assert server.counters["rpc_rejected"] == 2
+        assert [e["event"] for e in logs if e["event"].startswith(("event.", "rpc."))] == [
+            "event.rejected", "rpc.rejected"] * 2
+    finally:
+        await server.close()
+        await client.close()
+
+
+async def test_handler_failures_cross_the_bus_as_their_kind(nats: EmbeddedNatsServer) -> None:
+    server = await Bus.connect(nats.url, name="server")
+    client = await Bus.connect(nats.url, name="client")
+
+    async def handler(request: RequestArrived) -> RequestPredicted:
+        if request.id == "r1":
+            raise ClockOutOfRangeError("1234 MHz is not a supported SM clock")
+        if request.id == "r2":
+            raise RuntimeError("boom")
+        return prediction(request)
+
+    try:
+        with capture_logs() as logs:
+            await server.serve(RPC, ARRIVAL_CODEC, handler, what="echo")
+            with pytest.raises(ClockOutOfRangeError, match="1234 MHz is not a supported"):
+                await client.request(RPC, arrived(1), PREDICTION_CODEC)
+            with pytest.raises(RemoteCallError, match=r"echo failed \(RuntimeError: boom\)"):
+                await client.request(RPC, arrived(2), PREDICTION_CODEC)
+            assert await client.request(RPC, arrived(3), PREDICTION_CODEC) == prediction(
+                arrived(3))
+        assert server.counters["rpc_rejected"] == 1
+        assert server.counters["rpc_errors"] == 1
+        [failed] = [e for e in logs if e["event"] == "rpc.failed"]
+        assert failed["subject"] == RPC
+    finally:
+        await server.close()
+        await client.close()
+
+
+async def test_no_responder_a_late_reply_and_a_bad_reply_are_clear_errors(
+        nats: EmbeddedNatsServer) -> None:
+    client = await Bus.connect(nats.url, name="client")
+    server = await Bus.connect(nats.url, name="server")
+    release = anyio.Event()
+
+    async def slow(request: RequestArrived) -> RequestPredicted:
+        await release.wait()
+        return prediction(request)
+
+    async def garbage(msg: Msg) -> None:
+        await msg.respond(b'{"tag":"request.predicted","id":"x"}')
+
+    try:
+        with pytest.raises(BusError, match=f"nobody answers requests on {RPC}"):
+            await client.request(RPC, arrived(1), PREDICTION_CODEC)
+        await server.serve(f"{RPC}.slow", ARRIVAL_CODEC, slow)
+        with pytest.raises(BusError, match=r"no reply on .*\.slow within 0\.2 s"):
+            await client.request(f"{RPC}.slow", arrived(1), PREDICTION_CODEC, timeout_s=0.2)
+        release.set()
+        await server.nc.subscribe(f"{RPC}.bad", cb=garbage)
+        await server.sync()
+        with pytest.raises(MalformedEventError, match="bad request event"):
+            await client.request(f"{RPC}.bad", arrived(1), PREDICTION_CODEC)
+        assert client.counters["rejected.request"] == 1
+    finally:
+        await server.close()
+        await client.close()
+
+
+async def test_deferred_replies_answer_each_request_and_accept_failures_at_once(
+        nats: EmbeddedNatsServer) -> None:
+    server = await Bus.connect(nats.url, name="server")
+    client = await Bus.connect(nats.url, name="client")
+    waiting: list[tuple[RequestArrived, Reply]] = []
+
+    def accept(request: RequestArrived, reply: Reply) -> None:
+        if request.id == "r9":
+            raise RequestRejectedError("r9 cannot be served")
+        waiting.append((request, reply))
+
+    replies: dict[int, RequestPredicted] = {}
+
+    async def ask(n: int) -> None:
+        replies[n] = await client.request(RPC, arrived(n), PREDICTION_CODEC)
+
+    try:
+        await server.serve_deferred(RPC, ARRIVAL_CODEC, accept)
+        async with anyio.create_task_group() as tg:
+            for n in range(3):
+                tg.start_soon(ask, n)
+            await wait_for(lambda: len(waiting) == 3)
+            with pytest.raises(RequestRejectedError, match="r9 cannot be served"):
+                await client.request(RPC, arrived(9), PREDICTION_CODEC)
+            for request, reply in reversed(waiting):  # answered in any order
+                await reply(prediction(request))
+        assert replies == {n: prediction(arrived(n)) for n in range(3)}
+        assert server.counters["rpc_rejected"] == 1
+    finally:
+        await server.close()
+        await client.close()
+
+
+async def test_the_twin_gpu_answers_over_request_reply(nats: EmbeddedNatsServer) -> None:
+    engine = await Bus.connect(nats.url, name="engine")
+    actuator = await Bus.connect(nats.url, name="actuator")
+    twin = GpuTwin(load_profile("h100-llama3-8b-tp1"))
+    remote = RemoteGpu(actuator, twin_gpu("i0"))
+    try:
+        with pytest.raises(GpuNotFoundError, match="no twin GPU answers"):
+            await remote.gpu_count()
+        await serve_gpu(engine, twin_gpu("i0"), twin)
+        assert await remote.gpu_count() == twin.gpu_count()
+        assert await remote.supported_clocks_mhz(0) == twin.supported_clocks_mhz(0)
+        await remote.set_locked_clocks(0, 1410, 1410)
+        assert (await remote.read(0)).uuid == twin.read(0).uuid
+        with pytest.raises(ClockOutOfRangeError, match="1411"):
+            await remote.set_locked_clocks(0, 1411, 1411)
+        await remote.reset_locked_clocks(0)
+        assert engine.counters["rpc_rejected"] == 1
+    finally:
+        await engine.close()
+        await actuator.close()

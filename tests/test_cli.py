@@ -39,6 +39,21 @@ def test_bad_instance_names_are_refused_before_starting() -> None:
     assert main(["run", "engine", "--instance", "i.0", "--nats", "nats://127.0.0.1:1"]) == 2
 
 
+def test_an_engine_backend_that_does_not_run_here_says_where_it_runs() -> None:
+    # Refused before any connection is tried (the URL is unreachable on purpose).
+    result = run_cli("run", "engine", "--backend", "vllm", "--instance", "i0",
+                     "--nats", "nats://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "throttllem: error: engine backend 'vllm'" in result.stderr
+    assert "vllm serve" in result.stderr
+    assert "cannot reach NATS" not in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("run", "engine", "--backend", "tensorrt", "--instance", "i0")
+    assert result.returncode == 2
+    assert "invalid choice: 'tensorrt' (choose from 'twin', 'gpu', 'vllm')" in result.stderr
+    assert build_parser().parse_args(["run", "engine", "--instance", "i0"]).backend == "twin"
+
+
 def test_every_service_has_a_run_subcommand() -> None:
     parser = build_parser()
     for name in ("engine", "forecaster", "telemetry", "actuator", "length-predictor",

@@ -7,14 +7,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from throttllem._core.controller import InstanceTracker, place, retune
 from throttllem._core.forecast import Candidate
+from throttllem._core.placement import InstanceTracker, place, retune
 from throttllem._core.slo import SloClass
 from throttllem._core.slo_check import RequestSlo
-from throttllem._services.forecaster import setup_policy
+from throttllem.testing import setup_policy
 
 STANDARD = SloClass(name="standard")
-POLICY, SHAPE = setup_policy("h100-llama3-8b-tp1")
+POLICY, SHAPE = setup_policy()
 TOP = POLICY.clocks.mhz[-1]
 
 

@@ -41,7 +41,7 @@ def test_demo_serves_every_request_and_accounts_energy(
     json_path = tmp_path / "demo.json"
     [report] = run_demo(DemoOptions(nats_url=nats.url, trace="conv", minutes=0.25, speed=4.0,
                                     instances=2, json_path=json_path, log_dir=tmp_path / "logs",
-                                    progress=False))
+                                    progress=False, policies=["default"]))
     out = capsys.readouterr().out
     assert "SLO attainment" in out
     assert "not measured hardware" in out
@@ -74,7 +74,7 @@ def test_a_request_that_can_never_fit_is_reported_not_waited_for(
     [report] = run_demo(DemoOptions(nats_url=nats.url, trace="conv", start_minute=1109.0 / 60,
                                   minutes=2.0 / 60, speed=2.0, instances=1,
                                   log_dir=tmp_path / "logs", progress=False,
-                                  drain_timeout_s=60.0))
+                                  drain_timeout_s=60.0, policies=["default"]))
     assert report.requests_rejected == 1
     assert report.requests_served == report.requests_submitted - 1
     assert report.slo_attainment <= (report.requests_submitted - 1) / report.requests_submitted
@@ -94,12 +94,18 @@ def test_demo_time_scales_the_window_to_a_peak_rate() -> None:
 
 
 def test_throttllem_policy_saves_energy_against_default_on_the_same_window(
-        nats: EmbeddedNatsServer, tmp_path: Path) -> None:
+        nats: EmbeddedNatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     reports = run_demo(DemoOptions(nats_url=nats.url, trace="conv", minutes=0.25, speed=1.0,
-                                   instances=1, policies=["default", "throttllem"],
-                                   log_dir=tmp_path / "logs", progress=False,
-                                   json_path=tmp_path / "both.json"))
-    default, throttllem = reports
+                                   instances=1, log_dir=tmp_path / "logs", progress=False,
+                                   json_path=tmp_path / "both.json",
+                                   plots_dir=tmp_path / "plots"))
+    default, throttllem = reports  # both policies: the demo's default
+    out = capsys.readouterr().out
+    saved = 100 * (1 - throttllem.energy_j / default.energy_j)
+    assert f"throttLL'eM used {saved:.1f}% less energy than default" in out
+    assert f"at {100 * throttllem.slo_attainment:.1f}% SLO attainment" in out
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "clock.png", "e2e.png", "energy.png", "tbt.png"]
     assert default.policy == "default"
     assert throttllem.policy.startswith("throttllem (length error 0.15)")
     for report in reports:

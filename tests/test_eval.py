@@ -13,16 +13,18 @@ import msgspec
 import pytest
 
 from throttllem._core.clock_search import SupportedClocks
+from throttllem._core.governor import ReactiveGovernor, reactive_clock
+from throttllem._core.placement import EngineShape
 from throttllem._errors import ConfigError
 from throttllem._eval import EvalOptions, Simulation, evaluate, make_policy, to_document
-from throttllem._eval.cli import (
+from throttllem._eval.cli import add_evaluate_parser
+from throttllem._eval.driver import (
     Evaluation,
-    add_evaluate_parser,
     measure_capacity_rps,
     parse_length_error,
     peak_segment,
 )
-from throttllem._eval.policies import ReactiveGovernor, lowest_passing_clock, reactive_clock
+from throttllem._eval.policies import lowest_passing_clock
 from throttllem._events import EngineIteration, RequestArrived
 from throttllem._twin.profile import load_profile
 
@@ -64,7 +66,7 @@ def test_energy_integrates_pass_energy_and_idle_power() -> None:
                                max_tokens=4096, true_output_tokens=40 + 11 * i)
                 for i in range(30)]
     passes: list[EngineIteration] = []
-    policy = make_policy("default", ["i0", "i1"])
+    policy = make_policy("default", ["i0", "i1"], shape=EngineShape.of(profile.setup))
     on_iteration = policy.on_iteration
 
     def record(sim: Simulation, it: EngineIteration) -> None:
@@ -124,7 +126,8 @@ def test_a_scaled_out_instance_draws_power_while_warming_and_serves_after() -> N
                                        max_tokens=4096, true_output_tokens=30))
     scaling = ScalingPolicy(capacity_per_instance=5.0, max_instances=3, warmup_s=8.0,
                             cooldown_s=2.0)
-    policy = make_policy("autoscale", ["i0"], scaling=scaling)
+    policy = make_policy("autoscale", ["i0"], shape=EngineShape.of(profile.setup),
+                         scaling=scaling)
     sim = Simulation(profile, ["i0"], policy)
     res = sim.run(requests)
     outs = [(t_s, m.group(1)) for t_s, reason in policy.scale_log
@@ -194,7 +197,7 @@ def _request(i: int, t: float, prompt: int, out: int) -> RequestArrived:
 
 @pytest.mark.parametrize("policy_name", ["default", "freq"])
 def test_rejected_request_is_reported_and_clock_is_not_pinned(policy_name: str) -> None:
-    from throttllem._services.forecaster import setup_policy  # noqa: PLC0415
+    from throttllem.testing import setup_policy  # noqa: PLC0415
 
     profile = load_profile(SETUP)
     requests = [_request(0, 0.0, 200, 50), _request(1, 0.5, 9000, 10),  # 9000 > context
@@ -212,7 +215,7 @@ def test_rejected_request_is_reported_and_clock_is_not_pinned(policy_name: str) 
     assert energy_j == pytest.approx(sum(sim.gpu_energy_mj()) / 1e3)
     assert energy_j >= profile.gpu.idle_power_w * (res.end_s + 10.0) * 2
     if policy_name == "freq":
-        trackers = sim.policy.trackers  # type: ignore[attr-defined]
+        trackers = sim.policy.controller.trackers  # type: ignore[attr-defined]
         assert all(len(t) == 0 for t in trackers.values())  # no ghost of r1
         assert sim.clock_mhz("i0") is not None
 
@@ -262,7 +265,7 @@ def test_peak_segment_holds_the_busiest_minute() -> None:
 
 def test_measured_capacity_is_the_edge_of_the_slo_target() -> None:
     from throttllem._demo import DemoOptions, trace_requests  # noqa: PLC0415
-    from throttllem._eval.cli import _attainment, _retimed  # noqa: PLC0415
+    from throttllem._eval.driver import _attainment, _retimed  # noqa: PLC0415
 
     profile = load_profile(SETUP)
     requests = list(trace_requests(DemoOptions(minutes=10.0), offset_s=0.0))
@@ -323,7 +326,7 @@ def test_bad_options_are_refused() -> None:
 
 
 def test_power_overrides_change_the_twin_and_are_checked() -> None:
-    from throttllem._eval.cli import parse_power, with_power  # noqa: PLC0415
+    from throttllem._eval.driver import parse_power, with_power  # noqa: PLC0415
     from throttllem._twin.clockmodel import efficient_clock_mhz  # noqa: PLC0415
 
     profile = load_profile(SETUP)

@@ -10,13 +10,12 @@ import anyio
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
-from throttllem._core.controller import (
+from throttllem._core.controller import POLICIES, Controller
+from throttllem._core.placement import (
     EngineShape,
-    InstanceTracker,
     never_fits,
     planned_lengths,
 )
-from throttllem._core.slo import DEFAULT_SLO_CLASSES
 from throttllem._events import (
     RequestAdmitted,
     RequestArrived,
@@ -25,9 +24,8 @@ from throttllem._events import (
     RequestPredicted,
 )
 from throttllem._runtime import Clock
-from throttllem._services.forecaster import ForecasterService, rebuild_state, setup_policy
 from throttllem._subjects import REQUEST_DEFERRED, REQUEST_PREDICTED
-from throttllem.testing import watch_decisions
+from throttllem.testing import forecaster_service, setup_policy, watch_decisions
 
 SHAPE = EngineShape(kv_block_tokens=16, kv_blocks_total=1000, max_batch=64,
                     max_batched_tokens=4096, kv_watermark_blocks=10)
@@ -69,14 +67,16 @@ def arrived(rid: str, prompt_tokens: int = 100, max_tokens: int = 4096) -> Reque
 
 
 def test_a_refused_request_is_not_rebuilt_into_its_tracker() -> None:
-    _, shape = setup_policy("h100-llama3-8b-tp1")
+    policy, shape = setup_policy()
     history: list[RequestEvent] = [
         RequestAdmitted(request=arrived("a"), instance="i0", decided_s=1.0),
         RequestAdmitted(request=arrived("b"), instance="i0", decided_s=1.0),
         RequestDeferred(id="b", decided_s=1.1, reason="i0: never fits", final=True),
     ]
-    trackers = {"i0": InstanceTracker("i0", shape)}
-    rebuild_state(history, trackers, dict(DEFAULT_SLO_CLASSES))
+    controller = Controller(POLICIES["throttllem"], shape=shape, policy=policy)
+    controller.add_instance("i0")
+    controller.restore(history)
+    trackers = controller.trackers
     assert trackers["i0"].requests == ["a"]
 
 
@@ -87,7 +87,7 @@ async def test_an_engine_refusal_frees_the_instance(nats: EmbeddedNatsServer) ->
     client = await Bus.connect(nats.url, name="engine-stand-in")
     await client.ensure_request_stream()
     decided = await watch_decisions(client)
-    service = ForecasterService(instances=["i0"], policy="throttllem")
+    service = forecaster_service(instances=["i0"], policy="throttllem")
     bus = await Bus.connect(nats.url, name="forecaster")
     async with anyio.create_task_group() as tg:
         await tg.start(service.run, bus, clock)
@@ -108,17 +108,17 @@ async def test_an_engine_refusal_frees_the_instance(nats: EmbeddedNatsServer) ->
         assert isinstance(too_long, RequestDeferred)  # and never admitted
         assert too_long.final
         assert "leaves no room in the 8192-token context window" in too_long.reason
-        assert service.trackers["i0"].requests == ["long"]
-        assert service.outstanding["i0"] == 1
+        assert service.controller.trackers["i0"].requests == ["long"]
+        assert service.controller.outstanding["i0"] == 1
         # The engine refuses it for good: the forecaster must let it go.
         await client.publish_durable(REQUEST_DEFERRED, RequestDeferred(
             id="long", decided_s=clock.now_s(), reason="i0: prompt leaves no room",
             final=True))
         with anyio.fail_after(10):
-            while service.trackers["i0"].requests:
+            while service.controller.trackers["i0"].requests:
                 await anyio.sleep(0.02)
-        assert service.outstanding["i0"] == 0
-        assert "long" not in service.placed
+        assert service.controller.outstanding["i0"] == 0
+        assert "long" not in service.controller.placed
         tg.cancel_scope.cancel()
     await bus.close()
     await client.close()

@@ -6,14 +6,10 @@ from __future__ import annotations
 import time
 
 import anyio
-import numpy as np
-import numpy.typing as npt
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
-from throttllem._core.controller import InstanceTracker
-from throttllem._core.perf import FunctionPerfModel
-from throttllem._core.slo import DEFAULT_SLO_CLASSES
+from throttllem._core.controller import POLICIES, Controller
 from throttllem._events import (
     RequestAdmitted,
     RequestArrived,
@@ -22,20 +18,15 @@ from throttllem._events import (
     RequestPredicted,
 )
 from throttllem._runtime import Clock
-from throttllem._services.forecaster import ForecasterService, rebuild_state, setup_policy
+from throttllem._services.forecaster import ForecasterService
 from throttllem._subjects import REQUEST_PREDICTED
+from throttllem.testing import crowded_perf, forecaster_service, setup_policy
 
-_, SHAPE = setup_policy("h100-llama3-8b-tp1")
-
-
-def _crowded(batch: npt.NDArray[np.float64], kv: npt.NDArray[np.float64],
-             prefill: npt.NDArray[np.float64], clock: npt.NDArray[np.float64],
-             ) -> npt.NDArray[np.float64]:
-    """5 ms passes up to 3 requests, 1 s beyond, at every clock: a 4th request must wait."""
-    return np.asarray(0.005 + 1.0 * (batch > 3) + 0.0 * (kv + prefill + clock), np.float64)
+_, SHAPE = setup_policy()
 
 
-CROWDED = FunctionPerfModel(_crowded, name="crowded")
+
+CROWDED = crowded_perf(3)
 
 
 def arrived(rid: str) -> RequestArrived:
@@ -60,11 +51,17 @@ def test_rebuild_state_from_history() -> None:
         RequestAdmitted(request=arrived("d"), instance="i0", decided_s=2.0),  # later admitted
         predicted("e"), RequestDeferred(id="e", decided_s=1.0, reason="too long", final=True),
     ]
-    trackers = {i: InstanceTracker(i, SHAPE) for i in ("i0", "i1")}
-    pending = rebuild_state(history, trackers, dict(DEFAULT_SLO_CLASSES))
+    policy, _ = setup_policy()
+    controller = Controller(POLICIES["throttllem"], shape=SHAPE, policy=policy)
+    for name in ("i0", "i1"):
+        controller.add_instance(name)
+    assert controller.restore(history) == []
+    trackers = controller.trackers
     assert sorted(trackers["i0"].requests) == ["a", "d"]
     assert len(trackers["i1"]) == 0  # b completed
-    assert [p.id for p in pending] == ["c"]  # d was admitted after all; e is final
+    # d was admitted after all; e is final
+    assert [w.request.id for w in controller.pending] == ["c"]
+    assert controller.outstanding == {"i0": 2, "i1": 0}
 
 
 @pytest.mark.anyio
@@ -84,16 +81,17 @@ async def test_a_restarted_forecaster_keeps_its_requests(nats: EmbeddedNatsServe
                 # A fourth request would slow every pass past the TBT bound: deferred.
                 await producer.publish_durable(REQUEST_PREDICTED, predicted("fourth"))
             with anyio.fail_after(10):
-                while sum(len(t) for t in service.trackers.values()) < 3 or not service.pending:
+                while (sum(len(t) for t in service.controller.trackers.values()) < 3
+                       or not service.controller.pending):
                     await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
         await bus.close()
 
-    first = ForecasterService(instances=["i0"], policy="throttllem", perf=CROWDED)
+    first = forecaster_service(instances=["i0"], policy="throttllem", perf=CROWDED)
     await run_for_a_while(first, publish=True)
-    second = ForecasterService(instances=["i0"], policy="throttllem", perf=CROWDED)
+    second = forecaster_service(instances=["i0"], policy="throttllem", perf=CROWDED)
     await run_for_a_while(second, publish=False)  # nothing new: all from the stream
     await producer.close()
-    tracked = sorted(r for t in second.trackers.values() for r in t.requests)
+    tracked = sorted(r for t in second.controller.trackers.values() for r in t.requests)
     assert tracked == ["r0", "r1", "r2"]
-    assert [p.id for p in second.pending] == ["fourth"]
+    assert [w.request.id for w in second.controller.pending] == ["fourth"]

@@ -29,7 +29,7 @@ from throttllem._gateway.tokenizer import PromptCounter
 from throttllem._runtime import REAL_TIME
 from throttllem._services.forecaster import ForecasterService
 from throttllem._subjects import REQUEST_ALL, REQUEST_ARRIVED, REQUEST_DEFERRED
-from throttllem.testing import write_test_tokenizer
+from throttllem.testing import forecaster_service, write_test_tokenizer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -48,6 +48,15 @@ class Running:
     gateway: GatewayService
     client: openai.AsyncOpenAI
     bus: Bus  # the test's own connection (reads the stream, stands in where needed)
+    forecaster: ForecasterService | None
+
+    async def nothing_pinned(self) -> None:
+        """Wait until the controller holds no request of this test (it forgot them all)."""
+        assert self.forecaster is not None
+        controller = self.forecaster.controller
+        with anyio.fail_after(10):
+            while controller.placed or any(controller.outstanding.values()):
+                await anyio.sleep(0.05)
 
     @property
     def base_url(self) -> str:
@@ -73,16 +82,17 @@ async def running(nats: EmbeddedNatsServer, cfg: GatewayConfig, *,
     """The gateway (and, if asked, the real default-policy forecaster) over the server."""
     buses = [await Bus.connect(nats.url, name=n) for n in ("gateway", "forecaster", "test")]
     gateway = GatewayService(cfg, PromptCounter.load(cfg.model_dir))
+    forecaster = (forecaster_service(instances=forecaster_instances, policy="default")
+                  if forecaster_instances else None)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(gateway.run, buses[0], REAL_TIME)
-            if forecaster_instances:
-                await tg.start(ForecasterService(instances=forecaster_instances).run,
-                               buses[1], REAL_TIME)
+            if forecaster is not None:
+                await tg.start(forecaster.run, buses[1], REAL_TIME)
             client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1",
                                         api_key="unused", max_retries=0, timeout=20.0)
             try:
-                yield Running(gateway, client, buses[2])
+                yield Running(gateway, client, buses[2], forecaster)
             finally:
                 await client.close()
                 tg.cancel_scope.cancel()
@@ -210,6 +220,7 @@ async def test_an_admission_to_an_unknown_instance_is_a_502_and_aborted(
         aborted = (await run.events())[-1]
         assert isinstance(aborted, RequestAborted)
         assert (aborted.instance, aborted.cause) == ("ghost", "engine-failed")
+        await run.nothing_pinned()
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -226,6 +237,7 @@ async def test_a_dead_engine_is_a_502_and_aborted(nats: EmbeddedNatsServer, mode
         assert isinstance(aborted, RequestAborted)
         assert (aborted.instance, aborted.cause) == ("i0", "engine-failed")
         assert "ConnectError" in aborted.reason
+        await run.nothing_pinned()
 
 
 async def test_a_client_that_leaves_the_queue_is_aborted(nats: EmbeddedNatsServer,

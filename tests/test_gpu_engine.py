@@ -1,4 +1,4 @@
-"""The real decode loop's CPU-testable parts (`throttllem._perf.gpu_engine`): buckets, KV
+"""The real decode loop's CPU-testable parts (`throttllem._gpulab.loop`): buckets, KV
 regions, pass plans, split-KV chunks, profile rows, the sweep, drift arithmetic, segment
 tracking, and the engine twin's scheduler driving a fake pass timer (with the forecaster's
 projection checked against what the loop did). The torch runner is checked on a tiny CPU
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from throttllem._events import RequestArrived
-from throttllem._perf.gpu_engine import (
+from throttllem._gpulab.loop import (
     DECODE_BUCKETS,
     FakePassRunner,
     LoopGpu,
@@ -219,6 +219,31 @@ def requests(n: int, seed: int = 0, gap_s: float = 0.004) -> list[RequestArrived
                                            strict=True))]
 
 
+def test_engine_view_for_pass_drivers_agrees_with_its_requests() -> None:
+    """The public reads the loop drives the engine through (never its slots)."""
+    profile = load_profile("h100-llama3-8b-tp1").with_overrides({"engine.max_batch": 2})
+    gpu = LoopGpu(profile, FakePassRunner(affine_ms))
+    engine = EngineTwin(profile, "i0", gpu)
+    gpu.attach(engine)
+    reqs = requests(5)
+    for r in reqs:
+        engine.admit(r, 0.0)
+    assert [q.id for q in engine.queue_head(2)] == ["q0", "q1"]
+    assert engine.queue_head(0) == ()
+    gpu.before_step()
+    engine.step(0.0)
+    running = engine.running()
+    assert engine.running_ids() == [r.id for r in running] == ["q0", "q1"]
+    assert engine.running_context_tokens().tolist() == [
+        r.prompt_tokens + r.generated_tokens for r in running]
+    assert engine.running_target_tokens().tolist() == [
+        r.true_output_tokens for r in reqs[:2]]
+    head = engine.queue_head()
+    assert [(q.id, q.prompt_tokens, q.generated_tokens) for q in head] == [
+        (q.id, q.prompt_tokens, q.generated_tokens) for q in engine.queued()]
+    assert [q.target_tokens for q in head] == [r.true_output_tokens for r in reqs[2:]]
+
+
 def test_loop_serves_every_request_with_real_pass_shapes() -> None:
     profile = load_profile("h100-llama3-8b-tp1")
     runner = FakePassRunner(affine_ms)
@@ -291,8 +316,8 @@ def test_projection_matches_the_loop_when_no_one_arrives_later() -> None:
 
 def test_torch_runner_cache_and_split_on_a_tiny_cpu_model() -> None:
     torch = pytest.importorskip("torch")
-    from throttllem._perf.gpu_decoder import DecoderShape  # noqa: PLC0415
-    from throttllem._perf.gpu_pass import TorchPassRunner  # noqa: PLC0415
+    from throttllem._gpulab.decoder import DecoderShape  # noqa: PLC0415
+    from throttllem._gpulab.passes import TorchPassRunner  # noqa: PLC0415
 
     shape = DecoderShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128,
                          vocab=256)

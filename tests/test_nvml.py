@@ -1,9 +1,13 @@
-"""The NVML backend: for real where this machine allows (no driver here), the rest through
-the narrow `NvmlLib` seam with a small fake that raises the real pynvml errors."""
+"""The NVML backend, and the GPU lab's reads built on it: for real where this machine allows
+(no driver here), the rest through the narrow `NvmlLib` seam with a small fake that raises
+the real pynvml errors."""
 
 from __future__ import annotations
 
 import ctypes
+import math
+import time
+from types import SimpleNamespace
 
 import pynvml
 import pytest
@@ -18,6 +22,12 @@ from throttllem import (
 )
 from throttllem._gpu.backend import GpuBackend
 from throttllem._gpu.nvml import NvmlBackend, NvmlLib, probe
+from throttllem._gpulab.sampler import (
+    NvmlSampler,
+    describe_gpu,
+    nvml_index_of_cuda_device,
+    open_nvml,
+)
 from throttllem.testing import FakeNvml
 
 
@@ -286,3 +296,137 @@ def test_probe_reads_everything_once_and_only_dry_runs() -> None:
         "nvmlDeviceResetGpuLockedClocks(handle=<index 0>)",
     ]
     assert len(fake.called("nvmlShutdown")) == 1
+
+
+# --------------------------------------------------------------------------- single counters
+
+
+def test_single_counter_reads_match_a_full_read() -> None:
+    gpu = backend(FakeNvml())
+
+    reading = gpu.read(0)
+
+    assert gpu.energy_mj(0) == reading.energy_mj
+    assert gpu.sm_clock_mhz(0) == reading.sm_clock_mhz
+    assert gpu.power_limit_w(0) == 700.0  # NVML reports milliwatts
+
+
+def test_single_counter_reads_go_through_the_error_table() -> None:
+    fake = FakeNvml(fail={"nvmlDeviceGetTotalEnergyConsumption": pynvml.NVML_ERROR_NOT_SUPPORTED,
+                          "nvmlDeviceGetEnforcedPowerLimit": pynvml.NVML_ERROR_NOT_SUPPORTED})
+    gpu = backend(fake)
+
+    with pytest.raises(GpuNotSupportedError, match="nvmlDeviceGetTotalEnergyConsumption failed"):
+        gpu.energy_mj(0)
+    assert gpu.power_limit_w(0) is None  # optional: metadata only
+    fake.fail["nvmlDeviceGetClockInfo"] = pynvml.NVML_ERROR_GPU_IS_LOST
+    with pytest.raises(GpuError, match="fell off the bus"):
+        gpu.sm_clock_mhz(0)
+    with pytest.raises(GpuNotFoundError, match="no GPU at NVML index 3"):
+        gpu.energy_mj(3)
+
+
+def test_index_of_uuid_ignores_prefix_and_case() -> None:
+    gpu = backend(FakeNvml(count=3))
+    third = gpu.read(2).uuid
+
+    assert gpu.index_of_uuid(third) == 2
+    assert gpu.index_of_uuid(third.removeprefix("GPU-").upper()) == 2
+    with pytest.raises(GpuNotFoundError, match="no GPU with UUID 'GPU-nope'"):
+        gpu.index_of_uuid("GPU-nope")
+
+
+def test_probe_records_the_power_limit() -> None:
+    assert probe(0, lib=FakeNvml())["power_limit_w"] == 700.0
+    fake = FakeNvml(fail={"nvmlDeviceGetEnforcedPowerLimit": pynvml.NVML_ERROR_NOT_SUPPORTED})
+    assert probe(0, lib=fake)["power_limit_w"] is None
+
+
+# --------------------------------------------------------------------------- the GPU lab's reads
+
+
+class CountingNvml(FakeNvml):
+    """A GPU drawing power: its energy counter advances by 1 J at every read."""
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: object, /) -> int:
+        self.energy_mj += 1000
+        return super().nvmlDeviceGetTotalEnergyConsumption(handle)
+
+
+def test_lab_nvml_is_read_only_and_fails_clearly_without_a_driver() -> None:
+    fake = FakeNvml()
+    gpu = open_nvml(lib=fake)
+    assert gpu.dry_run
+    gpu.set_locked_clocks(0, 1410, 1410)  # recorded, never called
+    assert fake.called("nvmlDeviceSetGpuLockedClocks") == []
+    with pytest.raises(GpuNotFoundError, match="kernel driver is not running"):
+        open_nvml(lib=FakeNvml(fail={"nvmlInit": pynvml.NVML_ERROR_DRIVER_NOT_LOADED}))
+
+
+@no_driver
+def test_lab_describe_records_a_missing_driver_rather_than_raising() -> None:
+    info = describe_gpu(0)
+    assert "--gpu twin" in str(info["describe_error"])
+
+
+def test_lab_describe_is_the_probe() -> None:
+    assert describe_gpu(0, lib=FakeNvml())["power_limit_w"] == 700.0
+
+
+def test_cuda_device_maps_to_its_nvml_index_by_uuid() -> None:
+    gpu = backend(FakeNvml(count=4))
+    uuids = {d: gpu.read(3 - d).uuid for d in range(4)}  # CUDA order reversed from PCI order
+
+    def properties(device: int) -> SimpleNamespace:
+        return SimpleNamespace(uuid=uuids[device].removeprefix("GPU-"))
+
+    torch = SimpleNamespace(cuda=SimpleNamespace(get_device_properties=properties))
+    assert [nvml_index_of_cuda_device(gpu, torch, d) for d in range(4)] == [3, 2, 1, 0]
+    uuids[1] = "GPU-elsewhere"
+    assert nvml_index_of_cuda_device(gpu, torch, 1) == 1  # not found: the CUDA index
+
+
+def test_sampler_reads_clock_and_energy_in_its_thread() -> None:
+    fake = CountingNvml()
+    with NvmlSampler(backend(fake), 0, period_s=0.001) as sampler:
+        deadline = time.monotonic() + 10.0
+        while sampler.reads < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        clock, power = sampler.latest()
+    assert sampler.reads >= 4
+    assert clock == 1980.0
+    assert set(sampler.clocks_mhz) == {1980.0}
+    assert math.isfinite(power)
+    assert power > 0
+    assert sampler.energy_mj() == fake.energy_mj
+    assert sampler.failed_reads == 0
+
+
+def test_sampler_power_is_the_counter_over_the_period() -> None:
+    fake = FakeNvml()
+    with NvmlSampler(backend(fake), 0, period_s=3600.0) as sampler:  # the thread stays asleep
+        _, before = sampler.latest()
+        t0, e0 = 100.0, float(fake.energy_mj)
+        sampler.record(t0, 1500.0, e0)
+        sampler.record(t0 + 2.0, 1485.0, e0 + 600_000.0)
+        clock, power = sampler.latest()
+        sampler.record(t0 + 3.0, 1485.0, e0)  # a counter going back keeps the last power
+        _, kept = sampler.latest()
+    assert math.isnan(before)
+    assert (clock, power, kept) == (1485.0, 300.0, 300.0)
+    assert sampler.clocks_mhz[-3:] == [1500.0, 1485.0, 1485.0]
+
+
+def test_sampler_fails_at_start_and_skips_later_failed_reads() -> None:
+    no_energy = FakeNvml(fail={"nvmlDeviceGetTotalEnergyConsumption":
+                               pynvml.NVML_ERROR_NOT_SUPPORTED})
+    with pytest.raises(GpuNotSupportedError):
+        NvmlSampler(backend(no_energy), 0)
+    fake = FakeNvml()
+    with NvmlSampler(backend(fake), 0, period_s=0.001) as sampler:
+        fake.fail["nvmlDeviceGetClockInfo"] = pynvml.NVML_ERROR_GPU_IS_LOST
+        deadline = time.monotonic() + 10.0
+        while sampler.failed_reads < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert sampler.failed_reads >= 2
+    assert sampler.latest()[0] == 1980.0  # the last good read stays

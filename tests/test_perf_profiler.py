@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from throttllem._errors import ConfigError, GpuError
-from throttllem._perf.gpu_decoder import (
+from throttllem._gpulab.decoder import (
     LLAMA3_8B,
     GpuBucket,
     GpuProfileOptions,
@@ -33,7 +33,7 @@ SETUPS = ("h100-llama3-8b-tp1", "h100-llama2-13b-tp2")
 @pytest.mark.parametrize("setup", SETUPS)
 def test_twin_profile_schema_and_clock_validity(tmp_path: Path, setup: str) -> None:
     out = tmp_path / "p.csv"
-    n = run_profile(target="twin", setup=setup, out=out, samples=600, seed=3, log=io.StringIO())
+    n = run_profile(setup=setup, out=out, samples=600, seed=3, log=io.StringIO())
     assert n == 600
     assert out.read_text().splitlines()[0] == ",".join(ALL_COLUMNS)
     t = read_table(out)
@@ -64,10 +64,10 @@ def test_twin_profile_schema_and_clock_validity(tmp_path: Path, setup: str) -> N
 def test_twin_profile_is_deterministic(tmp_path: Path) -> None:
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     for path in (a, b):
-        run_profile(target="twin", setup=SETUPS[0], out=path, samples=200, seed=7,
+        run_profile(setup=SETUPS[0], out=path, samples=200, seed=7,
                     log=io.StringIO())
     assert a.read_bytes() == b.read_bytes()
-    run_profile(target="twin", setup=SETUPS[0], out=b, samples=200, seed=8, log=io.StringIO())
+    run_profile(setup=SETUPS[0], out=b, samples=200, seed=8, log=io.StringIO())
     assert a.read_bytes() != b.read_bytes()
 
 
@@ -163,5 +163,5 @@ def test_gpu_target_without_torch_says_what_is_missing(tmp_path: Path) -> None:
 
 def test_parquet_out_is_refused_before_profiling(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pyarrow"):
-        run_profile(target="twin", setup=SETUPS[0], out=tmp_path / "p.parquet", samples=10,
+        run_profile(setup=SETUPS[0], out=tmp_path / "p.parquet", samples=10,
                     log=io.StringIO())

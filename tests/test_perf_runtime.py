@@ -103,7 +103,7 @@ def test_grid_agrees_with_onnx(rt: PerfRuntime, tmp_path: Path) -> None:
     assert np.percentile(rel[~dec], 99) < 0.10
     # against real rows (a twin profile no model has seen) the grid is as accurate as ONNX
     path = tmp_path / "t.csv"
-    run_profile(target="twin", setup=rt.setup, out=path, samples=1500, seed=123,
+    run_profile(setup=rt.setup, out=path, samples=1500, seed=123,
                 log=io.StringIO())
     grid_m, _ = score_table(rt, path, use_grid=True)
     onnx_m, _ = score_table(rt, path)

@@ -34,7 +34,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(workdir: Path) -> tuple[Path, dict[str, object]]:
     data = workdir / "train.csv"
-    run_profile(target="twin", setup=SETUP, out=data, samples=3000, seed=11, log=io.StringIO())
+    run_profile(setup=SETUP, out=data, samples=3000, seed=11, log=io.StringIO())
     out = workdir / "model"
     metrics = train_perf_model([str(data)], SETUP, out, seed=0, repeats=1,
                                command="(test)", log=io.StringIO())
@@ -44,7 +44,7 @@ def trained(workdir: Path) -> tuple[Path, dict[str, object]]:
 @pytest.fixture(scope="module")
 def test_table(workdir: Path) -> Path:
     path = workdir / "test.csv"
-    run_profile(target="twin", setup=SETUP, out=path, samples=1500, seed=99, log=io.StringIO())
+    run_profile(setup=SETUP, out=path, samples=1500, seed=99, log=io.StringIO())
     return path
 
 

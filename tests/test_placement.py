@@ -10,7 +10,9 @@ import random
 import pytest
 
 from throttllem._core.clock_search import SupportedClocks
-from throttllem._core.controller import (
+from throttllem._core.forecast import Candidate
+from throttllem._core.perf import AffinePerfModel
+from throttllem._core.placement import (
     EngineShape,
     InstanceTracker,
     Policy,
@@ -18,8 +20,6 @@ from throttllem._core.controller import (
     place,
     retune,
 )
-from throttllem._core.forecast import Candidate
-from throttllem._core.perf import AffinePerfModel
 from throttllem._core.slo import SloClass
 from throttllem._core.slo_check import RequestSlo
 

@@ -30,7 +30,7 @@ from throttllem._services.forecaster import ForecasterService
 from throttllem._subjects import (
     REQUEST_PREDICTED,
 )
-from throttllem.testing import watch_decisions
+from throttllem.testing import forecaster_service, watch_decisions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ async def _decisions(nats: EmbeddedNatsServer, service: ForecasterService,
 @pytest.mark.slow
 async def test_the_forecaster_refuses_an_unknown_class_and_serves_the_rest(
         nats: EmbeddedNatsServer) -> None:
-    service = ForecasterService(instances=["i0"], policy="throttllem")
+    service = forecaster_service(instances=["i0"], policy="throttllem")
     decided, counters = await _decisions(nats, service,
                                          [predicted("a", "gold"), predicted("b", "standard")])
     refused = decided["a"]
@@ -128,6 +128,9 @@ async def test_the_forecaster_refuses_an_unknown_class_and_serves_the_rest(
     assert "--slo-config" in refused.reason
     assert isinstance(decided["b"], RequestAdmitted)  # the next request is not held up
     assert counters["requests_rejected.unknown_slo_class"] == 1
+    assert service.metrics.value("throttllem_refusals_total",
+                                 {"reason": "unknown_slo_class"}) == 1
+    assert service.metrics.value("throttllem_admissions_total", {"instance": "i0"}) == 1
     assert not any(k.startswith("handler_errors") for k in counters)  # acked, not retried
 
 
@@ -135,15 +138,15 @@ async def test_the_forecaster_refuses_an_unknown_class_and_serves_the_rest(
 @pytest.mark.slow
 async def test_a_class_from_the_file_is_planned_with(nats: EmbeddedNatsServer) -> None:
     classes = parse_slo_classes("[gold]\ntbt_ms = 30\n")
-    service = ForecasterService(instances=["i0"], policy="throttllem", slo_classes=classes)
+    service = forecaster_service(instances=["i0"], policy="throttllem", slo_classes=classes)
     decided, _ = await _decisions(nats, service, [predicted("a", "gold")])
     assert isinstance(decided["a"], RequestAdmitted)
-    assert service.trackers["i0"].requests == ["a"]
+    assert service.controller.trackers["i0"].requests == ["a"]
 
 
 def test_the_evaluator_is_steered_and_scored_by_the_file(tmp_path: Path) -> None:
     from throttllem._eval import EvalOptions, evaluate  # noqa: PLC0415
-    from throttllem._eval.cli import to_document  # noqa: PLC0415
+    from throttllem._eval.driver import to_document  # noqa: PLC0415
 
     base = EvalOptions(trace="conv", minutes=0.5, instances=1, time_scale=False,
                        policies=["default", "freq"], length_error="0", seed=0)

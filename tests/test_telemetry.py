@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._engines.twin import EngineTwinService
 from throttllem._events import (
     ENERGY_CODEC,
     GPU_CODEC,
@@ -20,7 +21,6 @@ from throttllem._events import (
     RequestEnergy,
 )
 from throttllem._runtime import Clock
-from throttllem._services.engine import EngineTwinService
 from throttllem._services.telemetry import TelemetryService
 from throttllem._subjects import ENERGY_REQUEST, GPU_SAMPLE_ALL, request_admitted
 

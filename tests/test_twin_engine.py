@@ -260,6 +260,37 @@ def test_admission_rejections_and_defaults(profile: SetupProfile) -> None:
     assert done == {"r0": 5, "r2": 4, "r3": 192}
 
 
+def test_abort_forgets_a_queued_or_running_request_and_frees_its_kv(
+        profile: SetupProfile) -> None:
+    p = profile.with_overrides({"engine.max_batch": 2})
+    engine = EngineTwin(p, "i0", GpuTwin(p))
+    for i in range(4):
+        engine.admit(_req(i, 100 + i, 30), admitted_s=0.0)
+    first = engine.step(0.0)
+    assert first is not None
+    assert [r.id for r in engine.running()] == ["r0", "r1"]
+    kv_before = engine.kv_blocks_used
+    assert engine.abort("r0")  # running, in the first slot: the slot after it moves up
+    assert engine.abort("r3")  # still queued
+    assert not engine.abort("r3")  # already gone
+    assert not engine.abort("never-admitted")
+    assert [r.id for r in engine.running()] == ["r1"]
+    assert [q.id for q in engine.queued()] == ["r2"]
+    assert engine.kv_blocks_used < kv_before
+    assert engine.running_prompt_tokens().tolist() == [101]
+    seen: set[str] = set()
+    done: dict[str, int] = {}
+    while engine.has_work():
+        out = engine.step(engine.now_s)
+        assert out is not None
+        seen.update(out.iteration.request_ids)
+        done.update({c.id: c.generated_tokens for c in out.completed})
+    assert done == {"r1": 30, "r2": 30}  # the survivors finish exactly as before
+    assert seen == {"r1", "r2"}
+    engine.admit(_req(0, 100, 3), admitted_s=engine.now_s)  # an aborted id may come again
+    assert engine.has_work()
+
+
 def test_state_views_and_event_round_trip(profile: SetupProfile) -> None:
     engine = EngineTwin(profile, "i0", GpuTwin(profile))
     for i in range(3):

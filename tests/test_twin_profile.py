@@ -50,7 +50,7 @@ def test_clocks_and_power_match_the_nvml_readout() -> None:
 
 def test_every_parameter_says_where_it_comes_from() -> None:
     p = load_profile(NAME)
-    assert len(p.sources) == 37
+    assert len(p.sources) == 38
     kinds = {"nvml": 0, "fitted": 0, "assumption": 0}
     for key, source in p.sources.items():
         assert source, key
@@ -114,3 +114,17 @@ def test_bad_profile_files_fail_clearly(tmp_path: Path, edit: object, message: s
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match=message):
         load_profile(path)
+
+
+@pytest.mark.parametrize("name", available_profiles())
+def test_the_setups_clock_floor_is_its_power_models_most_efficient_clock(name: str) -> None:
+    """The floor the controller reads from the setup is derived from the twin's power model;
+    the file says so, and this keeps the two from drifting apart."""
+    from throttllem._setup import load_setup  # noqa: PLC0415
+    from throttllem._twin.clockmodel import efficient_clock_mhz  # noqa: PLC0415
+
+    profile = load_profile(name)
+    assert load_setup(name).controller.floor_mhz == efficient_clock_mhz(profile)
+    setup = load_setup(name)
+    for part in ("gpu", "model", "engine", "controller"):
+        assert getattr(profile.setup, part) == getattr(setup, part)

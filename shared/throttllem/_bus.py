@@ -2,7 +2,9 @@
 
 Every subscription decodes with the subject family's codec; a payload that does not decode
 is rejected (JetStream: terminated, never redelivered), logged and counted, and never
-reaches a handler or crashes a service.
+reaches a handler or crashes a service. Request/reply is typed the same way (`Bus.request`,
+`Bus.serve`): a request that does not decode, or whose handler fails, still gets a reply,
+an `rpc.error` event.
 """
 
 from __future__ import annotations
@@ -34,14 +36,28 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
-from throttllem._errors import BusError, MalformedEventError, NatsServerNotFoundError
-from throttllem._events import Codec, encode
+from throttllem._errors import (
+    BusError,
+    MalformedEventError,
+    NatsServerNotFoundError,
+    RemoteCallError,
+    ThrottllemError,
+    error_named,
+)
+from throttllem._events import RPC_ERROR_CODEC, Codec, RpcError, encode
 from throttllem._subjects import ENERGY_ALL, REQUEST_ALL, REQUEST_STREAM
 
 log = structlog.get_logger("throttllem.bus")
 
 E = TypeVar("E")
+Q = TypeVar("Q")
+R = TypeVar("R")
 Handler = Callable[[E], Awaitable[None]]
+# Request/reply: a handler returns the reply event (or raises); a batching responder gets the
+# request and a `Reply` to await later with the reply event or the exception that failed it.
+RequestHandler = Callable[[Q], Awaitable[msgspec.Struct]]
+Reply = Callable[[msgspec.Struct | Exception], Awaitable[None]]
+AcceptRequest = Callable[[Q, Reply], None]
 
 DEFAULT_URL: Final = "nats://127.0.0.1:4222"
 UNREACHABLE_HINT: Final = (
@@ -225,14 +241,132 @@ class Bus:
 
     # ---- decoding
 
-    def _decode(self, codec: Codec[E], msg: Msg) -> E | None:
+    def _decode_or_error(self, codec: Codec[E], msg: Msg) -> E | MalformedEventError:
+        """The event, or (logged and counted) why it is malformed."""
         try:
             return codec.decode(msg.data)
         except MalformedEventError as e:
-            self.counters[f"rejected.{codec.family}"] += 1
-            self._log.warning("event.rejected", subject=msg.subject, error=str(e),
-                              payload=msg.data[:200].decode(errors="replace"))
-            return None
+            self._reject(codec, msg, e)
+            return e
+
+    def _reject(self, codec: Codec[E], msg: Msg, error: MalformedEventError) -> None:
+        self.counters[f"rejected.{codec.family}"] += 1
+        self._log.warning("event.rejected", subject=msg.subject, error=str(error),
+                          payload=msg.data[:200].decode(errors="replace"))
+
+    def _decode(self, codec: Codec[E], msg: Msg) -> E | None:
+        event = self._decode_or_error(codec, msg)
+        return None if isinstance(event, MalformedEventError) else event
+
+    # ---- request/reply
+
+    async def request(self, subject: str, event: msgspec.Struct, reply_codec: Codec[R], *,
+                      timeout_s: float = 2.0) -> R:
+        """Send `event` and return the reply decoded with `reply_codec`.
+
+        An `rpc.error` reply is raised as the throttLL'eM error it names (a ClockOutOfRangeError
+        stays one across the bus), else as RemoteCallError; no responder, no reply within
+        `timeout_s` or a lost connection is a BusError; a reply that is neither the expected
+        event nor an `rpc.error` is counted as rejected and raised as MalformedEventError.
+        """
+        try:
+            msg = await self.nc.request(subject, encode(event), timeout=timeout_s)
+        except nats.errors.NoRespondersError as e:
+            raise BusError(f"nobody answers requests on {subject}") from e
+        except (nats.errors.TimeoutError, TimeoutError) as e:
+            raise BusError(f"no reply on {subject} within {timeout_s:g} s") from e
+        except nats.errors.Error as e:
+            raise BusError(f"request on {subject} failed: {e!r}") from e
+        try:
+            return reply_codec.decode(msg.data)
+        except MalformedEventError as e:
+            malformed = e
+        try:
+            failure = RPC_ERROR_CODEC.decode(msg.data)
+        except MalformedEventError:
+            self._reject(reply_codec, msg, malformed)
+            raise malformed from malformed.__cause__
+        known = error_named(failure.kind) if failure.kind else None
+        if known is not None:
+            raise known(failure.error)
+        raise RemoteCallError(f"{subject}: {failure.error}")
+
+    async def serve(self, subject: str, codec: Codec[Q], handler: RequestHandler[Q], *,
+                    queue: str = "", what: str = "request") -> Any:
+        """Answer requests on `subject` with `handler`'s reply event, one at a time.
+
+        A request that does not decode is rejected as every subscription rejects it (logged,
+        counted) and answered with an `rpc.error`; so is a handler failure (see `_failure`).
+        `queue` makes several responders share the requests (a queue group). Returns once the
+        server has the interest, as `subscribe` does.
+        """
+
+        async def callback(msg: Msg) -> None:
+            reply = self._replier(msg, what)
+            request = self._decode_or_error(codec, msg)
+            if isinstance(request, MalformedEventError):
+                await reply(request)
+                return
+            try:
+                result: msgspec.Struct | Exception = await handler(request)
+            except Exception as e:
+                result = e
+            await reply(result)
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=callback)
+        await self.sync()
+        return sub
+
+    async def serve_deferred(self, subject: str, codec: Codec[Q], accept: AcceptRequest[Q], *,
+                             queue: str = "", what: str = "request") -> Any:
+        """Like `serve`, for responders that batch: `accept(request, reply)` must not suspend
+        (it queues the request and returns at once, so that requests arriving together are
+        batched together); whoever runs the work later awaits ``reply(event or exception)``.
+        An exception from `accept` itself is answered at once."""
+
+        async def callback(msg: Msg) -> None:
+            reply = self._replier(msg, what)
+            request = self._decode_or_error(codec, msg)
+            if isinstance(request, MalformedEventError):
+                await reply(request)
+                return
+            try:
+                accept(request, reply)
+            except Exception as e:
+                await reply(e)
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=callback)
+        await self.sync()
+        return sub
+
+    def _replier(self, msg: Msg, what: str) -> Reply:
+        async def reply(result: msgspec.Struct | Exception) -> None:
+            event = self._failure(result, what, msg.subject) if isinstance(
+                result, Exception) else result
+            if not msg.reply:  # published, not requested: nobody to answer
+                self.counters["rpc_no_reply"] += 1
+                return
+            try:
+                await self.nc.publish(msg.reply, encode(event))
+            except Exception as e:  # a lost reply must not stop the responder
+                self.counters["rpc_reply_failed"] += 1
+                self._log.warning("rpc.reply_failed", subject=msg.subject, error=repr(e))
+
+        return reply
+
+    def _failure(self, error: Exception, what: str, subject: str) -> RpcError:
+        """The `rpc.error` answering `error`. One of our own errors (a malformed or rejected
+        request, a clock out of range) is the caller's to fix: counted `rpc_rejected`, logged
+        as a warning, answered with its own message and class name. Anything else is the
+        responder's failure: counted `rpc_errors`, logged with its traceback, answered as
+        "<what> failed (<type>: <message>)"."""
+        if isinstance(error, ThrottllemError):
+            self.counters["rpc_rejected"] += 1
+            self._log.warning("rpc.rejected", subject=subject, error=str(error))
+            return RpcError(error=str(error), kind=type(error).__name__)
+        self.counters["rpc_errors"] += 1
+        self._log.error("rpc.failed", subject=subject, error=repr(error), exc_info=error)
+        return RpcError(error=f"{what} failed ({type(error).__name__}: {error})")
 
     # ---- core subscriptions
 

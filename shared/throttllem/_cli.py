@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -13,7 +14,8 @@ from typing import Any
 import anyio
 
 from throttllem import __version__
-from throttllem._errors import ThrottllemError
+from throttllem._engines import BACKENDS, DEFAULT_BACKEND
+from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._log import configure_logging
 from throttllem._runtime import REAL_TIME, Clock, Service, run_service
 from throttllem._setup import DEFAULT_SETUP
@@ -33,29 +35,39 @@ def _csv(value: str) -> list[str]:
 
 
 def _forecaster(args: argparse.Namespace) -> Service:
+    from throttllem._core.controller import POLICIES  # noqa: PLC0415
     from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
-    from throttllem._services.forecaster import (  # noqa: PLC0415
-        ForecasterService,
-        load_perf_model,
-    )
+    from throttllem._eval.driver import perf_model_for  # noqa: PLC0415
+    from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
 
-    perf = load_perf_model(args.setup, args.perf_model) if args.policy == "throttllem" else None
-    return ForecasterService(instances=args.instances, policy=args.policy, setup=args.setup,
-                             use_upper=not args.median, perf=perf,
+    profile = load_profile(args.setup)
+    config = dataclasses.replace(
+        POLICIES[args.policy], lease_s=args.lease_s,
+        max_pending=args.max_pending if args.max_pending > 0 else None,
+        max_wait_s=args.max_wait_s, tenant_rps=args.tenant_rps, tenant_burst=args.tenant_burst)
+    perf = perf_model_for(profile, args.perf_model) if config.tracks_requests else None
+    return ForecasterService(instances=args.instances, policy=args.policy, config=config,
+                             setup=profile.setup, use_upper=not args.median, perf=perf,
                              slo_classes=load_slo_classes(args.slo_config))
 
 
 def _engine(args: argparse.Namespace) -> Service:
-    from throttllem._services.engine import EngineTwinService  # noqa: PLC0415
+    from throttllem._engines import check_backend  # noqa: PLC0415
+
+    check_backend(args.backend)  # only the twin runs inside this command today
+    from throttllem._engines.twin import EngineTwinService  # noqa: PLC0415
 
     return EngineTwinService(instance=args.instance, setup=args.setup, slack_wall_s=args.slack)
 
 
 def _telemetry(args: argparse.Namespace) -> Service:
+    from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
     from throttllem._services.telemetry import TelemetryService  # noqa: PLC0415
 
     return TelemetryService(gpu=args.gpu, instances=args.instances, node=args.node,
-                            interval_s=args.interval)
+                            interval_s=args.interval,
+                            slo_classes=load_slo_classes(args.slo_config))
 
 
 def _length_predictor(args: argparse.Namespace) -> Service:
@@ -77,12 +89,12 @@ def _actuator(args: argparse.Namespace) -> Service:
 
 
 def _replayer(args: argparse.Namespace) -> Service:
-    from throttllem._demo import DemoOptions, trace_requests  # noqa: PLC0415
     from throttllem._services.replayer import ReplayerService  # noqa: PLC0415
+    from throttllem._trace import WindowSpec, window_requests  # noqa: PLC0415
 
-    opts = DemoOptions(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
-                       seed=args.seed, slo_class=args.slo_class)
-    return ReplayerService(lambda offset_s: trace_requests(opts, offset_s=offset_s),
+    spec = WindowSpec(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
+                      seed=args.seed, slo_class=args.slo_class)
+    return ReplayerService(lambda offset_s: window_requests(spec, offset_s=offset_s),
                            offset_s=args.offset)
 
 
@@ -121,11 +133,27 @@ def _gateway(args: argparse.Namespace) -> Service:
         max_body_bytes=args.max_body_bytes,
         upstream_api_key=os.environ.get("THROTTLLEM_UPSTREAM_API_KEY") or None)
     return GatewayService(config)
+def _consumer(args: argparse.Namespace) -> Service:
+    from throttllem._consumers import ConsumerContext, load_plugin  # noqa: PLC0415
+    from throttllem._consumers.service import ConsumerService  # noqa: PLC0415
+    from throttllem._metrics import ServiceMetrics  # noqa: PLC0415
+
+    options: dict[str, str] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option takes KEY=VALUE, not {item!r}")
+        options[key] = value
+    context = ConsumerContext(plugin=args.plugin, durable=args.durable or args.plugin,
+                              options=options, metrics=ServiceMetrics("consumer"))
+    return ConsumerService(load_plugin(args.plugin)(context), context,
+                           deliver_new_only=args.new_only, ack_wait_s=args.ack_wait)
 
 
 SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
-    "engine": ("one engine-twin instance with its simulated GPU", _engine),
+    "engine": ("one engine instance on the bus (--backend twin: the twin and its GPU)",
+               _engine),
     "telemetry": ("GPU samples (NVML or twin) and per-request energy records", _telemetry),
     "length-predictor": ("generation-length predictions (ONNX model, or oracle for traces)",
                          _length_predictor),
@@ -135,6 +163,8 @@ SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "scaler": ("instance count by load thresholds, published as scale.target", _scaler),
     "gateway": ("OpenAI-compatible HTTP front door: admission by the controller, proxy "
                 "to the chosen engine instance", _gateway),
+    "consumer": ("a plug-in (entry point throttllem.consumers) fed the durable energy records",
+                 _consumer),
 }
 
 
@@ -149,12 +179,15 @@ def _add_run(sub: Any) -> None:
         p.add_argument("--speed", type=float, default=1.0,
                        help="simulated time: event seconds per wall second")
         p.add_argument("--log-level", default="info")
+        _add_metrics_flags(p)
         match name:
             case "forecaster":
                 p.add_argument("--instances", type=_csv, required=True,
                                help="comma-separated engine instance names")
-                p.add_argument("--policy", choices=("default", "throttllem"),
-                               default="default")
+                p.add_argument("--policy", choices=("default", "throttllem", "retail"),
+                               default="default",
+                               help="default: admit at once, GPU clocks; throttllem: the "
+                                    "predictive controller; retail: a reactive governor")
                 p.add_argument("--setup", default=DEFAULT_SETUP,
                                help="serving setup (engine limits, clocks, performance model)")
                 p.add_argument("--perf-model", default=None,
@@ -165,7 +198,24 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--median", action="store_true",
                                help="plan with median length predictions (default: the upper "
                                     "quantile, which is more cautious)")
+                from throttllem._core.controller import ControllerConfig  # noqa: PLC0415
+
+                defaults = ControllerConfig()
+                p.add_argument("--lease-s", type=float, default=defaults.lease_s,
+                               help="seconds a clock target holds unless renewed (the "
+                                    "actuator resets the clocks when it runs out)")
+                p.add_argument("--max-pending", type=int, default=defaults.max_pending,
+                               help="shed new requests while this many wait (0: unbounded)")
+                p.add_argument("--max-wait-s", type=float, default=defaults.max_wait_s,
+                               help="shed a deferred request after waiting this long")
+                p.add_argument("--tenant-rps", type=float, default=defaults.tenant_rps,
+                               help="per-tenant admission rate limit (requests/s)")
+                p.add_argument("--tenant-burst", type=float, default=defaults.tenant_burst,
+                               help="per-tenant burst allowance (requests)")
             case "engine":
+                p.add_argument("--backend", choices=tuple(BACKENDS), default=DEFAULT_BACKEND,
+                               help="which engine serves this instance: "
+                                    + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
                 p.add_argument("--instance", required=True)
                 p.add_argument("--setup", default=DEFAULT_SETUP)
                 p.add_argument("--slack", type=float, default=0.05,
@@ -177,6 +227,9 @@ def _add_run(sub: Any) -> None:
                                help="engine-twin instances to sample (twin backend)")
                 p.add_argument("--node", default=os.environ.get("THROTTLLEM_NODE", "node0"))
                 p.add_argument("--interval", type=float, default=0.5, help="seconds")
+                p.add_argument("--slo-config", type=Path, default=None,
+                               help="SLO classes that label completions as met or not in "
+                                    "throttllem_requests_completed_total (as the forecaster's)")
             case "length-predictor":
                 p.add_argument("--model", type=Path, default=None,
                                help="model folder (default: the shipped models/length/)")
@@ -250,6 +303,20 @@ def _add_run(sub: Any) -> None:
                                help="seconds a request may wait for admission before a 503 "
                                     "with Retry-After")
                 p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+            case "consumer":
+                p.add_argument("--plugin", required=True,
+                               help="entry-point name in throttllem.consumers (shipped: "
+                                    "ledger, prometheus)")
+                p.add_argument("--durable", default=None,
+                               help="JetStream durable name (default: the plug-in's name); "
+                                    "replicas with one name share the records")
+                p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                               help="plug-in setting, repeatable (ledger: path=FILE)")
+                p.add_argument("--new-only", action="store_true",
+                               help="a new durable skips the records already in the stream")
+                p.add_argument("--ack-wait", type=float, default=30.0,
+                               help="seconds before a record handed over but not acked (the "
+                                    "consumer died) is delivered again")
         p.set_defaults(func=_cmd_run)
 
 
@@ -262,8 +329,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         clock = REAL_TIME  # event time is Unix time
     else:
         clock = Clock(epoch_wall_s=time.time(), speed=args.speed)
-    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock))
+    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock,
+                                  metrics_port=args.metrics_port,
+                                  metrics_host=args.metrics_host))
     return 0
+
+
+def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    """Prometheus `/metrics` of one service (throttllem._metrics names them all)."""
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port at /metrics (default: off; "
+                        "0 picks a free port, logged as metrics.serving)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics server binds (0.0.0.0 in a container)")
 
 
 # --------------------------------------------------------------------------- demo
@@ -282,11 +360,12 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--start-minute", type=float, default=0.0, help="trace window start")
     p.add_argument("--instances", type=int, default=2, help="engine instances")
     p.add_argument("--seed", type=int, default=0, help="seeds the tenant mix")
-    p.add_argument("--speed", type=float, default=1.0,
-                   help="replay this many times faster than real time")
-    p.add_argument("--policy", default="default",
-                   help="default, throttllem, or both as 'default,throttllem' (run one after "
-                        "the other on the same window, one table)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="replay this many times faster than real time (default: 2 when two "
+                        "policies run, so both fit in about two minutes; else 1)")
+    p.add_argument("--policy", default="default,throttllem",
+                   help="default, throttllem, or both (the default: one after the other on "
+                        "the same window, one table and the saving)")
     p.add_argument("--length-error", default="0.15",
                    help="throttllem policy on a trace (no prompt text): the oracle length "
                         "predictor's relative error (0, 0.15, 0.3) or 'measured'")
@@ -295,6 +374,10 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--log-dir", type=Path, default=None, help="where service logs go")
     p.add_argument("--slo-config", type=Path, default=None, help=SLO_CONFIG_HELP)
     p.add_argument("--slo-class", default="standard", help=SLO_CLASS_HELP)
+    p.add_argument("--plots", type=Path, default=Path("runs/demo"),
+                   help="folder for the PNG plots (needs matplotlib: pip install "
+                        "'throttllem[plot]')")
+    p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -304,10 +387,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging(json=False, level="warning")
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    speed = args.speed if args.speed is not None else (2.0 if len(policies) > 1 else 1.0)
     run_demo(DemoOptions(
         nats_url=args.nats, trace=args.trace, minutes=args.minutes,
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
-        speed=args.speed, policies=policies, setup=args.setup, json_path=args.json,
+        speed=speed, policies=policies, plots_dir=None if args.no_plots else args.plots,
+        setup=args.setup, json_path=args.json,
         length_error=args.length_error,
         peak_rps=args.peak_rps, slo_config=args.slo_config, slo_class=args.slo_class,
         log_dir=args.log_dir, progress=not args.no_progress))
@@ -333,7 +418,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_models(sub)
     _add_model(sub)
+    _add_report(sub)
     return parser
+
+
+def _add_report(sub: Any) -> None:
+    """`report energy`: per-tenant and per-instance energy from the durable records."""
+    report = sub.add_parser("report", help="reports from the durable records")
+    report_sub = report.add_subparsers(dest="report", required=True, metavar="REPORT")
+    p = report_sub.add_parser("energy", help="energy, tokens and J/token per tenant and "
+                                             "per instance, from a NATS stream or a ledger")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--nats", default=DEFAULT_NATS,
+                        help="read the TLLM_REQUESTS stream of this server (env "
+                             "THROTTLLEM_NATS_URL)")
+    source.add_argument("--ledger", type=Path, default=None,
+                        help="read a ledger file (throttllem run consumer --plugin ledger)")
+    p.add_argument("--since", default=None,
+                   help="completed at or after: event-time seconds or ISO 8601 (UTC if naive)")
+    p.add_argument("--until", default=None, help="completed before (same forms as --since)")
+    p.add_argument("--json", nargs="?", type=Path, const=Path("-"), default=None,
+                   metavar="FILE", help="print JSON instead of the table (or write it to FILE)")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="also draw the report as a PNG (needs the plot extra)")
+    p.set_defaults(func=_cmd_report_energy)
+
+
+def _cmd_report_energy(args: argparse.Namespace) -> int:
+    from throttllem import _energy_report as er  # noqa: PLC0415
+    from throttllem._consumers.ledger import read_ledger  # noqa: PLC0415
+
+    configure_logging(json=False, level="warning")
+    since = er.parse_instant(args.since) if args.since is not None else None
+    until = er.parse_instant(args.until) if args.until is not None else None
+    if args.ledger is not None:
+        records = list(read_ledger(args.ledger, since_s=since, until_s=until))
+        source = str(args.ledger)
+    else:
+        records = anyio.run(er.read_stream, args.nats)
+        source = args.nats
+    report = er.summarize(records, source=source, since_s=since, until_s=until)
+    if args.plot is not None:
+        er.plot(report, args.plot)
+    if args.json is None:
+        print(er.format_table(report))
+    elif str(args.json) == "-":
+        print(er.write_json(report, None))
+    else:
+        er.write_json(report, args.json)
+    return 0
 
 
 def _add_evaluate(sub: Any) -> None:

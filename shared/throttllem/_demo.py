@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._core.report import ClockAccumulator, RunReport, format_table, summarize
 from throttllem._core.slo import SloClass, load_slo_classes, require_slo_class
 from throttllem._errors import ConfigError, ThrottllemError
+from throttllem._eval.sim import Timeline
 from throttllem._events import (
     ENGINE_CODEC,
     HEALTH_CODEC,
@@ -50,12 +50,9 @@ from throttllem._subjects import (
     REQUEST_DEFERRED,
     twin_gpu,
 )
-from throttllem._trace import TraceRequest, iter_trace, load_window, resolve_trace
+from throttllem._trace import WindowSpec, window_requests
 
 log = structlog.get_logger("throttllem.demo")
-
-TENANTS = ("tenant-a", "tenant-b", "tenant-c")
-
 
 class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str | None = None
@@ -65,7 +62,8 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     instances: int = 2
     seed: int = 0
     speed: float = 1.0
-    policies: list[str] = msgspec.field(default_factory=lambda: ["default"])
+    # The first command shows the product: both policies on the same window, side by side.
+    policies: list[str] = msgspec.field(default_factory=lambda: ["default", "throttllem"])
     length_error: str = "0.15"
     setup: str = DEFAULT_SETUP
     peak_rps: float | None = None
@@ -76,34 +74,20 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     progress: bool = True
     slo_config: Path | None = None  # TOML SLO classes for the forecaster and the report
     slo_class: str = "standard"  # the class of every replayed request
+    plots_dir: Path | None = None  # PNG plots (energy, clock, TBT and E2E CDFs); None: none
+    sample_s: float = 5.0  # event seconds per bin of the plots' timelines
+
+    @property
+    def window(self) -> WindowSpec:
+        return WindowSpec(trace=self.trace, minutes=self.minutes,
+                          start_minute=self.start_minute, seed=self.seed,
+                          peak_rps=self.peak_rps, slo_class=self.slo_class)
 
 
 def trace_requests(opts: DemoOptions, *, offset_s: float,
                    run_tag: str = "") -> Iterator[RequestArrived]:
-    """The window's requests as arrivals, shifted so the window starts at `offset_s`."""
-    rng = random.Random(opts.seed)
-    start_s = opts.start_minute * 60.0
-    path = resolve_trace(opts.trace)
-    rows: Iterable[TraceRequest]
-    if opts.peak_rps is None:
-        rows = iter_trace(path, start_s=start_s, duration_s=opts.minutes * 60.0)
-    else:  # time-scale the window so that its busiest minute carries `peak_rps`
-        window = load_window(path, start_s=start_s, duration_s=opts.minutes * 60.0)
-        if len(window) < 2:
-            raise ConfigError("the trace window holds too few requests to time-scale")
-        window = window.scale_to_peak(opts.peak_rps)
-        start_s = start_s / window.rate_factor
-        rows = window.requests()
-    for row in rows:
-        yield RequestArrived(
-            id=f"{run_tag}{opts.trace}-{row.index}",
-            arrival_s=offset_s + row.arrival_s - start_s,
-            prompt_tokens=row.prompt_tokens,
-            max_tokens=max(4096, row.output_tokens),
-            tenant=rng.choice(TENANTS),
-            true_output_tokens=row.output_tokens,
-            slo_class=opts.slo_class,
-        )
+    """The demo window's requests (see `WindowSpec`), shifted to start at `offset_s`."""
+    return window_requests(opts.window, offset_s=offset_s, run_tag=run_tag)
 
 
 def _spawn(args: list[str], log_path: Path, clock: Clock, nats_url: str) -> subprocess.Popen[bytes]:
@@ -153,8 +137,17 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+class DemoRun(msgspec.Struct, frozen=True, kw_only=True):
+    """One policy's live run: its report and what the plots draw."""
+
+    report: RunReport
+    timeline: Timeline
+    tbt_ms: list[float]
+    e2e_ms: list[float]
+
+
 async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
-               slo_classes: Mapping[str, SloClass]) -> RunReport:
+               slo_classes: Mapping[str, SloClass]) -> DemoRun:
     instances = [f"i{n}" for n in range(opts.instances)]
     # Ids carry the policy: runs on one server must not de-duplicate each other's requests.
     requests = list(trace_requests(opts, offset_s=0.0, run_tag=f"{policy}-"))
@@ -224,8 +217,11 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
             if isinstance(event, RequestDeferred) and event.final:
                 rejected[event.id] = event.reason
 
+        timeline = Timeline(sample_s=opts.sample_s)
+
         async def on_iteration(it: EngineIteration) -> None:
             clocks.add(it)
+            timeline.add_pass(it.duration_ms / 1e3, it.clock_mhz)
 
         await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC, on_completed)
         await bus.subscribe(REQUEST_DEFERRED, REQUEST_CODEC, on_deferred)
@@ -246,8 +242,17 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
             nonlocal submitted
             submitted += 1
 
+        async def sample_energy() -> None:
+            bin_end_s = offset_s + opts.sample_s
+            while True:
+                await clock.sleep_until(bin_end_s)
+                timeline.close_bin(bin_end_s - offset_s,
+                                   (await energy_mj() - energy_start_mj) / 1e3, len(instances))
+                bin_end_s += opts.sample_s
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(replay, bus, clock, requests, on_published=on_published))
+            tg.start_soon(sample_energy)
             with anyio.move_on_after((end_s - clock.now_s()) / opts.speed + opts.drain_timeout_s):
                 while len(completions) + len(rejected) < len(requests):
                     progress.show(submitted=submitted, done=len(completions), total=len(requests),
@@ -260,14 +265,18 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
         # Let the engines account idle energy up to now before the final read.
         await anyio.sleep(0.3)
         energy_j = (await energy_mj() - energy_start_mj) / 1e3
+        timeline.close_bin(clock.now_s() - offset_s, energy_j, len(instances))
         if rejected:
             log.warning("demo.requests_rejected", count=len(rejected),
                         example=next(iter(rejected.values())))
         label = policy if policy == "default" else f"{policy} (length error {opts.length_error})"
-        return summarize(completions, policy=label, submitted=len(requests),
-                         slo_classes=slo_classes,
-                         energy_j=energy_j, clocks=clocks, rejected=len(rejected),
-                         duration_s=clock.now_s() - offset_s)
+        report = summarize(completions, policy=label, submitted=len(requests),
+                           slo_classes=slo_classes,
+                           energy_j=energy_j, clocks=clocks, rejected=len(rejected),
+                           duration_s=clock.now_s() - offset_s)
+        return DemoRun(report=report, timeline=timeline,
+                       tbt_ms=[c.tbt_mean_ms for c in completions if c.generated_tokens > 1],
+                       e2e_ms=[c.e2e_ms for c in completions])
     finally:
         with anyio.CancelScope(shield=True):
             await bus.close()
@@ -295,17 +304,31 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
         if nats_url is None:
             server = EmbeddedNatsServer()
             nats_url = server.start()
-        reports = []
+        runs: dict[str, DemoRun] = {}
         for policy in opts.policies:
             policy_logs = log_dir / policy
             policy_logs.mkdir(exist_ok=True)
-            reports.append(anyio.run(_run, opts, policy, nats_url, policy_logs, slo_classes))
+            runs[policy] = anyio.run(_run, opts, policy, nats_url, policy_logs, slo_classes)
     finally:
         if server is not None:
             server.stop()
+    reports = [run.report for run in runs.values()]
     print(format_table(reports))
     print(f"(energy and latencies come from the serving twin, not measured hardware; "
           f"service logs in {log_dir})")
+    summary = saving_line(runs)
+    if summary:
+        print(summary)
+    if opts.plots_dir is not None:
+        from throttllem._eval.plots import PlotsUnavailableError, write_plots  # noqa: PLC0415
+
+        try:
+            written = write_plots(runs, opts.plots_dir,
+                                  time_axis="trace time (min, replayed live)")
+        except PlotsUnavailableError as e:
+            print(f"throttllem: note: {e}", file=sys.stderr)
+        else:
+            print(f"(plots: {', '.join(str(p) for p in written)})")
     if opts.json_path is not None:
         opts.json_path.parent.mkdir(parents=True, exist_ok=True)
         # Top level: the first policy's figures; "policies": every run, keyed by policy (the
@@ -318,6 +341,19 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
                     "options": _jsonable(opts)}
         opts.json_path.write_bytes(msgspec.json.format(msgspec.json.encode(document)))
     return reports
+
+
+def saving_line(runs: Mapping[str, DemoRun]) -> str | None:
+    """One line saying what throttLL'eM saved against the default policy, at what SLO
+    attainment (None unless both ran)."""
+    base, ours = runs.get("default"), runs.get("throttllem")
+    if base is None or ours is None or base.report.energy_j <= 0:
+        return None
+    b, o = base.report, ours.report
+    return (f"throttLL'eM used {100 * (1 - o.energy_j / b.energy_j):.1f}% less energy than "
+            f"default ({o.energy_j / 1e3:,.1f} kJ vs {b.energy_j / 1e3:,.1f} kJ, simulated) "
+            f"at {100 * o.slo_attainment:.1f}% SLO attainment (default "
+            f"{100 * b.slo_attainment:.1f}%)")
 
 
 def _jsonable(opts: DemoOptions) -> dict[str, object]:

@@ -70,3 +70,21 @@ class ApiRequestError(ThrottllemError, ValueError):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+
+
+class RemoteCallError(ThrottllemError, RuntimeError):
+    """A request over the bus was answered with a failure of the responder's own (a bug or
+    an outage there, not a fault of the request)."""
+
+
+def error_named(name: str) -> type[ThrottllemError] | None:
+    """The throttLL'eM error class called `name`, or None: how an error that crossed the bus
+    (an `rpc.error` reply names its class) is raised again as the same kind. Only our own
+    classes are ever looked up, never an arbitrary name."""
+    pending: list[type[ThrottllemError]] = [ThrottllemError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None

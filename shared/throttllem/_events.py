@@ -17,7 +17,7 @@ wall time), `_ms` milliseconds, `_mhz`, `_w`, `_mj` (millijoules, the NVML energ
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Generic, TypeVar
+from typing import Annotated, Any, Final, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -189,6 +189,57 @@ class GpuSample(_Event, frozen=True, kw_only=True, tag="gpu.sample"):
 GpuEvent = GpuSample
 
 
+class GpuReading(msgspec.Struct, frozen=True, kw_only=True):
+    """One read of a GPU's counters (`throttllem._gpu.backend.GpuBackend.read`), as it also
+    travels inside `TwinGpuAnswer`. `energy_mj` is the total-energy counter since driver load."""
+
+    power_w: float
+    energy_mj: float
+    sm_clock_mhz: float
+    mem_clock_mhz: float
+    gpu_util_pct: float = 0.0
+    mem_util_pct: float = 0.0
+    temperature_c: float = 0.0
+    uuid: str = ""
+    name: str = ""
+
+
+# --------------------------------------------------------------------------- request/reply
+# `Bus.request` sends an event and decodes the reply with the reply's codec; `Bus.serve`
+# answers with the handler's reply event, or with `RpcError` when the request was malformed or
+# the handler failed.
+
+
+class RpcError(_Event, frozen=True, kw_only=True, tag="rpc.error"):
+    """The reply to a request that failed. `kind` names the throttLL'eM error class when the
+    failure is one of ours (a bad request, a clock out of range), so that the caller raises
+    the same kind; empty for a failure of the responder itself."""
+
+    error: str
+    kind: str = ""
+
+
+TwinGpuOp = Literal["count", "read", "supported", "set_locked", "reset"]
+
+
+class TwinGpuCall(_Event, frozen=True, kw_only=True, tag="twin.gpu.call"):
+    """An NVML-shaped call to the GPU twin inside an engine-twin process (`tllm.v1.twin.gpu.
+    <instance>`), from the telemetry collector or the actuator."""
+
+    op: TwinGpuOp
+    index: NonNegInt = 0
+    min_mhz: int = 0
+    max_mhz: int = 0
+
+
+class TwinGpuAnswer(_Event, frozen=True, kw_only=True, tag="twin.gpu.answer"):
+    """The twin GPU's answer to a `TwinGpuCall`: the field its op asks for."""
+
+    reading: GpuReading | None = None
+    clocks_mhz: list[int] = []
+    count: NonNegInt = 0
+
+
 # --------------------------------------------------------------------------- energy
 
 
@@ -245,6 +296,11 @@ class ScaleTarget(_Event, frozen=True, kw_only=True, tag="scale.target"):
     instances: int
     decided_s: float
     reason: str = ""
+    # The instances by phase (their counts add up to `instances`): only `active` ones may
+    # take new requests. Empty lists from a scaler that predates these fields.
+    warming: list[str] = []
+    active: list[str] = []
+    draining: list[str] = []
 
 
 class ScaleApplied(_Event, frozen=True, kw_only=True, tag="scale.applied"):
@@ -309,3 +365,9 @@ ENERGY_CODEC: Final[Codec[RequestEnergy]] = Codec("energy", RequestEnergy)
 FREQ_CODEC: Final[Codec[FreqEvent]] = Codec("freq", FreqEvent)
 SCALE_CODEC: Final[Codec[ScaleEvent]] = Codec("scale", ScaleEvent)
 HEALTH_CODEC: Final[Codec[Heartbeat]] = Codec("health", Heartbeat)
+# Request/reply: the length predictor's RPC (`tllm.v1.rpc.predict`), the twin GPU's calls.
+ARRIVAL_CODEC: Final[Codec[RequestArrived]] = Codec("request", RequestArrived)
+PREDICTION_CODEC: Final[Codec[RequestPredicted]] = Codec("request", RequestPredicted)
+RPC_ERROR_CODEC: Final[Codec[RpcError]] = Codec("rpc", RpcError)
+TWIN_GPU_CALL_CODEC: Final[Codec[TwinGpuCall]] = Codec("twin.gpu", TwinGpuCall)
+TWIN_GPU_ANSWER_CODEC: Final[Codec[TwinGpuAnswer]] = Codec("twin.gpu", TwinGpuAnswer)

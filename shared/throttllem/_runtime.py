@@ -28,6 +28,7 @@ import structlog
 from throttllem import __version__
 from throttllem._bus import Bus
 from throttllem._events import Heartbeat
+from throttllem._metrics import MetricsServer, ServiceMetrics
 from throttllem._subjects import health
 
 log = structlog.get_logger("throttllem.runtime")
@@ -83,13 +84,30 @@ async def _heartbeats(bus: Bus, service: Service, clock: Clock, instance_id: str
         await anyio.sleep(period_s)
 
 
+def service_metrics(service: Service) -> ServiceMetrics:
+    """The service's own `metrics` (a ServiceMetrics attribute: the hook a service uses to
+    export its instruments), or a fresh one that exports only the bus's counters."""
+    metrics = getattr(service, "metrics", None)
+    return metrics if isinstance(metrics, ServiceMetrics) else ServiceMetrics(service.name)
+
+
 async def run_service(service: Service, *, nats_url: str, clock: Clock = REAL_TIME,
-                      heartbeat_s: float = 2.0) -> None:
-    """Run one service until SIGTERM/SIGINT, then drain and return."""
+                      heartbeat_s: float = 2.0, metrics_port: int | None = None,
+                      metrics_host: str = "127.0.0.1") -> None:
+    """Run one service until SIGTERM/SIGINT, then drain and return.
+
+    `metrics_port`: serve the service's Prometheus metrics on `metrics_host:metrics_port`
+    (`/metrics`; 0 picks a free port, logged as `metrics.serving`); None serves nothing.
+    """
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     bound = log.bind(service=service.name, instance_id=instance_id)
     bus = await Bus.connect(nats_url, name=f"{service.name}-{instance_id}")
+    server: MetricsServer | None = None
     try:
+        if metrics_port is not None:
+            metrics = service_metrics(service)
+            metrics.watch_bus(bus.counters)
+            server = metrics.serve(metrics_port, metrics_host)
         async with anyio.create_task_group() as tg:
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -105,4 +123,6 @@ async def run_service(service: Service, *, nats_url: str, clock: Clock = REAL_TI
     finally:
         with anyio.CancelScope(shield=True):
             await bus.close()
+        if server is not None:
+            server.close()
         bound.info("service.stopped", counters=dict(bus.counters))

@@ -87,6 +87,15 @@ class EngineLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class ControllerLimits:
+    """What the controller must respect on this setup beyond the GPU's own clock table."""
+
+    # The lowest clock the controller may choose: the setup's most energy-efficient clock
+    # (below it a slower pass costs more static energy per token than the clock saves).
+    floor_mhz: int
+
+
+@dataclass(frozen=True, slots=True)
 class Setup:
     """One serving setup: the GPU, the model, the engine's limits."""
 
@@ -95,6 +104,7 @@ class Setup:
     gpu: GpuSpec
     model: ModelShape
     engine: EngineLimits
+    controller: ControllerLimits
     # "section.key" -> where the number came from.
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     path: str = ""
@@ -120,6 +130,7 @@ SETUP_SECTIONS: Final[Sections] = {
         "tp_degree": int, "max_batch": int, "block_tokens": int, "kv_blocks": int,
         "max_batched_tokens": int, "kv_watermark": float,
     }),
+    "controller": (ControllerLimits, {"floor_mhz": int}),
 }
 
 
@@ -264,3 +275,6 @@ def validate_setup(s: Setup | Any, where: str, *, may_be_zero: frozenset[str]) -
     if e.max_batched_tokens < e.max_batch:
         raise ConfigError(f"profile {where}: engine.max_batched_tokens must be at least "
                           "engine.max_batch (every running sequence decodes one token)")
+    if s.controller.floor_mhz not in g.supported_clocks_mhz:
+        raise ConfigError(f"profile {where}: controller.floor_mhz = {s.controller.floor_mhz} "
+                          "is not a supported clock")

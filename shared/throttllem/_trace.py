@@ -20,6 +20,7 @@ import csv
 import gzip
 import math
 import os
+import random
 from array import array
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
@@ -36,6 +37,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from throttllem._data import data_dir
 from throttllem._errors import ConfigError, TraceError
+from throttllem._events import RequestArrived
 
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader
@@ -542,3 +544,50 @@ def scale_requests(
     if not (math.isfinite(rate_factor) and rate_factor > 0.0):
         raise ConfigError(f"rate_factor must be a finite number > 0, got {rate_factor!r}")
     return (msgspec.structs.replace(r, arrival_s=r.arrival_s / rate_factor) for r in requests)
+
+
+# --------------------------------------------------------------------------- windows as requests
+
+# Tenants of replayed requests, drawn per request from the window's seed.
+TENANTS: Final = ("tenant-a", "tenant-b", "tenant-c")
+
+
+class WindowSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One trace window as requests: the one spec the demo, the replayer and the evaluator
+    share, so that the same options mean the same requests (ids, tenants, timing) in each."""
+
+    trace: str = "conv"
+    minutes: float = 2.0
+    start_minute: float = 0.0
+    seed: int = 0  # tenant mix
+    peak_rps: float | None = None  # time-scale the window so its busiest minute has this
+    slo_class: str = "standard"  # the class of every request
+
+
+def window_requests(spec: WindowSpec, *, offset_s: float,
+                    run_tag: str = "") -> Iterator[RequestArrived]:
+    """The window's requests as arrivals, shifted so the window starts at `offset_s`; ids are
+    `<run_tag><trace>-<row>`."""
+    rng = random.Random(spec.seed)
+    start_s = spec.start_minute * 60.0
+    path = resolve_trace(spec.trace)
+    rows: Iterable[TraceRequest]
+    if spec.peak_rps is None:
+        rows = iter_trace(path, start_s=start_s, duration_s=spec.minutes * 60.0)
+    else:
+        window = load_window(path, start_s=start_s, duration_s=spec.minutes * 60.0)
+        if len(window) < 2:
+            raise ConfigError("the trace window holds too few requests to time-scale")
+        window = window.scale_to_peak(spec.peak_rps)
+        start_s = start_s / window.rate_factor
+        rows = window.requests()
+    for row in rows:
+        yield RequestArrived(
+            id=f"{run_tag}{spec.trace}-{row.index}",
+            arrival_s=offset_s + row.arrival_s - start_s,
+            prompt_tokens=row.prompt_tokens,
+            max_tokens=max(4096, row.output_tokens),
+            tenant=rng.choice(TENANTS),
+            true_output_tokens=row.output_tokens,
+            slo_class=spec.slo_class,
+        )

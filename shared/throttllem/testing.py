@@ -18,18 +18,38 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pynvml
 from structlog.testing import capture_logs
 
 from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._core.controller import POLICIES
+from throttllem._core.perf import AnyArray, FunctionPerfModel, PerfModel
+from throttllem._core.placement import EngineShape, Policy, clock_policy
 from throttllem._errors import ThrottllemError
 from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
+from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import REQUEST_ADMITTED_ALL, REQUEST_DEFERRED
 
-__all__ = ["H100_SM_CLOCKS_DESCENDING", "FakeNvml", "VllmServer", "capture_logs",
-           "nats_server", "vllm_available", "vllm_server", "watch_decisions",
-           "write_test_tokenizer"]
+if TYPE_CHECKING:
+    from throttllem._services.forecaster import ForecasterService
+
+__all__ = [
+    "H100_SM_CLOCKS_DESCENDING",
+    "FakeNvml",
+    "VllmServer",
+    "capture_logs",
+    "crowded_perf",
+    "forecaster_service",
+    "nats_server",
+    "setup_policy",
+    "vllm_available",
+    "vllm_server",
+    "watch_decisions",
+    "write_test_tokenizer",
+]
 
 H100_SM_CLOCKS_DESCENDING = list(range(1980, 344, -15))  # NVML lists them high to low
 
@@ -210,7 +230,7 @@ class Utilization:
 
 @dataclass
 class FakeNvml:
-    """One or more identical fake GPUs behind exactly the NvmlLib functions.
+    """One or more fake GPUs, alike but for their UUIDs, behind exactly the NvmlLib functions.
 
     `fail` maps a function name to the NVML error code it raises. Setters raise
     AssertionError unless `allow_set`, so a dry-run test fails if one is ever called.
@@ -218,6 +238,7 @@ class FakeNvml:
 
     count: int = 1
     power_mw: int = 250_500
+    power_limit_mw: int = 700_000
     energy_mj: int = 123_456_789
     sm_clock_mhz: int = 1980
     mem_clock_mhz: int = 2619
@@ -259,7 +280,8 @@ class FakeNvml:
 
     def nvmlDeviceGetUUID(self, handle: object, /) -> str:
         self._enter("nvmlDeviceGetUUID", handle)
-        return "GPU-0b9c3a52-0000-0000-0000-000000000000"
+        index = int(str(handle).removeprefix("handle-"))
+        return f"GPU-0b9c3a52-0000-0000-0000-{index:012d}"
 
     def nvmlDeviceGetPowerUsage(self, handle: object, /) -> int:
         self._enter("nvmlDeviceGetPowerUsage", handle)
@@ -281,6 +303,10 @@ class FakeNvml:
         self._enter("nvmlDeviceGetTemperature", handle, sensor)
         return 54
 
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: object, /) -> int:
+        self._enter("nvmlDeviceGetEnforcedPowerLimit", handle)
+        return self.power_limit_mw
+
     def nvmlDeviceGetSupportedMemoryClocks(self, handle: object, /) -> list[int]:
         self._enter("nvmlDeviceGetSupportedMemoryClocks", handle)
         return list(self.mem_clocks_mhz)
@@ -296,3 +322,42 @@ class FakeNvml:
     def nvmlDeviceResetGpuLockedClocks(self, handle: object, /) -> None:
         self._enter("nvmlDeviceResetGpuLockedClocks", handle)
         assert self.allow_set, "a setter was called"
+
+
+def setup_policy(setup: str = DEFAULT_SETUP) -> tuple[Policy, EngineShape]:
+    """The controller's clock policy and engine shape on a shipped setup, with the twin's own
+    timing formula as the performance model (exact for the twin, no ONNX needed)."""
+    from throttllem._twin.clockmodel import oracle_perf_model  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    profile = load_profile(setup)
+    return (clock_policy(profile.setup, oracle_perf_model(profile)),
+            EngineShape.of(profile.setup))
+
+
+def forecaster_service(*, instances: list[str], policy: str = "throttllem",
+                       perf: PerfModel | None = None, setup: str = DEFAULT_SETUP,
+                       **kwargs: Any) -> ForecasterService:
+    """A forecaster on a shipped setup; a policy that plans gets the twin's own timing
+    formula unless `perf` says otherwise."""
+    from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
+    from throttllem._twin.clockmodel import oracle_perf_model  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    profile = load_profile(setup)
+    if perf is None and POLICIES[policy].tracks_requests:
+        perf = oracle_perf_model(profile)
+    return ForecasterService(instances=instances, policy=policy, setup=profile.setup,
+                             perf=perf, **kwargs)
+
+
+def crowded_perf(fits: int = 3) -> FunctionPerfModel:
+    """A performance model under which an instance holds `fits` requests: 5 ms passes up to
+    that batch, 1 s beyond, at every clock (so the next request must wait)."""
+
+    def crowded(batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+                clock_mhz: AnyArray) -> AnyArray:
+        return np.asarray(0.005 + 1.0 * (batch > fits)
+                          + 0.0 * (kv_tokens + prefill_tokens + clock_mhz), np.float64)
+
+    return FunctionPerfModel(crowded, name=f"crowded-{fits}")

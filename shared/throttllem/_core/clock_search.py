@@ -27,12 +27,9 @@ works) and, but for binary, the bottom one (light load: done at once). A warm st
 (`hint_mhz`, the controller passes each instance's last answer) adds that clock and the one
 below it to the secant search's first round: an answer that has not moved is then found in
 one round.
-benchmarks/bench_controller.py times all of them on the same decisions (strategies take
-turns, shuffled). On our 2-core dev box, 256 running requests (T ≈ 1,650 passes), one full
-decision at p50: secant 0.50 ms, k-ary 11 / 6 0.58 ms, binary 0.73 ms, scan 1.2 ms with the
-affine model; with the twin's costlier clock model (~0.1 ms per clock over all passes)
-secant 1.3 ms, binary 1.5 ms, k-ary 6 1.7 ms, k-ary 11 2.3 ms, scan 16 ms. Fewer clocks
-probed wins once a round's fixed cost is paid, hence the secant search by default.
+Fewer clocks probed wins once a round's fixed cost is paid, hence the secant search by
+default (`benchmarks/bench_controller.py` times every strategy on the same decisions; the
+README gives the figures).
 
 Hysteresis (`next_clock`): raise at once when the proposal is higher (SLOs need it); lower
 only when `min_dwell_s` has passed since the last change and the proposal is at least

@@ -1,362 +1,529 @@
-"""throttLL'eM's decisions: where a request goes, and the lowest clock every instance can run.
+"""The controller: one state machine without I/O, events and ticks in, decisions out.
 
-`InstanceTracker` is the controller's view of one engine instance, rebuilt only from events
-(admissions it made, `engine.iteration`, `request.completed`): prompts, predictions and
-tokens generated so far, never true lengths. `place` and `retune` are pure functions over
-those views (time passed in) that the forecaster service and the evaluator both call.
+Both shells drive this one object: the live forecaster service (decode an event, call, publish
+the decisions) and the evaluator (call, apply the decisions to the simulation). Whatever the
+two do differently is the shell's business (the bus, the simulated engines); every decision
+about where a request runs and at what clock is made here, once.
 
-Rules (the paper's, plus what a production controller needs):
-- admit a request to the instance whose projection, with it added, meets every SLO at the
-  lowest clock (ties: fewer requests, then name); projections whose KV cache would
-  overflow are not admissible;
-- requests that already miss their SLO even at the top clock (late arrivals, long queues)
-  are lost causes: they no longer constrain the search, so one late request cannot pin the
-  instance at the top clock forever;
-- if no instance can take the request within its SLOs but it would miss even on an idle
-  instance, holding it back only makes it later: it is admitted best-effort at the top clock;
-  otherwise it is deferred and retried;
-- clocks never go below `floor_mhz`, the setup's most energy-efficient clock: below it a
-  slower iteration costs more static energy than the lower clock saves;
-- the projection holds only the requests admitted so far, but the engine keeps admitting
-  and prefills every new prompt inside the running requests' passes: each instance's
-  prompt tokens admitted over the last `arrival_window_s` give the rate at which future
-  prefills will stretch its passes (`ArrivalPrefillPerf`), so that steady load does not
-  push TBT past its bound (the paper's controller leaves this out; `arrival_window_s=None`
-  does too).
+Inputs: `offer` (a request, with its predicted lengths where the admission rule needs them),
+`iteration` (an engine pass), `completed`, `forget` (refused by its engine, aborted by its
+client or gateway), `tick` (the passage of time), and the instance set (`add_instance`,
+`remove_instance`, `set_serving` for the scaler's phases). Outputs: `Admit`, `Defer`,
+`Refuse` and `SetClock`, in the order the shell must act on them (a clock a new request needs
+is raised before the request is admitted).
+
+Rules (the policy is a `ControllerConfig`; see `POLICIES`):
+- admission `place`: the instance that can then run every request within its SLOs at the
+  lowest clock (`placement.place`), FCFS: nothing jumps ahead of a deferred request;
+  admission `jsq`: join the shortest queue at once;
+- a request of an SLO class the controller does not know, or one no instance can ever hold,
+  is refused for good at once: guessing a class could break the SLO the client asked for, and
+  deferred, an unservable request would hold up every request behind it;
+- clocks `predictive`: every tick, each instance's lowest feasible clock (`placement.retune`)
+  through hysteresis (`clock_search.next_clock`: raise at once, lower after a dwell and by a
+  margin); `reactive`: the governor (`governor.reactive_clock`); `static`: one clock;
+  `top`: the GPU's default, never touched;
+- a clock target is a lease: re-sent every `lease_s / 3` so that an actuator whose controller
+  died falls back to default clocks, and sent at once when it changes.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
-import numpy as np
-import numpy.typing as npt
+import msgspec
 
-from throttllem._core.clock_search import (
-    FeasibleClock,
-    NoFeasibleClock,
-    Strategy,
-    SupportedClocks,
-    min_feasible_clock,
+from throttllem._core.clock_search import next_clock
+from throttllem._core.forecast import Candidate
+from throttllem._core.governor import Measured, ReactiveGovernor, reactive_clock
+from throttllem._core.placement import (
+    EngineShape,
+    InstanceTracker,
+    Policy,
+    never_fits,
+    place,
+    planned_lengths,
+    retune,
 )
-from throttllem._core.forecast import Candidate, InstanceState, project
-from throttllem._core.perf import ArrivalPrefillPerf, PerfModel
-from throttllem._core.slo import SloClass
+from throttllem._core.routing import least_loaded
+from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class
 from throttllem._core.slo_check import RequestSlo
+from throttllem._errors import ConfigError
+from throttllem._events import (
+    RequestAborted,
+    RequestAdmitted,
+    RequestArrived,
+    RequestCompleted,
+    RequestDeferred,
+    RequestEvent,
+    RequestPredicted,
+)
 
-BoolArray = npt.NDArray[np.bool_]
+AdmissionRule = Literal["jsq", "place"]
+ClockRule = Literal["top", "predictive", "reactive", "static"]
 
 
 @dataclass(frozen=True, slots=True)
-class EngineShape:
-    """The scheduler limits of an engine instance, as the forecast needs them."""
+class ControllerConfig:
+    """Every knob of the controller, with its default written once."""
 
-    kv_block_tokens: int
-    kv_blocks_total: int
-    max_batch: int
-    max_batched_tokens: int
-    kv_watermark_blocks: int = 0
-    max_model_len: int | None = None  # the context window (prompt + generated), if bounded
+    admission: AdmissionRule = "place"
+    clocks: ClockRule = "predictive"
+    # Seconds a clock target holds at the actuator unless renewed.
+    lease_s: float = 3.0
+    # Hysteresis: lower a clock only this long after the last change, by at least this many
+    # supported steps (raising is always at once).
+    min_dwell_s: float = 1.0
+    down_margin_steps: int = 2
+    governor: ReactiveGovernor = field(default_factory=ReactiveGovernor)
+    static_clock_mhz: int | None = None
+    # Overload control. A request arriving while this many wait is shed at once (a final
+    # refusal with a retry hint; the gateway answers 429 with Retry-After): a bounded queue
+    # keeps memory flat and latency meaningful under a burst. None: unbounded.
+    max_pending: int | None = 4096
+    # A deferred request still waiting after this many seconds is shed (None: never).
+    max_wait_s: float | None = None
+    # Per-tenant admission rate limit (token bucket: `tenant_rps` requests/s, bursts of up
+    # to `tenant_burst`); None: no limit.
+    tenant_rps: float | None = None
+    tenant_burst: float = 100.0
+
+    def __post_init__(self) -> None:
+        if not self.lease_s > 0:
+            raise ConfigError(f"lease_s must be > 0, not {self.lease_s}")
+        if self.min_dwell_s < 0 or self.down_margin_steps < 1:
+            raise ConfigError("min_dwell_s must be >= 0 and down_margin_steps >= 1")
+        if self.clocks == "static" and self.static_clock_mhz is None:
+            raise ConfigError("a static clock rule needs static_clock_mhz")
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ConfigError(f"max_pending must be >= 1 or None, not {self.max_pending}")
+        if self.max_wait_s is not None and not self.max_wait_s > 0:
+            raise ConfigError(f"max_wait_s must be > 0 or None, not {self.max_wait_s}")
+        if self.tenant_rps is not None and not (self.tenant_rps > 0 and self.tenant_burst >= 1):
+            raise ConfigError("tenant_rps must be > 0 and tenant_burst >= 1")
 
     @property
-    def kv_capacity_tokens(self) -> int:
-        """Tokens the KV cache holds above its admission watermark."""
-        return (self.kv_blocks_total - self.kv_watermark_blocks) * self.kv_block_tokens
-
-
-def never_fits(shape: EngineShape, prompt_tokens: int) -> str | None:
-    """Why an engine of this shape can never serve a prompt (None: it can). Such a request
-    must be refused at once: deferred, it would wait for ever and, FCFS, hold up every
-    request behind it."""
-    if shape.max_model_len is not None and prompt_tokens >= shape.max_model_len:
-        return (f"prompt of {prompt_tokens} tokens leaves no room in the "
-                f"{shape.max_model_len}-token context window")
-    if prompt_tokens >= shape.kv_capacity_tokens:
-        return (f"prompt of {prompt_tokens} tokens exceeds the {shape.kv_capacity_tokens}-token "
-                f"KV cache")
-    return None
-
-
-def planned_lengths(shape: EngineShape, *, prompt_tokens: int, max_tokens: int,
-                    predicted_tokens: float, upper_tokens: float) -> tuple[float, float]:
-    """(median, upper) generation lengths to plan a request with: the prediction clipped to
-    what the engine can generate for it (`max_tokens`, the context window, the KV cache above
-    its watermark). A prediction beyond that would pin clocks up for tokens that never come,
-    or defer the request for ever because no projection can hold it."""
-    room = max_tokens
-    if shape.max_model_len is not None:
-        room = min(room, shape.max_model_len - prompt_tokens)
-    room = max(min(room, shape.kv_capacity_tokens - prompt_tokens), 1)
-    upper = min(max(upper_tokens, predicted_tokens), room)
-    return min(predicted_tokens, upper), upper
-
-
-# Per-request columns of `InstanceTracker`, (name, dtype, empty value).
-_COLUMNS: tuple[tuple[str, type, float], ...] = (
-    ("prompt_tokens", np.int64, 0), ("predicted_tokens", np.float64, 0.0),
-    ("upper_tokens", np.float64, 0.0), ("arrival_s", np.float64, 0.0),
-    ("ttft_bound_ms", np.float64, 0.0), ("tbt_bound_ms", np.float64, 0.0),
-    ("generated", np.int64, 0), ("first_token_s", np.float64, math.nan),
-    ("last_token_s", np.float64, math.nan))
-
-
-class InstanceTracker:
-    """The requests admitted to one instance and not completed, as columns (one row per
-    request, rows in admission order), so that a decision's snapshot is a few array takes
-    rather than a walk over Python objects. Completed rows are marked dead and compacted
-    away once they outnumber the live ones."""
-
-    def __init__(self, name: str, shape: EngineShape, *, capacity: int = 64) -> None:
-        self.name = name
-        self.shape = shape
-        # Where this instance's last clock search landed: a warm start for the next one
-        # (it changes how fast a search is, never its answer).
-        self.last_clock_mhz: int | None = None
-        # (arrival_s, prompt tokens) of recent admissions, for the rate of future prefills,
-        # with their token sum and latest arrival kept as they come and go.
-        self.recent: deque[tuple[float, int]] = deque()
-        self._recent_tokens = 0
-        self._latest_arrival_s = -math.inf
-        self._row: dict[str, int] = {}  # request id -> row
-        self._n = 0  # rows in use, live or dead
-        self._alive = np.zeros(capacity, dtype=np.bool_)
-        self._cols: dict[str, npt.NDArray[Any]] = {
-            col: np.full(capacity, empty, dtype=dtype) for col, dtype, empty in _COLUMNS}
+    def tracks_requests(self) -> bool:
+        """Whether the controller projects each instance's requests (needs predictions)."""
+        return self.admission == "place" or self.clocks == "predictive"
 
     @property
-    def requests(self) -> list[str]:
-        """Ids of the tracked requests, in admission order."""
-        return sorted(self._row, key=self._row.__getitem__)
+    def needs_predictions(self) -> bool:
+        return self.admission == "place"
 
-    def column(self, name: str) -> npt.NDArray[Any]:
-        """One column over the live requests, in admission order (a copy)."""
-        return self._cols[name][: self._n][self._alive[: self._n]]
+    @property
+    def needs_clocks(self) -> bool:
+        """Whether the controller needs the setup's clock policy (supported clocks, floor)."""
+        return self.tracks_requests or self.clocks == "reactive"
 
-    def _grow(self) -> None:
-        cap = 2 * len(self._alive)
-        self._alive = np.resize(self._alive, cap)
-        self._alive[self._n:] = False
-        for col, _, empty in _COLUMNS:
-            grown = np.resize(self._cols[col], cap)
-            grown[self._n:] = empty
-            self._cols[col] = grown
 
-    def _compact(self) -> None:
-        live = np.flatnonzero(self._alive[: self._n])
-        k = live.size
-        new_row = np.empty(self._n, dtype=np.int64)
-        new_row[live] = np.arange(k)
-        for col, _, empty in _COLUMNS:
-            c = self._cols[col]
-            c[:k] = c[live]
-            c[k: self._n] = empty
-        self._alive[:k] = True
-        self._alive[k: self._n] = False
-        self._row = {rid: int(new_row[r]) for rid, r in self._row.items()}
-        self._n = k
+# The policies a live forecaster runs (`throttllem run forecaster --policy NAME`).
+POLICIES: Final[Mapping[str, ControllerConfig]] = {
+    # What an engine does without throttLL'eM: admit at once, leave clocks alone.
+    "default": ControllerConfig(admission="jsq", clocks="top"),
+    # The paper's controller: admission and clocks from the forecast.
+    "throttllem": ControllerConfig(admission="place", clocks="predictive"),
+    # A reactive, utilization-driven DVFS governor (no prediction).
+    "retail": ControllerConfig(admission="jsq", clocks="reactive"),
+}
 
-    def admitted(self, request_id: str, *, prompt_tokens: int, predicted_tokens: float,
-                 upper_tokens: float, arrival_s: float, slo: SloClass) -> None:
-        self.recent.append((arrival_s, prompt_tokens))
-        self._recent_tokens += prompt_tokens
-        self._latest_arrival_s = max(self._latest_arrival_s, arrival_s)
-        self.completed(request_id)  # admitted again: the latest admission counts
-        if self._n == len(self._alive):
-            self._grow()
-        r = self._n
-        self._n += 1
-        self._row[request_id] = r
-        self._alive[r] = True
-        c = self._cols
-        c["prompt_tokens"][r] = prompt_tokens
-        c["predicted_tokens"][r] = predicted_tokens
-        c["upper_tokens"][r] = max(upper_tokens, predicted_tokens)
-        c["arrival_s"][r] = arrival_s
-        c["ttft_bound_ms"][r] = slo.ttft_bound_ms(prompt_tokens)
-        c["tbt_bound_ms"][r] = slo.tbt_ms
-        c["generated"][r] = 0
-        c["first_token_s"][r] = math.nan
-        c["last_token_s"][r] = math.nan
 
-    def iteration(self, request_ids: list[str], end_s: float) -> None:
-        """Every request in a pass emits one token at its end (ids not tracked here, admitted
-        by someone else or completed already, are ignored)."""
-        get = self._row.get
-        rows = [r for r in map(get, request_ids) if r is not None]
-        if not rows:
-            return
-        idx = np.asarray(rows, dtype=np.int64)
-        c = self._cols
-        c["generated"][idx] += 1
-        first = c["first_token_s"]
-        first[idx] = np.where(np.isnan(first[idx]), end_s, first[idx])
-        c["last_token_s"][idx] = end_s
-
-    def completed(self, request_id: str) -> None:
-        r = self._row.pop(request_id, None)
-        if r is None:
-            return
-        self._alive[r] = False
-        dead = self._n - len(self._row)
-        if dead > 32 and dead > len(self._row):
-            self._compact()
-
-    def __len__(self) -> int:
-        return len(self._row)
-
-    def prefill_rate(self, now_s: float, window_s: float) -> float:
-        """Prompt tokens per second admitted here with arrivals in (now − window, now]."""
-        recent = self.recent
-        while recent and recent[0][0] <= now_s - window_s:
-            self._recent_tokens -= recent.popleft()[1]
-        if self._latest_arrival_s <= now_s:
-            return self._recent_tokens / window_s
-        # Some arrival is stamped after `now_s` (clocks of two processes): leave it out.
-        return sum(tokens for t, tokens in recent if t <= now_s) / window_s
-
-    def snapshot(self) -> tuple[InstanceState, RequestSlo]:
-        """Running (has a token) then queued, in admission order, with their SLO arrays."""
-        n = self._n
-        c = self._cols
-        live = np.flatnonzero(self._alive[:n])
-        started = c["generated"][live] > 0
-        running, queued = live[started], live[~started]
-        ordered = np.concatenate([running, queued])
-        s = self.shape
-        prompt, predicted, upper = c["prompt_tokens"], c["predicted_tokens"], c["upper_tokens"]
-        state = InstanceState(
-            prompt[running], c["generated"][running], predicted[running], upper[running],
-            prompt[queued], predicted[queued], upper[queued],
-            kv_block_tokens=s.kv_block_tokens, kv_blocks_total=s.kv_blocks_total,
-            max_batch=s.max_batch, max_batched_tokens=s.max_batched_tokens,
-            kv_watermark_blocks=s.kv_watermark_blocks)
-        slo = RequestSlo(c["arrival_s"][ordered], c["first_token_s"][ordered],
-                         c["last_token_s"][ordered], c["ttft_bound_ms"][ordered],
-                         c["tbt_bound_ms"][ordered])
-        return state, slo
+# --------------------------------------------------------------------------- decisions
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
-    """The knobs of the controller."""
+class Admit:
+    """Hand `request` to `instance` now."""
 
-    perf: PerfModel
-    clocks: SupportedClocks
-    floor_mhz: int
-    use_upper: bool = True
-    # "auto" (secant on a monotone model) probes few clocks; a model whose cost is per call
-    # rather than per clock (the compiled grid) is faster with one "scan" of all clocks.
-    strategy: Strategy = "auto"
-    # Seconds of admissions that estimate the rate of future prefills; None: ignore them.
-    arrival_window_s: float | None = 10.0
-    # Start each instance's search at its last answer (`InstanceTracker.last_clock_mhz`):
-    # the same clocks, found in fewer model calls. False only to measure that.
-    warm_start: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
+    request: RequestArrived
     instance: str
-    clock_mhz: int
+    reason: str
+    predicted_tokens: float | None = None
+    upper_tokens: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """No instance can take the request within every SLO now; it waits (FCFS) and is retried
+    as requests complete and on every tick."""
+
+    request_id: str
     reason: str
 
 
-def perf_for(tracker: InstanceTracker, policy: Policy, now_s: float) -> PerfModel:
-    """The policy's model, with the instance's future prefills folded in (see the module
-    docstring); the plain model while nothing arrived lately."""
-    if policy.arrival_window_s is None:
-        return policy.perf
-    rate = tracker.prefill_rate(now_s, policy.arrival_window_s)
-    if rate <= 0:
-        return policy.perf
-    return ArrivalPrefillPerf(policy.perf, rate, policy.clocks.mhz)
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Refused for good; `cause` names the counter ("unknown_slo_class", "never_fits",
+    "shed", "queue_timeout", "rate_limited"); `retry_after_s` > 0 where a retry later may
+    succeed (overload), 0 where it never will."""
+
+    request_id: str
+    reason: str
+    cause: str
+    retry_after_s: float = 0.0
 
 
-def _search(tracker: InstanceTracker, policy: Policy, now_s: float,
-            candidate: tuple[Candidate, RequestSlo] | None = None,
-            ) -> tuple[int | None, BoolArray | None]:
-    """Lowest feasible clock for the tracker's requests (and the candidate, with its SLO
-    row), ignoring requests that miss even at the top clock; returns (clock or None, which
-    requests are lost causes). Records the answer as the tracker's next warm start."""
-    clock, lost = _lowest_clock(tracker, policy, now_s, candidate)
-    if clock is not None:
-        tracker.last_clock_mhz = clock
-    return clock, lost
+@dataclass(frozen=True, slots=True)
+class SetClock:
+    """Lock every GPU of `instance` at `clock_mhz` (a lease of the config's `lease_s`);
+    `changed` is False for a renewal of the current target."""
+
+    instance: str
+    clock_mhz: int
+    reason: str
+    changed: bool
 
 
-def _lowest_clock(tracker: InstanceTracker, policy: Policy, now_s: float,
-                 with_candidate: tuple[Candidate, RequestSlo] | None,
-                 ) -> tuple[int | None, BoolArray | None]:
-    state, slo = tracker.snapshot()
-    candidate = None
-    if with_candidate is not None:
-        candidate, candidate_slo = with_candidate
-        slo = RequestSlo.concat([slo, candidate_slo])
-    perf = perf_for(tracker, policy, now_s)
-    hint = tracker.last_clock_mhz if policy.warm_start else None
-    projection = project(state, use_upper=policy.use_upper, candidate=candidate)
-    if candidate is not None and projection.kv_overflow_iter >= 0:
-        return None, None
-    result = min_feasible_clock(projection, perf, policy.clocks, slo, now_s=now_s,
-                                floor_mhz=policy.floor_mhz, strategy=policy.strategy,
-                                hint_mhz=hint)
-    if isinstance(result, FeasibleClock):
-        return result.clock_mhz, None
-    lost = result.report.miss[:, 0].copy()
-    if candidate is not None and lost[-1]:
-        return None, lost  # the candidate itself cannot make it here
-    retry = min_feasible_clock(projection, perf, policy.clocks, slo, now_s=now_s,
-                               floor_mhz=policy.floor_mhz, must_meet=~lost,
-                               strategy=policy.strategy, hint_mhz=hint)
-    if isinstance(retry, NoFeasibleClock):  # cannot happen for a monotone model
-        return policy.clocks.mhz[-1], lost
-    return retry.clock_mhz, lost
+Decision = Admit | Defer | Refuse | SetClock
+
+DEFER_REASON: Final = "no instance meets every SLO with it; retried as requests complete"
 
 
-def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
-          candidate_slo: RequestSlo, policy: Policy, *, now_s: float) -> Placement | None:
-    """Where to admit a request and the clock that instance then needs; None: defer.
-
-    Instances are tried in tie-break order (fewer requests, then name), so the first one that
-    can take the request at the floor clock is the answer and the rest need no search."""
-    best: tuple[int, int, str] | None = None
-    hopeless = 0
-    for name in sorted(trackers, key=lambda n: (len(trackers[n]), n)):
-        tracker = trackers[name]
-        clock, lost = _search(tracker, policy, now_s, (candidate, candidate_slo))
-        if clock is None:
-            hopeless += lost is not None and bool(lost[-1])
-            continue
-        key = (clock, len(tracker), name)
-        best = key if best is None or key < best else best
-        if clock <= policy.floor_mhz:  # nothing later can beat it
-            break
-    if best is not None:
-        return Placement(instance=best[2], clock_mhz=best[0], reason="lowest feasible clock")
-    if hopeless == len(trackers) and _late_even_alone(candidate, candidate_slo, policy, now_s):
-        name = min(trackers, key=lambda n: (len(trackers[n]), n))
-        return Placement(instance=name, clock_mhz=policy.clocks.mhz[-1],
-                         reason="best effort: misses its SLO even on an idle instance")
-    return None
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    request: RequestArrived
+    lengths: tuple[float, float] | None  # (median, upper), clipped to what the engine can do
 
 
-def _late_even_alone(candidate: Candidate, slo: RequestSlo, policy: Policy,
-                     now_s: float) -> bool:
-    any_tracker = InstanceState.idle(kv_block_tokens=16, kv_blocks_total=1 << 30,
-                                     max_batch=1 << 20, max_batched_tokens=1 << 30)
-    projection = project(any_tracker, use_upper=policy.use_upper, candidate=candidate)
-    result = min_feasible_clock(projection, policy.perf, policy.clocks, slo, now_s=now_s,
-                                floor_mhz=policy.floor_mhz)
-    return isinstance(result, NoFeasibleClock)
+# --------------------------------------------------------------------------- the machine
 
 
-def retune(tracker: InstanceTracker, policy: Policy, *, now_s: float) -> int:
-    """The lowest clock at which the instance's current requests meet their SLOs."""
-    if not len(tracker):
-        return policy.floor_mhz
-    clock, _ = _search(tracker, policy, now_s)
-    return clock if clock is not None else policy.clocks.mhz[-1]
+class Controller:
+    """The admission and clock state of one forecaster: per-instance trackers, what each
+    instance holds, the FCFS queue of deferred requests, clock hysteresis and lease timing."""
+
+    def __init__(self, config: ControllerConfig, *, shape: EngineShape,
+                 policy: Policy | None = None,
+                 slo_classes: Mapping[str, SloClass] | None = None) -> None:
+        if config.needs_clocks and policy is None:
+            raise ConfigError("this policy needs the setup's clock policy (clocks, floor, "
+                              "performance model)")
+        if config.clocks == "static" and policy is not None:
+            policy.clocks.index(config.static_clock_mhz or 0)  # refuses unsupported clocks
+        self.config = config
+        self.shape = shape
+        self.policy = policy
+        self.slo_classes: dict[str, SloClass] = dict(slo_classes or DEFAULT_SLO_CLASSES)
+        self.trackers: dict[str, InstanceTracker] = {}
+        self.outstanding: dict[str, int] = {}  # requests admitted and not done, per instance
+        self.placed: dict[str, str] = {}  # request id -> instance, admitted and not done
+        self.clock_mhz: dict[str, int] = {}  # each instance's target (not `top` policies)
+        self.changed_s: dict[str, float] = {}
+        self.sent_s: dict[str, float] = {}
+        self.measured: dict[str, Measured] = {}
+        self.pending: deque[_Waiting] = deque()
+        self.serving: list[str] | None = None  # None: every instance takes new requests
+        self.deferred = 0  # requests deferred on arrival (each counted once)
+        self._governed_s = 0.0
+        # The governor honours the tightest TBT bound of the classes it has served.
+        self._governed_tbt_ms = math.inf
+        # tenant -> (tokens, when last refilled), for the per-tenant rate limit.
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    # ------------------------------------------------------------------ instances
+
+    @property
+    def instances(self) -> list[str]:
+        return list(self.outstanding)
+
+    def add_instance(self, name: str) -> list[Decision]:
+        if name in self.outstanding:
+            raise ConfigError(f"instance {name!r} is known already")
+        self.outstanding[name] = 0
+        self.measured[name] = Measured()
+        if self.config.tracks_requests:
+            self.trackers[name] = InstanceTracker(name, self.shape)
+        if self.config.clocks == "static":
+            clock = self.config.static_clock_mhz
+            assert clock is not None
+            self.clock_mhz[name] = clock
+            return [SetClock(name, clock, "static clock", changed=True)]
+        if self.config.clocks != "top":
+            assert self.policy is not None
+            self.clock_mhz[name] = self.policy.clocks.mhz[-1]
+            self.changed_s[name] = -math.inf
+            self.sent_s[name] = -math.inf
+        return []
+
+    def remove_instance(self, name: str) -> None:
+        """Forget an instance (it was drained: it holds no request)."""
+        for table in (self.outstanding, self.measured, self.trackers, self.clock_mhz,
+                      self.changed_s, self.sent_s):
+            table.pop(name, None)
+        for request_id in [r for r, i in self.placed.items() if i == name]:
+            del self.placed[request_id]
+
+    def set_serving(self, names: Collection[str] | None) -> None:
+        """Which instances take new requests (the scaler's active ones); None: all."""
+        self.serving = None if names is None else [n for n in names if n in self.outstanding]
+
+    def _serving(self) -> list[str]:
+        return list(self.outstanding) if self.serving is None else self.serving
+
+    # ------------------------------------------------------------------ requests
+
+    def offer(self, request: RequestArrived, lengths: tuple[float, float] | None,
+              now_s: float) -> list[Decision]:
+        """A new request, with (median, upper) predicted generation lengths where the
+        admission rule needs them."""
+        refusal = self._refusal(request) or self._overload(request, now_s)
+        if refusal is not None:
+            return [refusal]
+        if lengths is None and self.config.needs_predictions:
+            raise ConfigError(f"policy with {self.config.admission!r} admission needs length "
+                              "predictions")
+        if self.config.clocks == "reactive":
+            self._governed_tbt_ms = min(self._governed_tbt_ms,
+                                        self.slo_classes[request.slo_class].tbt_ms)
+        waiting = _Waiting(request, None if lengths is None else planned_lengths(
+            self.shape, prompt_tokens=request.prompt_tokens, max_tokens=request.max_tokens,
+            predicted_tokens=lengths[0], upper_tokens=lengths[1]))
+        out: list[Decision] = []
+        if self.pending:  # FCFS: nothing jumps ahead of a deferred request
+            self.pending.append(waiting)
+            self._drain(now_s, out)
+        elif not self._try(waiting, now_s, out):
+            self.pending.append(waiting)
+            self.deferred += 1
+            out.append(Defer(request.id, DEFER_REASON))
+        return out
+
+    def _refusal(self, request: RequestArrived) -> Refuse | None:
+        try:
+            require_slo_class(request.slo_class, self.slo_classes)
+        except ConfigError as e:
+            return Refuse(request.id, f"controller: {e}", "unknown_slo_class")
+        why = never_fits(self.shape, request.prompt_tokens)
+        if why is not None:
+            return Refuse(request.id, f"controller: {why}", "never_fits")
+        return None
+
+    def _overload(self, request: RequestArrived, now_s: float) -> Refuse | None:
+        cfg = self.config
+        if cfg.max_pending is not None and len(self.pending) >= cfg.max_pending:
+            return Refuse(request.id, f"controller: overloaded, {len(self.pending)} requests "
+                          "waiting already; retry later", "shed", retry_after_s=1.0)
+        if cfg.tenant_rps is None:
+            return None
+        tokens, last_s = self._buckets.get(request.tenant, (cfg.tenant_burst, now_s))
+        tokens = min(cfg.tenant_burst, tokens + max(now_s - last_s, 0.0) * cfg.tenant_rps)
+        if tokens < 1.0:
+            self._buckets[request.tenant] = (tokens, now_s)
+            return Refuse(request.id, f"controller: tenant {request.tenant!r} is over its "
+                          f"rate limit of {cfg.tenant_rps:g} requests/s", "rate_limited",
+                          retry_after_s=(1.0 - tokens) / cfg.tenant_rps)
+        self._buckets[request.tenant] = (tokens - 1.0, now_s)
+        return None
+
+    def _try(self, waiting: _Waiting, now_s: float, out: list[Decision]) -> bool:
+        """Admit now (True, decisions appended) or leave it waiting (False, nothing changed)."""
+        serving = self._serving()
+        if not serving:
+            return False
+        request = waiting.request
+        if self.config.admission == "jsq":
+            instance = least_loaded({n: self.outstanding[n] for n in serving})
+            self._admit(waiting, instance, "join the shortest queue", out)
+            return True
+        assert self.policy is not None
+        assert waiting.lengths is not None
+        median, upper = waiting.lengths
+        slo = self.slo_classes[request.slo_class]
+        candidate = Candidate(prompt_tokens=request.prompt_tokens, predicted_tokens=median,
+                              upper_tokens=upper)
+        candidate_slo = RequestSlo.for_request(slo, prompt_tokens=request.prompt_tokens,
+                                               arrival_s=request.arrival_s)
+        placement = place({n: self.trackers[n] for n in serving}, candidate, candidate_slo,
+                          self.policy, now_s=now_s)
+        if placement is None:
+            return False
+        self._set_clock(placement.instance, placement.clock_mhz, now_s,
+                        f"admit {request.id}", out)
+        self._admit(waiting, placement.instance, placement.reason, out)
+        return True
+
+    def _admit(self, waiting: _Waiting, instance: str, reason: str,
+               out: list[Decision]) -> None:
+        request = waiting.request
+        tracker = self.trackers.get(instance)
+        if tracker is not None and waiting.lengths is not None:
+            median, upper = waiting.lengths
+            tracker.admitted(request.id, prompt_tokens=request.prompt_tokens,
+                             predicted_tokens=median, upper_tokens=upper,
+                             arrival_s=request.arrival_s,
+                             slo=self.slo_classes[request.slo_class])
+        self.outstanding[instance] += 1
+        self.placed[request.id] = instance
+        median_or_none, upper_or_none = waiting.lengths or (None, None)
+        out.append(Admit(request, instance, reason, median_or_none, upper_or_none))
+
+    def _drain(self, now_s: float, out: list[Decision]) -> None:
+        while self.pending and self._try(self.pending[0], now_s, out):
+            self.pending.popleft()
+
+    def iteration(self, instance: str, request_ids: list[str], end_s: float,
+                  duration_ms: float) -> None:
+        """One engine pass ended: every request in it emitted a token."""
+        tracker = self.trackers.get(instance)
+        if tracker is not None:
+            tracker.iteration(request_ids, end_s)
+        seen = self.measured.get(instance)
+        if seen is not None:
+            seen.add_pass(duration_ms)
+
+    def completed(self, request_id: str, instance: str, now_s: float) -> list[Decision]:
+        """A request finished on `instance`: its capacity frees, deferred requests retry."""
+        if instance not in self.outstanding:
+            return []
+        self.placed.pop(request_id, None)
+        self._release(instance, request_id)
+        out: list[Decision] = []
+        self._drain(now_s, out)
+        return out
+
+    def forget(self, request_id: str, now_s: float) -> list[Decision]:
+        """A request ended without completing (its engine refused it, its client went away,
+        it waited too long): drop it from the projections and the queue, or it would pin
+        its instance's clock up for ever."""
+        instance = self.placed.pop(request_id, None)
+        if instance is None:
+            before = len(self.pending)
+            self.pending = deque(w for w in self.pending if w.request.id != request_id)
+            out: list[Decision] = []
+            if len(self.pending) != before:  # the head may have been the one blocking
+                self._drain(now_s, out)
+            return out
+        self._release(instance, request_id)
+        out = []
+        self._drain(now_s, out)
+        return out
+
+    def _release(self, instance: str, request_id: str) -> None:
+        self.outstanding[instance] = max(self.outstanding[instance] - 1, 0)
+        tracker = self.trackers.get(instance)
+        if tracker is not None:
+            tracker.completed(request_id)
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now_s: float) -> list[Decision]:
+        """Retune clocks (predictive), let the governor act (reactive), retry deferrals."""
+        out: list[Decision] = []
+        if self.config.clocks == "predictive":
+            assert self.policy is not None
+            for instance, tracker in self.trackers.items():
+                self._set_clock(instance, retune(tracker, self.policy, now_s=now_s), now_s,
+                                "retune", out)
+        elif self.config.clocks == "reactive":
+            self._govern(now_s, out)
+        if self.config.max_wait_s is not None:  # first: a stale request is not admitted late
+            self._shed_stale(now_s, self.config.max_wait_s, out)
+        self._drain(now_s, out)
+        return out
+
+    def _shed_stale(self, now_s: float, max_wait_s: float, out: list[Decision]) -> None:
+        kept: deque[_Waiting] = deque()
+        for waiting in self.pending:
+            if now_s - waiting.request.arrival_s > max_wait_s:
+                out.append(Refuse(waiting.request.id, f"controller: waited more than "
+                                  f"{max_wait_s:g} s for capacity; retry later",
+                                  "queue_timeout", retry_after_s=1.0))
+            else:
+                kept.append(waiting)
+        self.pending = kept
+
+    def _set_clock(self, instance: str, proposed_mhz: int, now_s: float, reason: str,
+                   out: list[Decision]) -> None:
+        assert self.policy is not None
+        cfg = self.config
+        step = next_clock(self.clock_mhz[instance], self.changed_s[instance], proposed_mhz,
+                          now_s, min_dwell_s=cfg.min_dwell_s,
+                          down_margin_steps=cfg.down_margin_steps, clocks=self.policy.clocks)
+        changed = step.clock_mhz != self.clock_mhz[instance]
+        self.clock_mhz[instance], self.changed_s[instance] = step.clock_mhz, step.changed_s
+        self._send(instance, now_s, f"{reason} ({step.reason})", changed, out)
+
+    def _send(self, instance: str, now_s: float, reason: str, changed: bool,
+              out: list[Decision]) -> None:
+        # Renew the lease well before it runs out; send at once on a change.
+        if changed or now_s - self.sent_s[instance] >= self.config.lease_s / 3:
+            self.sent_s[instance] = now_s
+            out.append(SetClock(instance, self.clock_mhz[instance], reason, changed))
+
+    def _govern(self, now_s: float, out: list[Decision]) -> None:
+        assert self.policy is not None
+        gov = self.config.governor
+        period = now_s - self._governed_s
+        if period < gov.period_s:
+            return
+        self._governed_s = now_s
+        tbt_bound_ms = (self._governed_tbt_ms if math.isfinite(self._governed_tbt_ms)
+                        else self.slo_classes["standard"].tbt_ms)
+        for instance, seen in self.measured.items():
+            clock = reactive_clock(gov, self.policy.clocks, self.policy.floor_mhz,
+                                   self.clock_mhz[instance],
+                                   busy_fraction=min(seen.busy_s / period, 1.0),
+                                   mean_pass_ms=seen.mean_pass_ms, tbt_bound_ms=tbt_bound_ms)
+            changed = clock != self.clock_mhz[instance]
+            self.clock_mhz[instance] = clock
+            self.measured[instance] = Measured()
+            self._send(instance, now_s, "governor", changed, out)
+
+    # ------------------------------------------------------------------ restart
+
+    def restore(self, history: Iterable[RequestEvent]) -> list[Decision]:
+        """Rebuild the state from the request stream after a restart (pure).
+
+        Admitted and not yet done requests go back to their instance (with no tokens counted:
+        until the next iterations arrive they look queued, which makes the first projections
+        cautious, never optimistic); requests deferred and never admitted are queued again in
+        their order. Returns what must be said again: refusals of queued requests whose class
+        is no longer configured. Nothing acknowledged is lost."""
+        arrived: dict[str, tuple[RequestArrived, tuple[float, float] | None]] = {}
+        admitted: dict[str, RequestAdmitted] = {}
+        deferred: list[str] = []
+        done: set[str] = set()
+        for event in history:
+            match event:
+                case RequestArrived():
+                    arrived.setdefault(event.id, (event, None))
+                case RequestPredicted(request=RequestArrived() as request):
+                    arrived[event.id] = (request, (event.predicted_tokens, event.upper_tokens))
+                case RequestAdmitted():
+                    admitted[event.request.id] = event
+                case RequestDeferred(final=False):
+                    deferred.append(event.id)
+                case RequestDeferred(final=True) | RequestCompleted() | RequestAborted():
+                    done.add(event.id)
+                case _:  # a prediction without its request: nothing to plan with
+                    pass
+        for request_id, adm in admitted.items():
+            if request_id in done or adm.instance not in self.outstanding:
+                continue
+            request = adm.request
+            median = adm.predicted_tokens if adm.predicted_tokens is not None else 1.0
+            upper = adm.upper_tokens if adm.upper_tokens is not None else median
+            # A class no longer configured (restart with another config): planned as
+            # `standard`, since the request is already running.
+            if request.slo_class not in self.slo_classes:
+                request = msgspec.structs.replace(request, slo_class="standard")
+            self._admit(_Waiting(request, (median, upper)), adm.instance, "restored", [])
+        out: list[Decision] = []
+        for request_id in dict.fromkeys(deferred):
+            if request_id in admitted or request_id in done or request_id not in arrived:
+                continue
+            request, lengths = arrived[request_id]
+            refusal = self._refusal(request)
+            if refusal is not None:
+                out.append(refusal)
+                continue
+            if lengths is None and self.config.needs_predictions:
+                continue
+            self.pending.append(_Waiting(request, None if lengths is None else planned_lengths(
+                self.shape, prompt_tokens=request.prompt_tokens, max_tokens=request.max_tokens,
+                predicted_tokens=lengths[0], upper_tokens=lengths[1])))
+        return out

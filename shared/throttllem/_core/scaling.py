@@ -55,10 +55,17 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Mapping
 from enum import Enum
+from typing import Final, NamedTuple
 
 import msgspec
 
 from throttllem._errors import ConfigError
+from throttllem._events import ScaleTarget
+
+# How often the scaler decides, and the window its load estimate spans (seconds, event time):
+# the live scaler's and the evaluator's defaults.
+SCALE_TICK_S: Final = 1.0
+LOAD_WINDOW_S: Final = 10.0
 
 
 class ScalingPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -303,3 +310,16 @@ class LoadEstimator:
 
     def __len__(self) -> int:
         return len(self._times)
+
+
+class Phases(NamedTuple):
+    warming: list[str]
+    active: list[str]
+    draining: list[str]
+
+
+def phases_of(target: ScaleTarget) -> Phases | None:
+    """The instances of a `scale.target` by phase; None when the publisher did not say."""
+    if len(target.warming) + len(target.active) + len(target.draining) != target.instances:
+        return None
+    return Phases(list(target.warming), list(target.active), list(target.draining))

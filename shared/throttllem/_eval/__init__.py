@@ -1,6 +1,7 @@
-"""`throttllem evaluate`: the controller's core functions on engine twins in simulated time."""
+"""`throttllem evaluate`: the live controller on engine twins in simulated time."""
 
-from throttllem._eval.cli import EvalOptions, add_evaluate_parser, evaluate, to_document
+from throttllem._eval.cli import add_evaluate_parser
+from throttllem._eval.driver import EvalOptions, evaluate, to_document
 from throttllem._eval.policies import POLICIES, SimPolicy, make_policy
 from throttllem._eval.sim import SimResult, Simulation
 

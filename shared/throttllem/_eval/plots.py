@@ -7,15 +7,25 @@ never depend on it, and without it `throttllem evaluate` says how to get the plo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from throttllem._errors import ThrottllemError
+from throttllem._eval.sim import Timeline
 
-if TYPE_CHECKING:
-    from throttllem._eval.cli import Evaluation
+
+class PlottedRun(Protocol):
+    """What a plot needs of one policy's run (an evaluation's or a live demo's)."""
+
+    @property
+    def timeline(self) -> Timeline: ...
+    @property
+    def tbt_ms(self) -> Sequence[float]: ...
+    @property
+    def e2e_ms(self) -> Sequence[float]: ...
 
 
 class PlotsUnavailableError(ThrottllemError, RuntimeError):
@@ -35,14 +45,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def write_plots(ev: Evaluation, folder: Path) -> list[Path]:
+def write_plots(runs: Mapping[str, PlottedRun], folder: Path, *,
+                note: str = "simulated (serving twin), not measured",
+                time_axis: str = "simulated time (min)") -> list[Path]:
     """Write energy.png, clock.png, tbt.png and e2e.png into `folder`; returns the paths."""
     plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    note = "simulated (serving twin), not measured"
     # Policies that behave alike draw the same curve: vary the dash so none hides another.
-    styles = {name: ("-", "--", ":", "-.")[k % 4] for k, name in enumerate(ev.runs)}
+    styles = {name: ("-", "--", ":", "-.")[k % 4] for k, name in enumerate(runs)}
 
     def save(fig: object, name: str) -> None:
         path = folder / name
@@ -51,24 +62,24 @@ def write_plots(ev: Evaluation, folder: Path) -> list[Path]:
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for name, run in ev.runs.items():
+    for name, run in runs.items():
         tl = run.timeline
         t = np.asarray(tl.t_s)
         widths = np.diff(np.concatenate([[0.0], t]))
         power_kw = np.asarray(tl.energy_j) / np.maximum(widths, 1e-9) / 1e3
         ax.step(t / 60, power_kw, where="post", label=name, linewidth=1,
                 linestyle=styles[name])
-    ax.set(xlabel="simulated time (min)", ylabel="mean power, all GPUs (kW)",
+    ax.set(xlabel=time_axis, ylabel="mean power, all GPUs (kW)",
            title=f"Energy over time ({note})")
     ax.legend(fontsize=8)
     save(fig, "energy.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for name, run in ev.runs.items():
+    for name, run in runs.items():
         tl = run.timeline
         ax.plot(np.asarray(tl.t_s) / 60, tl.clock_mhz, label=name, linewidth=1,
                 linestyle=styles[name])
-    ax.set(xlabel="simulated time (min)", ylabel="SM clock, busy-time weighted (MHz)",
+    ax.set(xlabel=time_axis, ylabel="SM clock, busy-time weighted (MHz)",
            title=f"SM clock over time ({note})")
     ax.legend(fontsize=8)
     save(fig, "clock.png")
@@ -76,7 +87,7 @@ def write_plots(ev: Evaluation, folder: Path) -> list[Path]:
     for key, label, fname in (("tbt_ms", "mean TBT per request (ms)", "tbt.png"),
                               ("e2e_ms", "end-to-end latency (ms)", "e2e.png")):
         fig, ax = plt.subplots(figsize=(8, 4))
-        for name, run in ev.runs.items():
+        for name, run in runs.items():
             values = np.sort(np.asarray(getattr(run, key)))
             if values.size == 0 or not math.isfinite(values[-1]):
                 continue

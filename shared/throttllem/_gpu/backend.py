@@ -8,21 +8,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-import msgspec
+from throttllem._events import GpuReading
 
-
-class GpuReading(msgspec.Struct, frozen=True, kw_only=True):
-    """One read of a GPU's counters. `energy_mj` is the total-energy counter since driver load."""
-
-    power_w: float
-    energy_mj: float
-    sm_clock_mhz: float
-    mem_clock_mhz: float
-    gpu_util_pct: float = 0.0
-    mem_util_pct: float = 0.0
-    temperature_c: float = 0.0
-    uuid: str = ""
-    name: str = ""
+__all__ = ["GpuBackend", "GpuReading"]
 
 
 @runtime_checkable

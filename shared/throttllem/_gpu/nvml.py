@@ -14,7 +14,11 @@ call (event "nvml.dry_run") and appends it to `dry_run_calls`. That is how the s
 on GPUs where it must not, or cannot, change clocks.
 
 Indices are NVML indices (PCI bus order, as `nvidia-smi` numbers GPUs), which ignore
-CUDA_VISIBLE_DEVICES. Calls block (NVML is synchronous); services go through a thread.
+CUDA_VISIBLE_DEVICES (`index_of_uuid` finds the NVML index of a CUDA device by its UUID).
+Calls block (NVML is synchronous); services go through a thread.
+
+Single-counter reads (`energy_mj`, `sm_clock_mhz`) are for callers that sample often (the GPU
+lab reads both every 20 ms while passes run): one NVML call each instead of a whole `read`.
 """
 
 # ruff: noqa: N802 -- NvmlLib mirrors NVML's camelCase function names on purpose
@@ -67,6 +71,7 @@ class NvmlLib(Protocol):
     def nvmlDeviceGetClockInfo(self, handle: object, clock_type: int, /) -> int: ...
     def nvmlDeviceGetUtilizationRates(self, handle: object, /) -> NvmlUtilization: ...
     def nvmlDeviceGetTemperature(self, handle: object, sensor: int, /) -> int: ...
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: object, /) -> int: ...
     def nvmlDeviceGetSupportedMemoryClocks(self, handle: object, /) -> list[int]: ...
     def nvmlDeviceGetSupportedGraphicsClocks(
         self, handle: object, memory_clock_mhz: int, /
@@ -254,6 +259,38 @@ class NvmlBackend:
             name=name,
         )
 
+    def energy_mj(self, index: int) -> float:
+        """The total-energy counter (mJ since the driver loaded), alone."""
+        handle = self._handle(index)
+        lib = self._lib
+        return float(self._call("nvmlDeviceGetTotalEnergyConsumption", index,
+                                lambda: lib.nvmlDeviceGetTotalEnergyConsumption(handle)))
+
+    def sm_clock_mhz(self, index: int) -> float:
+        """The SM clock the GPU runs at now, alone."""
+        handle = self._handle(index)
+        lib = self._lib
+        return float(self._call("nvmlDeviceGetClockInfo", index,
+                                lambda: lib.nvmlDeviceGetClockInfo(handle, _CLOCK_SM)))
+
+    def power_limit_w(self, index: int) -> float | None:
+        """The power limit the driver enforces, or None where the GPU does not report it."""
+        handle = self._handle(index)
+        lib = self._lib
+        limit_mw = self._optional("nvmlDeviceGetEnforcedPowerLimit", index,
+                                  lambda: lib.nvmlDeviceGetEnforcedPowerLimit(handle))
+        return None if limit_mw is None else int(limit_mw) / 1000.0
+
+    def index_of_uuid(self, uuid: str) -> int:
+        """The NVML index of the GPU with this UUID (``GPU-`` prefix and case ignored), e.g.
+        a CUDA device's, whose CUDA index may differ under CUDA_VISIBLE_DEVICES."""
+        wanted = uuid.strip().lower().removeprefix("gpu-")
+        for index in range(self.gpu_count()):
+            found, _ = self._device_identity(index, self._handle(index))
+            if found.strip().lower().removeprefix("gpu-") == wanted:
+                return index
+        raise GpuNotFoundError(f"no GPU with UUID {uuid!r}: NVML sees {self.gpu_count()}")
+
     def supported_clocks_mhz(self, index: int) -> tuple[int, ...]:
         """Supported graphics (SM) clocks at the top memory clock, ascending; cached."""
         cached = self._clocks_mhz.get(index)
@@ -417,6 +454,7 @@ def probe(
                 "max": clocks_mhz[-1],
                 "described": _describe_clocks(clocks_mhz),
             },
+            "power_limit_w": gpu.power_limit_w(index),
             "nvidia_smi_query": (
                 f"nvidia-smi --id={index} --format=csv --query-gpu=power.draw,clocks.sm,"
                 "clocks.mem,utilization.gpu,temperature.gpu"

@@ -7,22 +7,20 @@ sent as request/reply on `tllm.v1.twin.gpu.<instance>`.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import anyio.to_thread
-import msgspec
-import nats.errors
-from nats.aio.msg import Msg
 
 from throttllem._bus import Bus
-from throttllem._errors import (
-    ClockOutOfRangeError,
-    GpuError,
-    GpuNotFoundError,
-    GpuNotSupportedError,
-    GpuPermissionError,
+from throttllem._errors import BusError, GpuError, GpuNotFoundError
+from throttllem._events import (
+    TWIN_GPU_ANSWER_CODEC,
+    TWIN_GPU_CALL_CODEC,
+    GpuReading,
+    TwinGpuAnswer,
+    TwinGpuCall,
 )
-from throttllem._gpu.backend import GpuBackend, GpuReading
+from throttllem._gpu.backend import GpuBackend
 
 
 class AsyncGpu(Protocol):
@@ -62,75 +60,37 @@ class ThreadedGpu:
 
 # --------------------------------------------------------------------------- twin over NATS
 
-Op = Literal["count", "read", "supported", "set_locked", "reset"]
 
-
-class GpuCall(msgspec.Struct, frozen=True, kw_only=True):
-    op: Op
-    index: int = 0
-    min_mhz: int = 0
-    max_mhz: int = 0
-
-
-class GpuReply(msgspec.Struct, frozen=True, kw_only=True):
-    ok: bool
-    error: str | None = None
-    error_kind: str | None = None
-    reading: GpuReading | None = None
-    clocks_mhz: list[int] = []
-    count: int = 0
-
-
-_ERROR_KINDS: dict[str, type[GpuError] | type[ClockOutOfRangeError]] = {
-    "clock_out_of_range": ClockOutOfRangeError,
-    "permission": GpuPermissionError,
-    "not_found": GpuNotFoundError,
-    "not_supported": GpuNotSupportedError,
-    "gpu": GpuError,
-}
-_KIND_OF = {cls: kind for kind, cls in _ERROR_KINDS.items()}
-_call_decoder = msgspec.json.Decoder(GpuCall)
-_reply_decoder = msgspec.json.Decoder(GpuReply)
-
-
-def answer_gpu_call(backend: GpuBackend, data: bytes) -> GpuReply:  # noqa: PLR0911 - one per op
-    """Run one encoded call against a local backend; errors become replies, never raise."""
-    try:
-        call = _call_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        return GpuReply(ok=False, error=f"bad gpu call: {e}", error_kind="gpu")
-    try:
-        match call.op:
-            case "count":
-                return GpuReply(ok=True, count=backend.gpu_count())
-            case "read":
-                return GpuReply(ok=True, reading=backend.read(call.index))
-            case "supported":
-                return GpuReply(ok=True, clocks_mhz=list(backend.supported_clocks_mhz(call.index)))
-            case "set_locked":
-                backend.set_locked_clocks(call.index, call.min_mhz, call.max_mhz)
-                return GpuReply(ok=True)
-            case "reset":
-                backend.reset_locked_clocks(call.index)
-                return GpuReply(ok=True)
-    except (GpuError, ClockOutOfRangeError) as e:
-        kind = next((k for cls, k in _KIND_OF.items() if isinstance(e, cls)), "gpu")
-        return GpuReply(ok=False, error=str(e), error_kind=kind)
+def answer_gpu_call(backend: GpuBackend, call: TwinGpuCall) -> TwinGpuAnswer:
+    """Run one call against a local backend; its errors (GpuError, ClockOutOfRangeError)
+    propagate, and `Bus.serve` answers them as `rpc.error` replies naming their class."""
+    match call.op:
+        case "count":
+            return TwinGpuAnswer(count=backend.gpu_count())
+        case "read":
+            return TwinGpuAnswer(reading=backend.read(call.index))
+        case "supported":
+            return TwinGpuAnswer(clocks_mhz=list(backend.supported_clocks_mhz(call.index)))
+        case "set_locked":
+            backend.set_locked_clocks(call.index, call.min_mhz, call.max_mhz)
+        case "reset":
+            backend.reset_locked_clocks(call.index)
+    return TwinGpuAnswer()
 
 
 async def serve_gpu(bus: Bus, subject: str, backend: GpuBackend) -> object:
-    """Answer NVML-shaped calls for `backend` on `subject` (used by the engine twin)."""
+    """Answer NVML-shaped calls for `backend` on `subject` (used by the engine twin); returns
+    once the server knows we answer, before anyone is told we are ready."""
 
-    async def callback(msg: Msg) -> None:
-        await msg.respond(msgspec.json.encode(answer_gpu_call(backend, msg.data)))
+    async def handler(call: TwinGpuCall) -> TwinGpuAnswer:
+        return answer_gpu_call(backend, call)
 
-    sub = await bus.nc.subscribe(subject, cb=callback)
-    await bus.sync()  # the server knows we answer before anyone is told we are ready
-    return sub
+    return await bus.serve(subject, TWIN_GPU_CALL_CODEC, handler, what="twin GPU call")
 
 
 class RemoteGpu:
-    """Client side of `serve_gpu`: the AsyncGpu surface of a GPU in another process."""
+    """Client side of `serve_gpu`: the AsyncGpu surface of a GPU in another process. The
+    twin's own errors arrive as the same classes (ClockOutOfRangeError, GpuError, ...)."""
 
     name = "twin"
 
@@ -139,31 +99,28 @@ class RemoteGpu:
         self.subject = subject
         self._timeout_s = timeout_s
 
-    async def _call(self, call: GpuCall) -> GpuReply:
+    async def _call(self, call: TwinGpuCall) -> TwinGpuAnswer:
         try:
-            msg = await self._bus.nc.request(self.subject, msgspec.json.encode(call),
-                                             timeout=self._timeout_s)
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError) as e:
-            raise GpuNotFoundError(f"no twin GPU answers on {self.subject}: {e!r}") from e
-        reply = _reply_decoder.decode(msg.data)
-        if not reply.ok:
-            raise _ERROR_KINDS.get(reply.error_kind or "gpu", GpuError)(reply.error or "")
-        return reply
+            return await self._bus.request(self.subject, call, TWIN_GPU_ANSWER_CODEC,
+                                           timeout_s=self._timeout_s)
+        except BusError as e:
+            raise GpuNotFoundError(f"no twin GPU answers on {self.subject}: {e}") from e
 
     async def gpu_count(self) -> int:
-        return (await self._call(GpuCall(op="count"))).count
+        return (await self._call(TwinGpuCall(op="count"))).count
 
     async def read(self, index: int) -> GpuReading:
-        reading = (await self._call(GpuCall(op="read", index=index))).reading
+        reading = (await self._call(TwinGpuCall(op="read", index=index))).reading
         if reading is None:
             raise GpuError(f"twin on {self.subject} returned no reading")
         return reading
 
     async def supported_clocks_mhz(self, index: int) -> tuple[int, ...]:
-        return tuple((await self._call(GpuCall(op="supported", index=index))).clocks_mhz)
+        return tuple((await self._call(TwinGpuCall(op="supported", index=index))).clocks_mhz)
 
     async def set_locked_clocks(self, index: int, min_mhz: int, max_mhz: int) -> None:
-        await self._call(GpuCall(op="set_locked", index=index, min_mhz=min_mhz, max_mhz=max_mhz))
+        await self._call(TwinGpuCall(op="set_locked", index=index, min_mhz=min_mhz,
+                                     max_mhz=max_mhz))
 
     async def reset_locked_clocks(self, index: int) -> None:
-        await self._call(GpuCall(op="reset", index=index))
+        await self._call(TwinGpuCall(op="reset", index=index))

@@ -28,6 +28,7 @@ from throttllem._length.data import (
     UNKNOWN,
 )
 from throttllem._length.tokens import TOKEN_RULE, count_tokens_many
+from throttllem._onnx import onnx_session
 
 DEFAULT_MODEL_DIR = models_dir() / "length"
 """The shipped model: ``models/length/`` at the repository root."""
@@ -82,25 +83,13 @@ class LengthModel:
         Raises ModelError when the file is missing or corrupt, was trained with another token
         rule, or disagrees with the ``metrics.json`` / ``MODEL_CARD.md`` beside it.
         """
-        import onnxruntime as ort  # noqa: PLC0415 (keeps `import throttllem` light)
-
         p = Path(path) if path is not None else DEFAULT_MODEL_DIR
         file = p / MODEL_FILE if p.is_dir() else p
         if not file.is_file():
             raise ModelError(
                 f"length model {file} does not exist (train it: throttllem train length)"
             )
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(
-                str(file), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
-            raise ModelError(f"length model {file} is corrupt or unreadable: {exc}") from exc
+        session = onnx_session(file, f"length model {file}")
         inputs = tuple(i.name for i in session.get_inputs())
         outputs = tuple(o.name for o in session.get_outputs())
         if inputs != INPUT_NAMES or outputs != (OUTPUT_NAME,):

@@ -90,6 +90,7 @@ from throttllem._length.data import (
     resolve_data_paths,
 )
 from throttllem._length.tokens import TOKEN_RULE, ascii_lower
+from throttllem._onnx import onnx_session
 
 TOKEN_PATTERN = r"[a-zA-Z0-9_]+"
 PARITY_TOLERANCE_LOG = 1e-3
@@ -394,12 +395,7 @@ def to_onnx(model: QuantileLengthModel, metadata: dict[str, str]) -> tuple[bytes
 def _ort_predict(
     model_bytes: bytes, rows: Sequence[LengthExample], generators: Sequence[str]
 ) -> FloatArray:
-    import onnxruntime as ort  # noqa: PLC0415
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = onnx_session(model_bytes, "the freshly exported length model")
     feeds = {
         "prompt": _column([r.prompt for r in rows]),
         "generator": _column(generators),

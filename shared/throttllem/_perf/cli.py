@@ -7,8 +7,8 @@ The main CLI (`throttllem._cli`) registers these with
     add_perf_parser(root_subparsers)           # throttllem perf score ...
 
 each parser setting ``func=<callable(Namespace) -> int>``. This module also runs on its own,
-with nothing imported beyond the standard library until a command runs, so that the GPU
-profiler works on a machine with only torch, numpy and pynvml:
+with nothing imported beyond the standard library until a command runs, so that the GPU lab's
+profiler runs on a GPU machine without the main CLI's dependencies:
 
     PYTHONPATH=shared python -m throttllem._perf.cli profile --target gpu --out runs/gpu.csv
 """
@@ -62,12 +62,27 @@ def add_profile_parser(root_subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from throttllem._perf.profiler import TWIN_NOISE_SIGMA, run_profile  # noqa: PLC0415
-
     out = args.out if args.out is not None else _out_default(args)
-    run_profile(target=args.target, setup=args.setup, out=out, samples=args.samples,
-                seed=args.seed, budget_s=args.budget_s, device_index=args.device,
-                noise_sigma=TWIN_NOISE_SIGMA if args.noise is None else args.noise)
+    if args.target == "gpu":
+        # The GPU lab's profiler; imported here only, since it needs torch on a GPU machine.
+        from throttllem._gpulab.decoder import (  # noqa: PLC0415
+            GpuProfileOptions,
+            run_gpu_profile,
+        )
+
+        if args.setup != DEFAULT_SETUP:
+            print(f"profile: note: the gpu target always runs a Llama-3-8B-shaped decoder "
+                  f"(TP1); --setup {args.setup} only names the default output file",
+                  file=sys.stderr)
+        opts = GpuProfileOptions(device_index=args.device, seed=args.seed)
+        if args.budget_s is not None:
+            opts = opts._replace(budget_s=args.budget_s)
+        run_gpu_profile(out, opts)
+    else:
+        from throttllem._perf.profiler import TWIN_NOISE_SIGMA, run_profile  # noqa: PLC0415
+
+        run_profile(setup=args.setup, out=out, samples=args.samples, seed=args.seed,
+                    noise_sigma=TWIN_NOISE_SIGMA if args.noise is None else args.noise)
     print(out)
     return 0
 

@@ -1,24 +1,19 @@
-"""The offline profiler: one table row per iteration, over the whole state space of a setup.
+"""The offline profiler of the twin: one table row per iteration, over a setup's state space.
 
 As the throttLL'eM paper's offline stage does, it sweeps batch size 1…max batch and KV-cache
 fill empty…full, plus some prefill iterations, each at a randomly drawn supported SM clock,
 and logs the iteration's time, energy, power and the clock the GPU actually ran at.
 
-Targets
--------
-``twin`` (this module): the setup's GPU twin (`throttllem._twin.GpuTwin`) with its SM clock
-locked to the drawn clock on every GPU of the setup (a simulation: its clocks may be set).
-Under the power cap the twin lowers its own clock, exactly as a real card does, so a row's
-``sm_clock_mhz`` (observed) can be below its ``requested_clock_mhz``. The twin is a
-deterministic formula; to keep the model from fitting a noiseless formula, each iteration's
-time gets multiplicative log-normal noise ``exp(N(0, σ²))`` with σ = `TWIN_NOISE_SIGMA` (1%, about
-the 10–90% spread of repeated real H100 iterations, 0.3–1% in the measured table, widened for
-run-to-run jitter); energy gets the same factor (power is unchanged). The noise is drawn from
-the same seeded generator as the sweep, so a (setup, samples, seed) triple always gives the
-same table.
-
-``gpu`` (`throttllem._perf.gpu_decoder`): a Llama-3-8B-shaped decoder on a real GPU whose
-clocks are never changed (see there).
+The twin is a simulation whose clocks may be set: its SM clock is locked to the drawn clock on
+every GPU of the setup. Under the power cap it lowers its own clock, exactly as a real card
+does, so a row's ``sm_clock_mhz`` (observed) can be below its ``requested_clock_mhz``. The
+twin is a deterministic formula; to keep the model from fitting a noiseless formula, each
+iteration's time gets multiplicative log-normal noise ``exp(N(0, σ²))`` with σ =
+`TWIN_NOISE_SIGMA` (1%, about the 10–90% spread of repeated real H100 iterations, 0.3–1% in
+the measured table, widened for run-to-run jitter); energy gets the same factor (power is
+unchanged). The noise is drawn from the same seeded generator as the sweep, so a (setup,
+samples, seed) triple always gives the same table. A real GPU is profiled by the GPU lab
+(`throttllem._gpulab.decoder`, `throttllem profile --target gpu`) into the same layout.
 
 Sweep (twin), per row, from `numpy.random.default_rng(seed)`:
 
@@ -57,7 +52,6 @@ import numpy as np
 
 from throttllem._errors import ConfigError
 from throttllem._perf.table import ProfileRow, TableWriter, refuse_parquet
-from throttllem._setup import DEFAULT_SETUP
 
 TWIN_NOISE_SIGMA: Final = 0.01
 DEFAULT_SAMPLES: Final = 12_000
@@ -221,30 +215,17 @@ def profile_twin(setup: str | Path, *, samples: int = DEFAULT_SAMPLES, seed: int
             kv_tokens=point.kv_tokens, kv_blocks=blocks, target="twin", clock_locked=True)
 
 
-def run_profile(*, target: str, setup: str, out: str | Path, samples: int = DEFAULT_SAMPLES,
-                seed: int = DEFAULT_SEED, budget_s: float | None = None,
-                device_index: int = 0, noise_sigma: float = TWIN_NOISE_SIGMA,
+def run_profile(*, setup: str, out: str | Path, samples: int = DEFAULT_SAMPLES,
+                seed: int = DEFAULT_SEED, noise_sigma: float = TWIN_NOISE_SIGMA,
                 log: TextIO | None = None) -> int:
-    """`throttllem profile`: write the table to `out`; returns the rows written."""
+    """`throttllem profile --target twin`: write the twin's table to `out`; returns the rows
+    written."""
     log = sys.stderr if log is None else log
     refuse_parquet(out, "write")
-    if target == "twin":
-        t0 = time.perf_counter()
-        with TableWriter(out) as w:
-            for row in profile_twin(setup, samples=samples, seed=seed, noise_sigma=noise_sigma):
-                w.write(row)
-        print(f"profile: {w.rows} twin iterations of {setup} (seed {seed}, noise "
-              f"sigma {noise_sigma:.3g}) -> {out} in {time.perf_counter() - t0:.1f} s",
-              file=log)
-        return w.rows
-    if target == "gpu":
-        from throttllem._perf.gpu_decoder import GpuProfileOptions, run_gpu_profile  # noqa: PLC0415
-
-        if setup != DEFAULT_SETUP:
-            print(f"profile: note: the gpu target always runs a Llama-3-8B-shaped decoder "
-                  f"(TP1); --setup {setup} only names the default output file", file=log)
-        opts = GpuProfileOptions(device_index=device_index, seed=seed)
-        if budget_s is not None:
-            opts = opts._replace(budget_s=budget_s)
-        return run_gpu_profile(out, opts, log=log)
-    raise ConfigError(f"unknown profiling target {target!r} (twin or gpu)")
+    t0 = time.perf_counter()
+    with TableWriter(out) as w:
+        for row in profile_twin(setup, samples=samples, seed=seed, noise_sigma=noise_sigma):
+            w.write(row)
+    print(f"profile: {w.rows} twin iterations of {setup} (seed {seed}, noise "
+          f"sigma {noise_sigma:.3g}) -> {out} in {time.perf_counter() - t0:.1f} s", file=log)
+    return w.rows

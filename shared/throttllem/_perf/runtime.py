@@ -10,24 +10,32 @@ Two ways to answer
 ------------------
 * **ONNX** (`PerfRuntime.predict_onnx`): the exported graph, one ``session.run`` on an
   [N, 4] array (1 intra-op thread). Exact — it *is* the model — but a 100-tree ensemble costs
-  about a microsecond per point: the forecaster's full-scan query (2,000 future iterations ×
-  110 clocks = 220k points) takes ~230 ms on one core.
+  about a microsecond per point, so evaluating every clock of a forecast (2,000 future
+  iterations × 110 clocks) takes a few hundred milliseconds: far too slow for a decision per
+  arrival.
 * **Grid** (`PerfRuntime.iteration_time_s` once `compile_grid` ran; the default of
-  `PerfRuntime.load`): at load time (~2 s; ~18 MB float32, see below; cached per model in the
-  process) the ONNX model is evaluated once on a dense grid over (batch, KV tokens, prefill
-  tokens, supported clock): every integer batch 0…max × 33 KV points for decode-only
-  iterations, and a coarser (17 batch × 17 KV × 26 prefill) grid for iterations that
-  prefill. Its domain is the setup's (`_perf.train` writes it into the model): batch up to
-  the engine's max batch, KV up to its KV capacity, prefill up to the larger of the pass's
-  token budget and the longest prompt (the first prefill of a pass may exceed the budget),
-  each at least the training data's largest value; that is all a projection of that setup
-  asks for, unless it overflows the KV cache. A decode-only iteration costs two gathers and
-  one convex combination along KV; one that prefills, a trilinear combination of 8. The grid
-  is made monotone (non-increasing) in the clock by a running maximum from the top clock
-  down, which only ever raises a time (conservative for SLOs), and the interpolation keeps
-  it so bit for bit (non-negative weights, same operation order for every clock), so the
-  clock search may bisect (`throttllem._core.perf.is_monotone_in_clock` holds; it does not
-  for raw ONNX, whose trees wiggle by a fraction of a percent).
+  `PerfRuntime.load`): at load time (a second or two, some 18 MB of float32 for the 8B
+  setup; cached per model in the process) the ONNX model is evaluated once on a dense grid
+  over (batch, KV tokens, prefill tokens, supported clock): every integer batch 0…max × 33
+  KV points for decode-only iterations, and a coarser (17 batch × 17 KV × 26 prefill) grid
+  for iterations that prefill. Its domain is the setup's (`_perf.train` writes it into the
+  model): batch up to the engine's max batch, KV up to its KV capacity, prefill up to the
+  larger of the pass's token budget and the longest prompt (the first prefill of a pass may
+  exceed the budget), each at least the training data's largest value; that is all a
+  projection of that setup asks for, unless it overflows the KV cache. A decode-only
+  iteration costs two gathers and one convex combination along KV; one that prefills, a
+  trilinear combination of 8. The grid is made monotone (non-increasing) in the clock by a
+  running maximum from the top clock down, which only ever raises a time (conservative for
+  SLOs), and the interpolation keeps it so bit for bit (non-negative weights, same operation
+  order for every clock), so the clock search may bisect
+  (`throttllem._core.perf.is_monotone_in_clock` holds; it does not for raw ONNX, whose trees
+  wiggle by a fraction of a percent).
+
+**The forecaster uses the grid**: hundreds of times cheaper for the controller's queries,
+monotone by construction, and as accurate as the model it tabulates (figures: README,
+"Profile and train a new setup", from ``benchmarks/bench_perf.py``). ONNX stays the
+reference (``perf score`` scores the ONNX model; ``--grid`` scores the grid too) and answers
+clocks beyond the grid's range.
 
 Queries, fast
 -------------
@@ -37,9 +45,11 @@ clock's slab is 34 kB: a few-clock query gathers in cache); a query in the contr
 layout, clocks (C, 1) × passes (1, T), is answered (C, T) contiguous; and what does not
 depend on the clock (cells, weights, the points beyond the edge) is computed once per set
 of passes and reused while the next query asks for exactly the same values (compared in
-full, never by identity: `PerfRuntime._prepared`). A query's cost then grows with the
-clocks it asks for, so a few probed clocks beat one scan of all 110 (the forecaster uses
-the secant search again, `_services.forecaster.setup_policy`).
+full, never by identity: `PerfRuntime._prepared`). A query's cost therefore grows with the
+clocks it asks for, so a search that probes a few clocks per round is cheaper than one scan
+of all 110: that is why the forecaster keeps the clock search's "auto" strategy (the secant
+search) with the grid (`benchmarks/bench_controller.py` times every strategy on the same
+decisions, "onnx grid" rows).
 
 Beyond the grid's edge
 ----------------------
@@ -48,30 +58,12 @@ monotonicity probe's batch-1024 shapes) never call ONNX: t(x, f) = K(x_c, f) · 
 with x_c = x clamped to the edge coordinate by coordinate, base the model's roofline
 baseline (coefficients from metrics.json: ``baseline_coef``) and K = t/base the trees'
 correction, tabulated beside the grid from the raw ONNX times; then the same running max
-over the clock. That is what the ONNX model answers there, made monotone the same way (what
-this runtime used to ask ONNX for, at ~1 µs a point and clock): the trees see features at or
-below the training data's largest values, the edge is at or beyond those, so past the edge
-the model *is* its baseline times the edge's correction. So the extrapolation is the
-model's own, straight lines in batch, KV and prefill (p² for attention) from the edge, and
-**unvalidated**: no training row was there. Without the baseline (a bare .onnx file with no
-metrics.json beside it) points outside go to ONNX as before.
-
-Measured by ``benchmarks/bench_perf.py`` (one core of our 2-core CI-class machine, H100 8B
-TP1 twin model; 2,000 iterations recorded from the engine twin under a ×8 Azure conv trace):
-forecast-shaped query (2% of iterations prefill) × 110 clocks: grid 0.26 ms p50 vs ONNX
-~180 ms; × 11 clocks 0.14 ms vs 17 ms; a secant round (× 2 clocks, controller layout) 0.05 ms
-on the same passes as the call before, 0.15 ms on new ones; the recorded mix itself (40% of
-iterations admit requests) 1.1 ms. Accuracy: on a twin profile no model saw, grid and ONNX
-score the same (R² 0.9996, MAPE 1.45% on iterations/s); grid vs ONNX: 0.28% mean, 3.4% p99
-relative difference (largest for big prefills, where the trees step); beyond the edge (points
-up to 4× past it in batch and KV, 2× in prefill) vs ONNX made monotone: +0.02% mean, −2.1% /
-+3.2% at p1 / p99 (the grid's own interpolation error at the edge), no ONNX call. Memory:
-the time tables 7 MB, the clock-major decode copy 3.7 MB, the correction tables 7 MB.
-
-**Decision: the forecaster uses the grid.** It is ~700× cheaper for the queries the controller
-makes, monotone by construction, and as accurate as the model it tabulates; ONNX stays the
-reference (``perf score`` scores the ONNX model; ``--grid`` scores the grid too) and answers
-clocks beyond the grid's range.
+over the clock. That is what the ONNX model answers there, made monotone the same way: the
+trees see features at or below the training data's largest values, the edge is at or beyond
+those, so past the edge the model *is* its baseline times the edge's correction. So the
+extrapolation is the model's own, straight lines in batch, KV and prefill (p² for
+attention) from the edge, and **unvalidated**: no training row was there. Without the
+baseline (a bare .onnx file with no metrics.json beside it) points outside go to ONNX.
 
 Files in a model folder: ``model.onnx`` (metadata_props: setup, trained ranges, grid domain),
 ``metrics.json`` (its ``model_sha256`` must match the ONNX file, else ModelError),
@@ -93,8 +85,10 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from throttllem._core.perf import FunctionPerfModel, PerfModel
 from throttllem._data import models_dir
 from throttllem._errors import ModelError
+from throttllem._onnx import onnx_session
 
 MODEL_FILE: Final = "model.onnx"
 CARD_FILE: Final = "MODEL_CARD.md"
@@ -172,22 +166,7 @@ def compute_metrics(true_s: npt.ArrayLike, pred_s: npt.ArrayLike,
                    mape_by_phase=by_phase)
 
 
-# --------------------------------------------------------------------------- ONNX
-
-
-def onnx_session(model: bytes | Path, what: str) -> Any:
-    """An ONNX Runtime session on one intra-op thread; ModelError if it cannot load."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
-        raise ModelError(f"{what} is not a loadable ONNX model: {e}") from e
+# --------------------------------------------------------------------------- loading
 
 
 def _resolve(path: str | Path | None) -> tuple[Path, Path | None]:
@@ -1010,3 +989,10 @@ def score_table(model: PerfRuntime, path: str | Path, *, use_grid: bool = False
         "prefill_above_trained": int((p > float(m.get("trained_prefill_max", "inf"))).sum()),
     }
     return compute_metrics(table.iter_s, pred, table.phase), notes
+
+
+def load_perf_model(spec: str) -> PerfModel:
+    """The controller's performance model from a model folder or shipped model name: the ONNX
+    model compiled to its grid (queries never call ONNX on the decision path)."""
+    runtime = PerfRuntime.load(spec)
+    return FunctionPerfModel(runtime.iteration_time_s, name=f"onnx-grid:{spec}")

@@ -38,8 +38,8 @@ row whose ``sm_clock_mhz`` is empty falls back to ``requested_clock_mhz``.
 Errors name the file, the line and the column. Parquet is not supported (pyarrow is not a
 dependency of this project): ``.parquet`` paths are refused with a message saying to use CSV.
 
-This module imports nothing beyond numpy and the standard library: the GPU profiler
-(`gpu_decoder`) writes through it on a machine that has only torch, numpy and pynvml.
+This module imports nothing beyond numpy and the standard library, so that the GPU lab's
+profiler (`throttllem._gpulab.decoder`) can write through it on a bare GPU machine.
 """
 
 from __future__ import annotations

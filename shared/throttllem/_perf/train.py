@@ -63,6 +63,7 @@ import numpy.typing as npt
 
 from throttllem._data import models_dir
 from throttllem._errors import ConfigError, ModelError
+from throttllem._onnx import onnx_session
 from throttllem._perf.runtime import (
     BASELINE_TERMS,
     CARD_FILE,
@@ -75,7 +76,6 @@ from throttllem._perf.runtime import (
     Baseline,
     Metrics,
     compute_metrics,
-    onnx_session,
 )
 from throttllem._perf.table import ProfileTable, concat, read_table
 
@@ -522,7 +522,7 @@ def load_training_data(data: Sequence[str], setup: str, *, samples: int, seed: i
 
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "twin.csv"
-                run_profile(target="twin", setup=setup, out=path, samples=samples, seed=seed,
+                run_profile(setup=setup, out=path, samples=samples, seed=seed,
                             log=log)
                 tables.append(read_table(path))
                 digest = _sha256(path.read_bytes())

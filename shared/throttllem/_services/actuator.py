@@ -13,6 +13,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from throttllem import _metrics as m
 from throttllem._bus import Bus
 from throttllem._core.actuation import (
     RESET_RETRY_S,
@@ -53,6 +54,11 @@ class ActuatorService:
         self.state = LeaseState()
         self.supported_mhz: tuple[int, ...] = ()
         self.applied: list[FreqApplied] = []
+        self.metrics = m.ServiceMetrics(self.name)
+        self._target = self.metrics.gauge(m.CLOCK_TARGET).labels(self.instance)
+        self._applied = self.metrics.gauge(m.CLOCK_APPLIED).labels(self.instance)
+        self._changes = self.metrics.counter(m.CLOCK_CHANGES)
+        self.metrics.gauge(m.CLOCK_DRY_RUN).labels(self.instance).set(float(dry_run))
 
     def _open(self, bus: Bus) -> AsyncGpu:
         if self._gpu is not None:
@@ -101,6 +107,9 @@ class ActuatorService:
                       action=decision.action.value, clock_mhz=decision.clock_mhz)
             # Clocks unknown now: retry a reset until one holds.
             self.state = after_failure(now_s, self.reset_retry_s)
+        self._changes.labels(self.instance, "ok" if error is None else "error").inc()
+        if error is None:  # 0 stands for the GPU's default clocks (reset)
+            self._applied.set(decision.clock_mhz or 0.0)
         applied = FreqApplied(instance=self.instance, clock_mhz=decision.clock_mhz,
                               applied_s=now_s, backend=gpu.name, dry_run=self.dry_run,
                               error=error)
@@ -118,12 +127,14 @@ class ActuatorService:
         async def on_freq(event: FreqEvent) -> None:
             if not isinstance(event, FreqTarget) or event.instance != self.instance:
                 return
+            self._target.set(event.clock_mhz or 0.0)
             async with lock:
                 now_s = clock.now_s()
                 try:
                     self.state, decision = on_target(self.state, event, now_s, self.supported_mhz)
                 except ClockOutOfRangeError as e:
                     bus.counters["targets_refused"] += 1
+                    self._changes.labels(self.instance, "refused").inc()
                     log.warning("actuator.target_refused", instance=self.instance, error=str(e))
                     refused = FreqApplied(instance=self.instance, clock_mhz=event.clock_mhz,
                                           applied_s=now_s, backend=gpu.name,

@@ -1,69 +1,70 @@
-"""The forecaster / SLO checker service: decides where each request runs and at what clock.
+"""The forecaster / SLO checker service: the controller (`throttllem._core.controller`) on the
+bus. It decodes events, calls the controller, and publishes its decisions; it decides nothing.
 
-Policies:
-- `default`: admit at once to the least-loaded instance, leave clocks at the GPU default, as
-  an engine shipped without throttLL'eM does. Consumes `request.arrived`.
-- `throttllem`: consumes `request.predicted` (the length predictor's median and upper
-  quantile). On each prediction it projects every instance's future iterations with the
-  request added, checks every running request's SLOs and admits to the instance that can
-  run at the lowest clock, or defers the request (retried as requests complete). Every
-  `retune` period it searches each instance's lowest feasible clock for what it runs now
-  and publishes `freq.target.<instance>` with a lease (the actuator falls back to default
-  clocks when leases stop coming). Clock changes pass a hysteresis (raise at once, lower only
-  after a dwell time and by a margin) so clocks do not flap.
+- Requests come from `request.predicted` for policies that plan with length predictions
+  (`throttllem`) and from `request.arrived` for the rest (`default`, `retail`), through a
+  durable JetStream consumer per policy, so a restarted forecaster resumes where it stopped.
+- `engine.iteration.*`, `request.completed`, final `request.deferred` (refused by an engine)
+  and `request.aborted` (gateway: client gone, engine failed, queue timeout) update the
+  controller's view; `scale.target` tells it which instances serve.
+- Every `tick_wall_s` the controller retunes clocks and retries deferred requests.
+- Decisions go out as durable `request.admitted.<instance>` and `request.deferred` (message
+  ids make a redelivered input decide once) and as `freq.target.<instance>` leases.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections import deque
 from functools import partial
 
 import anyio
 import anyio.abc
-import msgspec
 import structlog
 
+from throttllem import _metrics as m
 from throttllem._bus import Bus
-from throttllem._core.clock_search import Strategy, SupportedClocks, next_clock
 from throttllem._core.controller import (
-    EngineShape,
-    InstanceTracker,
-    Placement,
-    Policy,
-    never_fits,
-    place,
-    planned_lengths,
-    retune,
+    POLICIES,
+    Admit,
+    Controller,
+    ControllerConfig,
+    Decision,
+    Defer,
+    Refuse,
+    SetClock,
 )
-from throttllem._core.forecast import Candidate
-from throttllem._core.perf import AnyArray, FunctionPerfModel, PerfModel
-from throttllem._core.routing import least_loaded
-from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class
-from throttllem._core.slo_check import RequestSlo
+from throttllem._core.perf import AnyArray, PerfModel
+from throttllem._core.placement import EngineShape, clock_policy
+from throttllem._core.scaling import phases_of
+from throttllem._core.slo import SloClass
 from throttllem._errors import ConfigError
 from throttllem._events import (
     ENGINE_CODEC,
     REQUEST_CODEC,
+    SCALE_CODEC,
     EngineIteration,
     FreqTarget,
+    RequestAborted,
     RequestAdmitted,
     RequestArrived,
     RequestCompleted,
     RequestDeferred,
     RequestEvent,
     RequestPredicted,
+    ScaleEvent,
+    ScaleTarget,
 )
 from throttllem._runtime import Clock
-from throttllem._setup import DEFAULT_SETUP
+from throttllem._setup import Setup
 from throttllem._subjects import (
     ENGINE_ITERATION_ALL,
+    REQUEST_ABORTED,
     REQUEST_ALL,
     REQUEST_ARRIVED,
     REQUEST_COMPLETED,
     REQUEST_DEFERRED,
     REQUEST_PREDICTED,
+    SCALE_TARGET,
     freq_target,
     request_admitted,
     token,
@@ -71,349 +72,180 @@ from throttllem._subjects import (
 
 log = structlog.get_logger("throttllem.forecaster")
 
-POLICIES = ("default", "throttllem")
-
-
-def twin_perf_model(setup: str) -> PerfModel:
-    """The twin's own timing formula as the controller's performance model. This is an
-    oracle (the model the twin runs on); the trained ONNX model replaces it where present."""
-    from throttllem._twin.clockmodel import iteration_time_s  # noqa: PLC0415
-    from throttllem._twin.profile import load_profile  # noqa: PLC0415
-
-    profile = load_profile(setup)
-
-    def fn(batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
-           clock_mhz: AnyArray) -> AnyArray:
-        return iteration_time_s(profile, batch=batch, kv_tokens=kv_tokens,
-                                prefill_tokens=prefill_tokens, clock_mhz=clock_mhz)
-
-    return FunctionPerfModel(fn, name=f"twin-oracle:{setup}")
-
-
-def load_perf_model(setup: str, spec: str | None) -> PerfModel:
-    """`spec`: a model folder or shipped model name, `twin` for the twin's own formula (an
-    oracle, for ablations), or None: the shipped model trained on the setup's profile."""
-    if spec == "twin":
-        return twin_perf_model(setup)
-    from throttllem._perf.runtime import PerfRuntime  # noqa: PLC0415 - onnxruntime on demand
-
-    runtime = PerfRuntime.load(spec or setup)
-    return FunctionPerfModel(runtime.iteration_time_s, name=f"onnx-grid:{spec or setup}")
-
-
-def setup_policy(setup: str, perf: PerfModel | None = None, *,
-                 use_upper: bool = True) -> tuple[Policy, EngineShape]:
-    """The controller's knobs for a serving setup, from its profile.
-
-    The clock floor is the most energy-efficient clock of a typical decode pass (batch 32,
-    1k-token contexts) under the profile's power model: going lower saves power but costs
-    more static energy per token than it saves.
-    """
-    from throttllem._twin.clockmodel import efficient_clock_mhz  # noqa: PLC0415
-    from throttllem._twin.profile import load_profile  # noqa: PLC0415
-
-    profile = load_profile(setup)
-    mhz = tuple(int(c) for c in profile.gpu.supported_clocks_mhz)
-    floor_mhz = efficient_clock_mhz(profile)
-    engine = profile.engine
-    shape = EngineShape(kv_block_tokens=engine.block_tokens, kv_blocks_total=engine.kv_blocks,
-                        max_batch=engine.max_batch, max_batched_tokens=engine.max_batched_tokens,
-                        kv_watermark_blocks=int(engine.kv_watermark * engine.kv_blocks),
-                        max_model_len=profile.model.max_model_len)
-    model = perf or twin_perf_model(setup)
-    # "auto": the secant search for a model monotone in the clock (the compiled grid is, by
-    # construction), the full scan otherwise. With the grid a query's cost grows with the
-    # clocks asked for (it gathers only those columns, and never calls ONNX, inside the grid
-    # or beyond it), so a few probed clocks beat one scan of all 110: secant and k-ary tie,
-    # the scan costs ~1.7x (benchmarks/bench_controller.py, "onnx grid" rows).
-    strategy: Strategy = "auto"
-    policy = Policy(perf=model, clocks=SupportedClocks(mhz), floor_mhz=floor_mhz,
-                    use_upper=use_upper, strategy=strategy)
-    return policy, shape
-
-
-def rebuild_state(history: list[RequestEvent], trackers: dict[str, InstanceTracker],
-                  slo_classes: dict[str, SloClass]) -> deque[RequestPredicted]:
-    """Rebuild the throttLL'eM policy's state from the request stream after a restart (pure).
-
-    Admitted and not yet completed requests go back into their instance's tracker (with no
-    tokens counted yet: until the next iterations arrive they look queued, which makes the
-    first projections cautious, never optimistic); deferred requests never admitted are
-    returned, in their order, as the pending queue. Nothing acknowledged is lost.
-    """
-    predicted: dict[str, RequestPredicted] = {}
-    admitted: dict[str, RequestAdmitted] = {}
-    deferred: list[str] = []
-    done: set[str] = set()
-    for event in history:
-        match event:
-            case RequestPredicted():
-                predicted[event.id] = event
-            case RequestAdmitted():
-                admitted[event.request.id] = event
-            case RequestDeferred(final=False):
-                deferred.append(event.id)
-            case RequestDeferred(final=True):  # refused for good, by an engine or by us
-                done.add(event.id)
-            case RequestCompleted():
-                done.add(event.id)
-            case _:
-                pass
-    for request_id, adm in admitted.items():
-        tracker = trackers.get(adm.instance)
-        if request_id in done or tracker is None:
-            continue
-        request = adm.request
-        median = adm.predicted_tokens if adm.predicted_tokens is not None else 1.0
-        tracker.admitted(request_id, prompt_tokens=request.prompt_tokens,
-                         predicted_tokens=median,
-                         upper_tokens=adm.upper_tokens if adm.upper_tokens is not None
-                         else median,
-                         arrival_s=request.arrival_s,
-                         # a class no longer configured (restart with another config):
-                         # planned as `standard`, since the request is already running
-                         slo=slo_classes.get(request.slo_class, DEFAULT_SLO_CLASSES["standard"]))
-    return deque(predicted[i] for i in dict.fromkeys(deferred)
-                 if i in predicted and i not in admitted and i not in done)
-
 
 class ForecasterService:
     name = "forecaster"
 
-    def __init__(self, *, instances: list[str], policy: str = "default",
-                 setup: str = DEFAULT_SETUP, perf: PerfModel | None = None,
-                 use_upper: bool = True, lease_s: float = 3.0, retune_wall_s: float = 0.1,
-                 min_dwell_s: float = 1.0, down_margin_steps: int = 2,
-                 slo_classes: dict[str, SloClass] | None = None,
+    def __init__(self, *, instances: list[str], setup: Setup, policy: str = "default",
+                 perf: PerfModel | None = None, use_upper: bool = True,
+                 config: ControllerConfig | None = None,
+                 slo_classes: dict[str, SloClass] | None = None, tick_wall_s: float = 0.1,
                  rebuild_window_s: float = 900.0) -> None:
+        """`config` overrides the named `policy`'s controller configuration (tests)."""
         if policy not in POLICIES:
-            raise ConfigError(f"unknown policy {policy!r}; known: {POLICIES}")
+            raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         if not instances:
             raise ConfigError("the forecaster needs at least one engine instance (--instances)")
-        self.instances = [token(i) for i in instances]
+        cfg = config or POLICIES[policy]
+        if cfg.tracks_requests and perf is None:
+            raise ConfigError(f"policy {policy!r} needs a performance model")
         self.policy_name = policy
-        # Soft state of the default policy: admitted and not yet completed, per instance.
-        self.outstanding = dict.fromkeys(self.instances, 0)
-        self.placed: dict[str, str] = {}  # admitted, not yet completed: request id → instance
-        self.slo_classes = dict(slo_classes or DEFAULT_SLO_CLASSES)
-        self.lease_s = lease_s
-        self.retune_wall_s = retune_wall_s
-        self.min_dwell_s = min_dwell_s
-        self.down_margin_steps = down_margin_steps
+        self.instances = [token(i) for i in instances]
+        self.tick_wall_s = tick_wall_s
         self.rebuild_window_s = rebuild_window_s
-        if policy == "throttllem":
-            self.policy, shape = setup_policy(setup, perf, use_upper=use_upper)
-            self.shape = shape
-            self.trackers = {i: InstanceTracker(i, shape) for i in self.instances}
-            top = self.policy.clocks.mhz[-1]
-            self.clock_mhz = dict.fromkeys(self.instances, top)
-            self.changed_s = dict.fromkeys(self.instances, -math.inf)
-            self.sent_s = dict.fromkeys(self.instances, -math.inf)
-            self.pending: deque[RequestPredicted] = deque()
-            log.info("forecaster.policy", policy=policy, perf_model=getattr(
-                self.policy.perf, "name", type(self.policy.perf).__name__),
-                floor_mhz=self.policy.floor_mhz, use_upper=use_upper)
+        clocks = (clock_policy(setup, perf, use_upper=use_upper)
+                  if perf is not None and cfg.needs_clocks else None)
+        if clocks is None and cfg.needs_clocks:  # the governor needs clocks, not predictions
+            clocks = clock_policy(setup, _NoPerfModel(), use_upper=use_upper)
+        self.controller = Controller(cfg, shape=EngineShape.of(setup), policy=clocks,
+                                     slo_classes=slo_classes)
+        self._instances_added = False
+        self.metrics = m.ServiceMetrics(self.name)
+        self._admissions = self.metrics.counter(m.ADMISSIONS)
+        self._deferrals = self.metrics.counter(m.DEFERRALS)
+        self._refusals = self.metrics.counter(m.REFUSALS)
+        self._decision_s = self.metrics.histogram(m.DECISION_LATENCY)
+        self._clock_target = self.metrics.gauge(m.CLOCK_TARGET)
+        log.info("forecaster.policy", policy=policy, setup=setup.name,
+                 perf_model=getattr(perf, "name", None),
+                 floor_mhz=clocks.floor_mhz if clocks else None, use_upper=use_upper)
 
-    # ------------------------------------------------------------------ default policy
+    # ------------------------------------------------------------------ decisions out
 
-    async def _default_on_arrived(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
-        if not isinstance(event, RequestArrived):
-            return
-        instance = least_loaded(self.outstanding)
-        admitted = RequestAdmitted(request=event, instance=instance, decided_s=clock.now_s(),
-                                   reason="policy=default: least outstanding")
-        # The msg id makes a redelivered arrival (after a crash before its ack) admit once.
-        await bus.publish_durable(request_admitted(instance), admitted, msg_id=f"admit-{event.id}")
-        self._placed_on(instance, event.id)
+    async def _publish(self, bus: Bus, now_s: float, decisions: list[Decision]) -> None:
+        lease_s = self.controller.config.lease_s
+        for d in decisions:
+            match d:
+                case SetClock():
+                    self._clock_target.labels(d.instance).set(d.clock_mhz)
+                    await bus.publish(freq_target(d.instance), FreqTarget(
+                        instance=d.instance, clock_mhz=d.clock_mhz, lease_s=lease_s,
+                        reason=d.reason, decided_s=now_s))
+                case Admit():
+                    bus.counters["admitted"] += 1
+                    self._admissions.labels(d.instance).inc()
+                    # The msg id makes a redelivered input (after a crash before its ack)
+                    # admit once.
+                    await bus.publish_durable(request_admitted(d.instance), RequestAdmitted(
+                        request=d.request, instance=d.instance, decided_s=now_s,
+                        reason=d.reason, predicted_tokens=d.predicted_tokens,
+                        upper_tokens=d.upper_tokens), msg_id=f"admit-{d.request.id}")
+                case Defer():
+                    bus.counters["deferred"] += 1
+                    self._deferrals.labels("no_instance_meets_slos").inc()
+                    await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
+                        id=d.request_id, decided_s=now_s, reason=d.reason),
+                        msg_id=f"deferred-{d.request_id}")
+                case Refuse():
+                    bus.counters[f"requests_rejected.{d.cause}"] += 1
+                    self._refusals.labels(d.cause).inc()
+                    log.warning("forecaster.request_rejected", id=d.request_id,
+                                reason=d.reason)
+                    await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
+                        id=d.request_id, decided_s=now_s, reason=d.reason, final=True,
+                        retry_after_s=d.retry_after_s),
+                        msg_id=f"forecaster-rejected-{d.request_id}")
 
-    async def _on_completed(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
-        if not isinstance(event, RequestCompleted) or event.instance not in self.outstanding:
-            return
-        self.placed.pop(event.id, None)
-        await self._release(bus, clock, event.instance, event.id)
+    # ------------------------------------------------------------------ events in
 
-    async def _on_deferred(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
-        """An engine refused a request it was given (it can never fit): forget it, or it
-        would sit in the instance's projections for ever and pin its clock up."""
-        if not isinstance(event, RequestDeferred) or not event.final:
-            return
-        instance = self.placed.pop(event.id, None)
-        if instance is None:  # not one this forecaster placed (or a deferral of its own)
-            return
-        log.info("forecaster.refused_by_engine", id=event.id, instance=instance,
-                 reason=event.reason)
-        await self._release(bus, clock, instance, event.id)
-
-    def _placed_on(self, instance: str, request_id: str) -> None:
-        self.outstanding[instance] += 1
-        self.placed[request_id] = instance
-
-    async def _release(self, bus: Bus, clock: Clock, instance: str, request_id: str) -> None:
-        self.outstanding[instance] = max(self.outstanding[instance] - 1, 0)
-        if self.policy_name == "throttllem":
-            self.trackers[instance].completed(request_id)
-            await self._drain_pending(bus, clock)
-
-    # ------------------------------------------------------------------ throttllem policy
-
-    def _slo(self, request: RequestArrived) -> SloClass:
-        return require_slo_class(request.slo_class, self.slo_classes)
-
-    def _try_place(self, prediction: RequestPredicted, now_s: float) -> Placement | None:
-        request = prediction.request
-        assert request is not None
-        slo = self._slo(request)
-        candidate = Candidate(prompt_tokens=request.prompt_tokens,
-                              predicted_tokens=prediction.predicted_tokens,
-                              upper_tokens=max(prediction.upper_tokens,
-                                               prediction.predicted_tokens))
-        candidate_slo = RequestSlo.for_request(slo, prompt_tokens=request.prompt_tokens,
-                                               arrival_s=request.arrival_s)
-        return place(self.trackers, candidate, candidate_slo, self.policy, now_s=now_s)
-
-    async def _admit(self, bus: Bus, clock: Clock, prediction: RequestPredicted,
-                     placement: Placement) -> None:
-        request = prediction.request
-        assert request is not None
+    async def _on_request(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
+        """A new request to place: `request.arrived` or `request.predicted` (by policy)."""
         now_s = clock.now_s()
-        self.trackers[placement.instance].admitted(
-            request.id, prompt_tokens=request.prompt_tokens,
-            predicted_tokens=prediction.predicted_tokens, upper_tokens=prediction.upper_tokens,
-            arrival_s=request.arrival_s, slo=self._slo(request))
-        self._placed_on(placement.instance, request.id)
-        # Raise the clock first if the new request needs it, then admit.
-        await self._set_clock(bus, placement.instance, placement.clock_mhz, now_s,
-                              reason=f"admit {request.id}")
-        await bus.publish_durable(request_admitted(placement.instance), RequestAdmitted(
-            request=request, instance=placement.instance, decided_s=now_s,
-            reason=placement.reason, predicted_tokens=prediction.predicted_tokens,
-            upper_tokens=prediction.upper_tokens), msg_id=f"admit-{request.id}")
-
-    def _planned(self, prediction: RequestPredicted) -> RequestPredicted:
-        """The prediction clipped to what the engine can generate for the request."""
-        request = prediction.request
-        assert request is not None
-        median, upper = planned_lengths(
-            self.shape, prompt_tokens=request.prompt_tokens, max_tokens=request.max_tokens,
-            predicted_tokens=prediction.predicted_tokens, upper_tokens=prediction.upper_tokens)
-        if (median, upper) == (prediction.predicted_tokens, prediction.upper_tokens):
-            return prediction
-        return msgspec.structs.replace(prediction, predicted_tokens=median, upper_tokens=upper)
-
-    async def _rejected(self, bus: Bus, clock: Clock, prediction: RequestPredicted) -> bool:
-        """Refuse, for good and with a reason on `request.deferred`, a request of an SLO class
-        this forecaster does not know (guessing a class could break the SLO the client asked
-        for, and raising would redeliver it for ever) or one no instance can ever hold
-        (deferred, it would hold up every request behind it)."""
-        request = prediction.request
-        assert request is not None
-        why: str | None
-        try:
-            require_slo_class(request.slo_class, self.slo_classes)
-        except ConfigError as e:
-            counter, why = "unknown_slo_class", str(e)
-        else:
-            counter, why = "never_fits", never_fits(self.shape, request.prompt_tokens)
-        if why is None:
-            return False
-        bus.counters[f"requests_rejected.{counter}"] += 1
-        reason = f"forecaster: {why}"
-        log.warning("forecaster.request_rejected", id=request.id, reason=reason)
-        await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
-            id=request.id, decided_s=clock.now_s(), reason=reason, final=True),
-            msg_id=f"forecaster-rejected-{request.id}")
-        return True
-
-    async def _on_predicted(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
-        if not isinstance(event, RequestPredicted) or event.request is None:
-            return
-        if await self._rejected(bus, clock, event):
-            return
-        event = self._planned(event)
-        if self.pending:  # keep FCFS: nothing jumps ahead of a deferred request
-            self.pending.append(event)
-            await self._drain_pending(bus, clock)
-            return
-        placement = self._try_place(event, clock.now_s())
-        if placement is None:
-            self.pending.append(event)
-            bus.counters["deferred"] += 1
-            await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
-                id=event.id, decided_s=clock.now_s(),
-                reason="no instance meets every SLO with it; retried as requests complete"),
-                msg_id=f"deferred-{event.id}")
-            return
-        await self._admit(bus, clock, event, placement)
-
-    async def _drain_pending(self, bus: Bus, clock: Clock) -> None:
-        while self.pending:
-            placement = self._try_place(self.pending[0], clock.now_s())
-            if placement is None:
+        started = time.perf_counter()
+        match event:
+            case RequestPredicted(request=RequestArrived() as request):
+                decisions = self.controller.offer(
+                    request, (event.predicted_tokens, event.upper_tokens), now_s)
+            case RequestArrived() if not self.controller.config.needs_predictions:
+                decisions = self.controller.offer(event, None, now_s)
+            case _:
                 return
-            await self._admit(bus, clock, self.pending.popleft(), placement)
+        self._decision_s.observe(time.perf_counter() - started)
+        bus.counters["events.request"] += 1
+        await self._publish(bus, now_s, decisions)
 
-    async def _on_iteration(self, it: EngineIteration) -> None:
-        tracker = self.trackers.get(it.instance)
-        if tracker is not None:
-            tracker.iteration(it.request_ids, it.start_s + it.duration_ms / 1e3)
+    async def _on_done(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
+        now_s = clock.now_s()
+        match event:
+            case RequestCompleted():
+                decisions = self.controller.completed(event.id, event.instance, now_s)
+                bus.counters["events.completed"] += 1
+            case RequestDeferred(final=True) | RequestAborted():
+                # Refused by an engine, or ended by the gateway: forget it, or it would sit
+                # in the projections for ever and pin its instance's clock up.
+                if event.id in self.controller.placed:
+                    log.info("forecaster.forgotten", id=event.id, by=type(event).__name__)
+                decisions = self.controller.forget(event.id, now_s)
+                bus.counters["events.forgotten"] += 1
+            case _:
+                return
+        await self._publish(bus, now_s, decisions)
 
-    async def _set_clock(self, bus: Bus, instance: str, proposed_mhz: int, now_s: float, *,
-                         reason: str) -> None:
-        step = next_clock(self.clock_mhz[instance], self.changed_s[instance], proposed_mhz,
-                          now_s, min_dwell_s=self.min_dwell_s,
-                          down_margin_steps=self.down_margin_steps, clocks=self.policy.clocks)
-        changed = step.clock_mhz != self.clock_mhz[instance]
-        self.clock_mhz[instance], self.changed_s[instance] = step.clock_mhz, step.changed_s
-        # Renew the lease well before it runs out; send at once on a change.
-        if changed or now_s - self.sent_s[instance] >= self.lease_s / 3:
-            self.sent_s[instance] = now_s
-            await bus.publish(freq_target(instance), FreqTarget(
-                instance=instance, clock_mhz=step.clock_mhz, lease_s=self.lease_s,
-                reason=f"{reason} ({step.reason})", decided_s=now_s))
+    async def _on_iteration(self, bus: Bus, it: EngineIteration) -> None:
+        self.controller.iteration(it.instance, it.request_ids,
+                                  it.start_s + it.duration_ms / 1e3, it.duration_ms)
+        bus.counters["events.iteration"] += 1
 
-    async def _retune_forever(self, bus: Bus, clock: Clock) -> None:
+    async def _on_scale(self, bus: Bus, event: ScaleEvent) -> None:
+        """The scaler's phases: admit only to active instances; track ordered ones."""
+        if not isinstance(event, ScaleTarget):
+            return
+        phases = phases_of(event)
+        if phases is None:
+            return
+        ctl = self.controller
+        for name in (*phases.warming, *phases.active, *phases.draining):
+            if name not in ctl.outstanding:
+                ctl.add_instance(token(name))
+        ctl.set_serving(phases.active)
+        bus.counters["events.scale"] += 1
+
+    async def _tick_forever(self, bus: Bus, clock: Clock) -> None:
         while True:
             now_s = clock.now_s()
-            for instance, tracker in self.trackers.items():
-                proposed = retune(tracker, self.policy, now_s=now_s)
-                await self._set_clock(bus, instance, proposed, now_s, reason="retune")
-            await self._drain_pending(bus, clock)
-            await anyio.sleep(self.retune_wall_s)
+            await self._publish(bus, now_s, self.controller.tick(now_s))
+            bus.counters["ticks"] += 1
+            await anyio.sleep(self.tick_wall_s)
 
     # ------------------------------------------------------------------ wiring
 
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await bus.ensure_request_stream()
-        await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC,
-                            partial(self._on_completed, bus, clock))
-        await bus.subscribe(REQUEST_DEFERRED, REQUEST_CODEC,
-                            partial(self._on_deferred, bus, clock))
+        ctl = self.controller
+        if not self._instances_added:
+            self._instances_added = True
+            for name in self.instances:
+                await self._publish(bus, clock.now_s(), ctl.add_instance(name))
+        # A restart loses no request: rebuild the controller from the stream (the last
+        # `rebuild_window_s` of wall time) before consuming again.
+        history = await bus.history(REQUEST_ALL, REQUEST_CODEC,
+                                    since_wall_s=time.time() - self.rebuild_window_s)
+        await self._publish(bus, clock.now_s(), ctl.restore(history))
+        log.info("forecaster.rebuilt", events=len(history), pending=len(ctl.pending),
+                 placed=len(ctl.placed))
+        on_done = partial(self._on_done, bus, clock)
+        for subject in (REQUEST_COMPLETED, REQUEST_DEFERRED, REQUEST_ABORTED):
+            await bus.subscribe(subject, REQUEST_CODEC, on_done)
+        await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, partial(self._on_iteration, bus))
+        await bus.subscribe(SCALE_TARGET, SCALE_CODEC, partial(self._on_scale, bus))
+        predicted = ctl.config.needs_predictions
         async with anyio.create_task_group() as tg:
-            if self.policy_name == "default":
-                await tg.start(partial(
-                    bus.consume, durable="forecaster", subject=REQUEST_ARRIVED,
-                    deliver_new_only=True, codec=REQUEST_CODEC,
-                    handler=partial(self._default_on_arrived, bus, clock)))
-            else:
-                # A restart loses no request: rebuild trackers and deferrals from the stream
-                # (the last `rebuild_window_s` of wall time) before consuming again.
-                history = await bus.history(REQUEST_ALL, REQUEST_CODEC,
-                                            since_wall_s=time.time() - self.rebuild_window_s)
-                self.pending = rebuild_state(history, self.trackers, self.slo_classes)
-                # A restart with another --slo-config may leave deferrals of unknown classes.
-                self.pending = deque([self._planned(p) for p in self.pending
-                                      if not await self._rejected(bus, clock, p)])
-                for instance, tracker in self.trackers.items():
-                    self.outstanding[instance] = len(tracker)
-                    self.placed.update(dict.fromkeys(tracker.requests, instance))
-                log.info("forecaster.rebuilt", events=len(history), pending=len(self.pending),
-                         tracked={i: len(t) for i, t in self.trackers.items()})
-                await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
-                await tg.start(partial(
-                    bus.consume, durable="forecaster-throttllem", subject=REQUEST_PREDICTED,
-                    deliver_new_only=True, codec=REQUEST_CODEC,
-                    handler=partial(self._on_predicted, bus, clock)))
-                tg.start_soon(self._retune_forever, bus, clock)
+            await tg.start(partial(
+                bus.consume, durable=f"forecaster-{self.policy_name}",
+                subject=REQUEST_PREDICTED if predicted else REQUEST_ARRIVED,
+                deliver_new_only=True, codec=REQUEST_CODEC,
+                handler=partial(self._on_request, bus, clock)))
+            tg.start_soon(self._tick_forever, bus, clock)
             log.info("forecaster.started", policy=self.policy_name, instances=self.instances)
             task_status.started()
+
+
+class _NoPerfModel:
+    """The reactive governor needs the setup's clocks and floor, never a prediction."""
+
+    name = "none"
+
+    def iteration_time_s(self, batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+                         clock_mhz: AnyArray) -> AnyArray:  # pragma: no cover - never called
+        raise AssertionError("the reactive governor never queries a performance model")

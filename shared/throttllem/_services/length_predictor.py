@@ -13,10 +13,11 @@
   on its heartbeat and warns once when error drifts past the model card's figure.
 
 A request the predictor cannot serve (oracle mode without a true length) is rejected alone:
-logged (`length.request_rejected`), counted, answered with a final `request.deferred` (durable)
-or an `rpc.error` reply, and never retried; the other requests of its micro-batch are
-predicted as usual. Any other failure of an RPC still gets an `rpc.error` reply (`rpc.failed`
-in the log, counter `rpc_errors`) and never stops the service.
+logged (`length.request_rejected`, or `rpc.rejected` for an RPC), counted, answered with a
+final `request.deferred` (durable) or an `rpc.error` reply, and never retried; the other
+requests of its micro-batch are predicted as usual. Any other failure of an RPC still gets an
+`rpc.error` reply (`rpc.failed` in the log, counter `rpc_errors`; `Bus.serve_deferred`) and
+never stops the service.
 """
 
 from __future__ import annotations
@@ -26,22 +27,21 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-import msgspec
 import structlog
-from nats.aio.msg import Msg
 
+from throttllem import _metrics as m
 from throttllem._batching import MicroBatcher
-from throttllem._bus import Bus
+from throttllem._bus import Bus, Reply
 from throttllem._core.feedback import LengthFeedback
-from throttllem._errors import ConfigError, MalformedEventError, RequestRejectedError
+from throttllem._errors import RequestRejectedError
 from throttllem._events import (
+    ARRIVAL_CODEC,
     REQUEST_CODEC,
     RequestArrived,
     RequestCompleted,
     RequestDeferred,
     RequestEvent,
     RequestPredicted,
-    encode,
 )
 from throttllem._runtime import Clock
 from throttllem._subjects import (
@@ -55,10 +55,6 @@ from throttllem._subjects import (
 log = structlog.get_logger("throttllem.length_predictor")
 
 QUEUE_GROUP = "length-predictor"
-
-
-class RpcError(msgspec.Struct, frozen=True, kw_only=True, tag="rpc.error", tag_field="tag"):
-    error: str
 
 
 def parse_oracle(value: str) -> float | str:
@@ -97,6 +93,18 @@ class LengthPredictorService:
         self.batcher: MicroBatcher[RequestArrived, RequestPredicted] = MicroBatcher(
             self.predict_batch, max_size=64, in_thread=False)
         self._drift_warned = False
+        self.metrics = m.ServiceMetrics(self.name)
+        self._predictions = self.metrics.counter(m.LENGTH_PREDICTIONS).labels(self.model_version)
+        self._predicted_tokens = self.metrics.histogram(m.LENGTH_PREDICTED_TOKENS)
+        self._rejected = self.metrics.counter(m.LENGTH_REJECTED)
+        self._feedback = self.metrics.counter(m.LENGTH_FEEDBACK)
+        self.metrics.gauge_functions([
+            (m.LENGTH_MAE, lambda: self.feedback.stats().mae_tokens),
+            (m.LENGTH_COVERAGE, lambda: self.feedback.stats().upper_coverage)])
+
+    def _observe_prediction(self, prediction: RequestPredicted) -> None:
+        self._predictions.inc()
+        self._predicted_tokens.observe(prediction.predicted_tokens)
 
     # ---- the model call (inline in the event loop, one batch at a time)
 
@@ -138,6 +146,7 @@ class LengthPredictorService:
         prediction = await self.batcher.submit(request)
         self.feedback.predicted(request.id, prediction.predicted_tokens,
                                 prediction.upper_tokens)
+        self._observe_prediction(prediction)
         return prediction
 
     async def _on_arrived(self, bus: Bus, event: RequestEvent) -> None:
@@ -149,6 +158,7 @@ class LengthPredictorService:
             # Final: retrying cannot help, so it is recorded and acked, never nak'ed; any
             # other failure propagates and the bus naks it for redelivery.
             bus.counters["requests_rejected"] += 1
+            self._rejected.inc()
             log.warning("length.request_rejected", id=event.id, error=str(e))
             await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
                 id=event.id, decided_s=event.arrival_s, reason=f"length-predictor: {e}",
@@ -156,52 +166,25 @@ class LengthPredictorService:
             return
         await bus.publish_durable(REQUEST_PREDICTED, prediction, msg_id=f"predicted-{event.id}")
 
-    async def _on_rpc(self, bus: Bus, msg: Msg) -> None:
-        """nats-py's subscription callback (awaited one message at a time): decode and queue
+    def _accept_rpc(self, request: RequestArrived, reply: Reply) -> None:
+        """`Bus.serve_deferred`'s callback (awaited one message at a time): queue the request
         for the next batch without suspending, so that requests that arrive together are
         batched together; the batcher's worker sends the reply (`_rpc_done`)."""
-        try:
-            event = REQUEST_CODEC.decode(msg.data)
-            if not isinstance(event, RequestArrived):
-                raise MalformedEventError(f"expected request.arrived, got {type(event).__name__}")
-            self.batcher.submit_nowait(event, partial(self._rpc_done, bus, msg, event.id))
-        except Exception as e:  # every request gets a reply, whatever failed
-            await self._rpc_error(bus, msg, e)
+        self.batcher.submit_nowait(request, partial(self._rpc_done, reply))
 
-    async def _rpc_done(self, bus: Bus, msg: Msg, request_id: str,
-                        result: RequestPredicted | Exception) -> None:
+    async def _rpc_done(self, reply: Reply, result: RequestPredicted | Exception) -> None:
         if isinstance(result, Exception):
-            await self._rpc_error(bus, msg, result, request_id=request_id)
-            return
-        self.feedback.predicted(result.id, result.predicted_tokens, result.upper_tokens)
-        await self._respond(bus, msg, encode(result))
-
-    async def _rpc_error(self, bus: Bus, msg: Msg, error: Exception, *,
-                         request_id: str | None = None) -> None:
-        if isinstance(error, MalformedEventError | ConfigError | RequestRejectedError):
-            bus.counters["rpc_rejected"] += 1
-            log.warning("rpc.rejected", id=request_id, error=str(error))
-            text = str(error)
-        else:  # our fault, not the caller's: say so, keep the traceback in the log
-            bus.counters["rpc_errors"] += 1
-            log.error("rpc.failed", id=request_id, error=repr(error), exc_info=error)
-            text = f"length prediction failed ({type(error).__name__}: {error})"
-        await self._respond(bus, msg, encode(RpcError(error=text)))
-
-    async def _respond(self, bus: Bus, msg: Msg, data: bytes) -> None:
-        if not msg.reply:  # published, not requested: nobody to answer
-            bus.counters["rpc_no_reply"] += 1
-            return
-        try:
-            await bus.nc.publish(msg.reply, data)
-        except Exception as e:  # a lost reply must not stop the service
-            bus.counters["rpc_reply_failed"] += 1
-            log.warning("rpc.reply_failed", error=repr(e))
+            self._rejected.inc()
+        else:
+            self.feedback.predicted(result.id, result.predicted_tokens, result.upper_tokens)
+            self._observe_prediction(result)
+        await reply(result)
 
     async def _on_completed(self, event: RequestEvent) -> None:
         if not isinstance(event, RequestCompleted):
             return
-        self.feedback.completed(event.id, event.generated_tokens)
+        if self.feedback.completed(event.id, event.generated_tokens):
+            self._feedback.inc()
         stats = self.feedback.stats()
         if stats.drifting and not self._drift_warned:
             log.warning("length.drift", mae_tokens=stats.mae_tokens,
@@ -226,8 +209,8 @@ class LengthPredictorService:
             await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC, self._on_completed)
 
             # No task per request: the callback queues it for the next batch and returns.
-            await bus.nc.subscribe(PREDICT_RPC, queue=QUEUE_GROUP, cb=partial(self._on_rpc, bus))
-            await bus.sync()
+            await bus.serve_deferred(PREDICT_RPC, ARRIVAL_CODEC, self._accept_rpc,
+                                     queue=QUEUE_GROUP, what="length prediction")
             await tg.start(partial(
                 bus.consume, durable="length-predictor", subject=REQUEST_ARRIVED,
                 deliver_new_only=True,

@@ -9,6 +9,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from throttllem import _metrics as m
 from throttllem._bus import Bus
 from throttllem._events import RequestArrived
 from throttllem._runtime import Clock
@@ -40,11 +41,19 @@ class ReplayerService:
         self._requests = requests
         self._offset_s = offset_s
         self.published = 0
+        self.metrics = m.ServiceMetrics(self.name)
+        self._replayed = self.metrics.counter(m.REPLAYED)
+        self._lag = self.metrics.gauge(m.REPLAY_LAG)
 
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await bus.ensure_request_stream()
         task_status.started()
         offset_s = self._offset_s if self._offset_s is not None else clock.now_s() + 1.0
-        self.published = await replay(bus, clock, self._requests(offset_s))
+
+        def observe(request: RequestArrived) -> None:
+            self._replayed.labels(request.tenant, request.slo_class).inc()
+            self._lag.set(max(clock.now_s() - request.arrival_s, 0.0))
+
+        self.published = await replay(bus, clock, self._requests(offset_s), on_published=observe)
         log.info("replayer.done", published=self.published)

@@ -19,8 +19,11 @@ import anyio
 import anyio.abc
 import structlog
 
+from throttllem import _metrics as m
 from throttllem._bus import Bus
 from throttllem._core.scaling import (
+    LOAD_WINDOW_S,
+    SCALE_TICK_S,
     Action,
     LoadEstimator,
     Phase,
@@ -59,7 +62,8 @@ class ScalerService:
     name = "scaler"
 
     def __init__(self, *, setup: str, policy: ScalingPolicy, instances: list[str],
-                 unit: LoadUnit = "requests", window_s: float = 10.0, tick_s: float = 1.0,
+                 unit: LoadUnit = "requests", window_s: float = LOAD_WINDOW_S,
+                 tick_s: float = SCALE_TICK_S,
                  reannounce_s: float = 30.0, name_prefix: str = "i",
                  remember_completed: int = 100_000) -> None:
         """`policy.capacity_per_instance` is in `unit` per second (requests/s, or prompt
@@ -85,6 +89,11 @@ class ScalerService:
         self.published: list[ScaleTarget] = []
         self._last_announce_s: float | None = None
         self.load = 0.0
+        self.metrics = m.ServiceMetrics(self.name)
+        self._target = self.metrics.gauge(m.SCALE_TARGET).labels(setup)
+        self._phases = self.metrics.gauge(m.SCALE_PHASE)
+        self._load = self.metrics.gauge(m.SCALE_LOAD).labels(setup, unit)
+        self._decisions = self.metrics.counter(m.SCALE_DECISIONS)
 
     # ------------------------------------------------------------------ observations
 
@@ -135,12 +144,24 @@ class ScalerService:
         for change in decision.changes:
             if change.action is Action.REMOVE:
                 self.outstanding.pop(change.instance, None)
+            self._decisions.labels(self.setup, change.action.value).inc()
+        self._observe_state()
         return decision
 
+    def _observe_state(self) -> None:
+        self._load.set(self.load)
+        for phase in Phase:
+            self._phases.labels(self.setup, phase.value).set(self.state.count(phase))
+
     async def _announce(self, bus: Bus, now_s: float, reason: str) -> None:
-        target = ScaleTarget(setup=self.setup, instances=self.state.provisioned,
-                             decided_s=now_s, reason=reason)
+        state = self.state
+        target = ScaleTarget(setup=self.setup, instances=state.provisioned,
+                             decided_s=now_s, reason=reason,
+                             warming=state.names(Phase.WARMING),
+                             active=state.names(Phase.ACTIVE),
+                             draining=state.names(Phase.DRAINING))
         self.published.append(target)
+        self._target.set(target.instances)
         self._last_announce_s = now_s
         await bus.publish(SCALE_TARGET, target)
         bus.counters["scale_targets"] += 1
@@ -161,6 +182,7 @@ class ScalerService:
         await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
         log.info("scaler.started", setup=self.setup, instances=self.initial_instances,
                  capacity=self.policy.capacity_per_instance, unit=self.unit)
+        self._observe_state()
         await self._announce(bus, now_s, f"start: {self._summary()}")
         task_status.started()
         while True:

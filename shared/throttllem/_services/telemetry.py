@@ -8,14 +8,17 @@ energy by token share from `engine.iteration` events (the same core function).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 import anyio
 import anyio.abc
 import structlog
 
+from throttllem import _metrics as m
 from throttllem._bus import Bus
 from throttllem._core.energy import EnergyLedger
+from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, check_slo
 from throttllem._errors import ConfigError, GpuError
 from throttllem._events import (
     ENGINE_CODEC,
@@ -48,7 +51,10 @@ class TelemetryService:
     name = "telemetry"
 
     def __init__(self, *, gpu: str = "twin", instances: list[str] | None = None,
-                 node: str = "node0", interval_s: float = 0.5) -> None:
+                 node: str = "node0", interval_s: float = 0.5,
+                 slo_classes: Mapping[str, SloClass] = DEFAULT_SLO_CLASSES) -> None:
+        """`slo_classes` only label the completions metric (met or not); they decide nothing
+        here."""
         if gpu not in ("twin", "nvml"):
             raise ConfigError(f"--gpu must be 'twin' or 'nvml', not {gpu!r}")
         if gpu == "twin" and not instances:
@@ -63,6 +69,51 @@ class TelemetryService:
         self.samples_published = 0
         # Event time up to which each instance's iterations have reached the ledger.
         self._ledger_until_s: dict[str, float] = {}
+        self.slo_classes = slo_classes
+        self.metrics = m.ServiceMetrics(self.name)
+        self._power = self.metrics.gauge(m.GPU_POWER)
+        self._gpu_energy = self.metrics.counter(m.GPU_ENERGY)
+        self._sm_clock = self.metrics.gauge(m.GPU_SM_CLOCK)
+        self._util = self.metrics.gauge(m.GPU_UTILIZATION)
+        self._request_energy = self.metrics.counter(m.REQUEST_ENERGY)
+        self._prompt_tokens = self.metrics.counter(m.PROMPT_TOKENS)
+        self._generated_tokens = self.metrics.counter(m.GENERATED_TOKENS)
+        self._j_per_token = self.metrics.histogram(m.JOULES_PER_TOKEN)
+        self._completed = self.metrics.counter(m.REQUESTS_COMPLETED)
+        self._ttft = self.metrics.histogram(m.TTFT)
+        self._tbt = self.metrics.histogram(m.TBT)
+        self._e2e = self.metrics.histogram(m.E2E)
+        self._mismatch = self.metrics.counter(m.ATTRIBUTION_MISMATCH)
+        # Last energy counter reading (mJ) per GPU: the metric adds the differences.
+        self._last_energy_mj: dict[tuple[str, int], float] = {}
+
+    def _observe_sample(self, sample: GpuSample) -> None:
+        gpu = str(sample.gpu_index)
+        self._power.labels(sample.node, gpu, sample.source).set(sample.power_w)
+        self._sm_clock.labels(sample.node, gpu).set(sample.sm_clock_mhz)
+        self._util.labels(sample.node, gpu).set(sample.gpu_util_pct / 100.0)
+        key = (sample.node, sample.gpu_index)
+        last = self._last_energy_mj.get(key)
+        counter = self._gpu_energy.labels(sample.node, gpu, sample.source)
+        if last is not None and sample.energy_mj >= last:  # a lower reading: driver reloaded
+            counter.inc((sample.energy_mj - last) / 1e3)
+        self._last_energy_mj[key] = sample.energy_mj
+
+    def _observe_completion(self, event: RequestCompleted, energy_mj: float) -> None:
+        self._request_energy.labels(event.instance, event.tenant).inc(energy_mj / 1e3)
+        self._prompt_tokens.labels(event.instance, event.tenant).inc(event.prompt_tokens)
+        self._generated_tokens.labels(event.instance, event.tenant).inc(event.generated_tokens)
+        if event.generated_tokens > 0:
+            self._j_per_token.labels(event.instance).observe(
+                energy_mj / 1e3 / event.generated_tokens)
+        if event.slo_class in self.slo_classes:
+            met = "true" if check_slo(event, self.slo_classes).all_ok else "false"
+        else:
+            met = "unknown"
+        self._completed.labels(event.slo_class, met).inc()
+        self._ttft.labels(event.slo_class).observe(event.ttft_ms / 1e3)
+        self._tbt.labels(event.slo_class).observe(event.tbt_mean_ms / 1e3)
+        self._e2e.labels(event.slo_class).observe(event.e2e_ms / 1e3)
 
     def _gpus(self, bus: Bus) -> list[tuple[str, AsyncGpu]]:
         if self.backend == "twin":
@@ -82,13 +133,15 @@ class TelemetryService:
                         counts[node] = await gpu.gpu_count()
                     for index in range(counts[node]):
                         r = await gpu.read(index)
-                        await bus.publish(gpu_sample(node, index), GpuSample(
+                        sample = GpuSample(
                             node=node, gpu_index=index, uuid=r.uuid, now_s=clock.now_s(),
                             power_w=r.power_w, energy_mj=r.energy_mj,
                             sm_clock_mhz=r.sm_clock_mhz, mem_clock_mhz=r.mem_clock_mhz,
                             gpu_util_pct=r.gpu_util_pct, mem_util_pct=r.mem_util_pct,
-                            temperature_c=r.temperature_c, source=source))
+                            temperature_c=r.temperature_c, source=source)
+                        await bus.publish(gpu_sample(node, index), sample)
                         self.samples_published += 1
+                        self._observe_sample(sample)
                 except GpuError as e:
                     bus.counters["gpu_read_errors"] += 1
                     log.warning("gpu.read_failed", node=node, error=str(e))
@@ -115,6 +168,7 @@ class TelemetryService:
             # iteration events or an engine that attributes differently.
             if abs(ledger_mj - energy_mj) > 0.01 * max(energy_mj, 1.0):
                 bus.counters["attribution_mismatch"] += 1
+                self._mismatch.inc()
                 log.warning("energy.attribution_mismatch", id=event.id, engine_mj=energy_mj,
                             collector_mj=ledger_mj)
         else:
@@ -124,6 +178,8 @@ class TelemetryService:
             prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens,
             completed_s=event.completed_s, source=source)
         await bus.publish_durable(ENERGY_REQUEST, record, msg_id=f"energy-{event.id}")
+        # Counted once the record is durable (a failed publish is nak'ed and comes back).
+        self._observe_completion(event, energy_mj)
 
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

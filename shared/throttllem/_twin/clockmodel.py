@@ -45,6 +45,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from throttllem._core.perf import AnyArray, FunctionPerfModel, PerfModel
 from throttllem._twin.profile import SetupProfile
 
 FloatArray = npt.NDArray[np.float64]
@@ -253,3 +254,15 @@ def efficient_clock_mhz(profile: SetupProfile) -> int:
     energy = estimate(profile, batch=32, kv_tokens=32 * 1024, prefill_tokens=0,
                       requested_clock_mhz=clocks).energy_mj
     return int(profile.gpu.supported_clocks_mhz[int(np.argmin(energy))])
+
+
+def oracle_perf_model(profile: SetupProfile) -> PerfModel:
+    """The twin's own timing formula as the controller's performance model: an oracle (the
+    model the twin runs on), for ablations; the trained ONNX model stands in for it live."""
+
+    def fn(batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
+           clock_mhz: AnyArray) -> AnyArray:
+        return iteration_time_s(profile, batch=batch, kv_tokens=kv_tokens,
+                                prefill_tokens=prefill_tokens, clock_mhz=clock_mhz)
+
+    return FunctionPerfModel(fn, name=f"twin-oracle:{profile.name}")

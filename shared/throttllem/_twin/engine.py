@@ -29,6 +29,7 @@ pass costs a few vectorized operations rather than a Python loop over the batch.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -68,6 +69,15 @@ class QueuedRequest(NamedTuple):
     generated_tokens: int
     arrival_s: float
     admitted_s: float
+
+
+class ScheduledRequest(NamedTuple):
+    """A waiting request as a pass driver sees it, true length included (see `queue_head`)."""
+
+    id: str
+    prompt_tokens: int
+    generated_tokens: int
+    target_tokens: int  # the length it decodes to: the trace's truth, never the controller's
 
 
 class _Req:
@@ -178,6 +188,30 @@ class EngineTwin:
         """Tokens generated so far by the running requests, in admission order (a copy)."""
         return self._gen[: self._n].copy()
 
+    # A driver that runs the passes itself (the GPU lab's decode loop: `run_iteration` only
+    # gets a pass's totals) reads which requests a pass holds through these, never through
+    # the slots. They expose the true lengths, which the controller must never read.
+
+    def running_ids(self) -> list[str]:
+        """Ids of the running requests, in batch-slot order (the order of a pass's decode
+        rows, and of `running_prompt_tokens`)."""
+        return [r.id for r in self._reqs[: self._n]]
+
+    def running_context_tokens(self) -> npt.NDArray[np.int64]:
+        """KV tokens each running request holds (prompt + generated), in slot order (a copy):
+        what its next decode attends over."""
+        return self._ctx[: self._n].copy()
+
+    def running_target_tokens(self) -> npt.NDArray[np.int64]:
+        """The true lengths the running requests decode to, in slot order (a copy)."""
+        return self._target[: self._n].copy()
+
+    def queue_head(self, limit: int | None = None) -> tuple[ScheduledRequest, ...]:
+        """The first `limit` waiting requests (all when None), FCFS order, true lengths
+        included: a pass admits a prefix of this queue."""
+        queue = self._queue if limit is None else itertools.islice(self._queue, max(limit, 0))
+        return tuple(ScheduledRequest(r.id, r.prompt, r.generated, r.target) for r in queue)
+
     def queued(self) -> tuple[QueuedRequest, ...]:
         return tuple(QueuedRequest(r.id, r.prompt, r.generated, r.request.arrival_s,
                                    r.admitted_s) for r in self._queue)
@@ -206,6 +240,21 @@ class EngineTwin:
                 f"{self.profile.name} has {self._kv_total}")
         self._queue.append(_Req(request, target, admitted_s))
         self._ids.add(request.id)
+
+    def abort(self, request_id: str) -> bool:
+        """Forget a request whose client went away: it leaves the queue or its batch slot,
+        its KV blocks are free for the next pass, and it never completes. False when this
+        engine does not hold it (never admitted, already finished or already aborted)."""
+        if request_id not in self._ids:
+            return False
+        self._ids.discard(request_id)
+        for r in self._queue:
+            if r.id == request_id:
+                self._queue.remove(r)
+                return True
+        keep = np.array([r.id != request_id for r in self._reqs], dtype=bool)
+        self._keep_slots(keep)
+        return True
 
     # ------------------------------------------------------------------ one pass
 
@@ -336,10 +385,15 @@ class EngineTwin:
                 tbt_max_ms=float(self._gap[k]) * 1e3, e2e_ms=(end - req.arrival_s) * 1e3,
                 preemptions=r.preemptions, energy_mj=float(self._energy[k])))
             self._ids.discard(req.id)
-        keep = ~done
-        kept = m - len(out)
+        self._keep_slots(~done)
+        return out
+
+    def _keep_slots(self, keep: npt.NDArray[np.bool_]) -> None:
+        """Compact the batch slots to those marked in `keep` (one flag per running request),
+        keeping admission order."""
+        m = self._n
+        kept = int(keep.sum())
         for arr in (self._ctx, self._gen, self._target, self._last, self._gap, self._energy):
             arr[:kept] = arr[:m][keep]
-        self._reqs = [r for r, d in zip(self._reqs, done.tolist(), strict=True) if not d]
+        self._reqs = [r for r, k in zip(self._reqs, keep.tolist(), strict=True) if k]
         self._n = kept
-        return out

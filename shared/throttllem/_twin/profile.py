@@ -15,6 +15,7 @@ from typing import Any, Final
 from throttllem._errors import ConfigError
 from throttllem._setup import (
     SETUP_SECTIONS,
+    ControllerLimits,
     EngineLimits,
     GpuSpec,
     ModelShape,
@@ -57,25 +58,41 @@ class PowerModel:
 
 @dataclass(frozen=True, slots=True)
 class SetupProfile:
-    """One setup: a GPU, a model, a TP degree, and the stated time and power models."""
+    """A setup and the twin's stated time and power models of it."""
 
-    name: str
-    description: str
-    gpu: GpuSpec
-    model: ModelShape
-    engine: EngineLimits
+    setup: Setup
     time: TimeModel
     power: PowerModel
-    # "section.key" -> where the number came from.
+    # "section.key" -> where the number came from, every section's.
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    path: str = ""
 
     @property
-    def setup(self) -> Setup:
-        """The setup this profile models (what the controller and the engines need)."""
-        return Setup(name=self.name, description=self.description, gpu=self.gpu,
-                     model=self.model, engine=self.engine, sources=self.sources,
-                     path=self.path)
+    def name(self) -> str:
+        return self.setup.name
+
+    @property
+    def description(self) -> str:
+        return self.setup.description
+
+    @property
+    def path(self) -> str:
+        return self.setup.path
+
+    @property
+    def gpu(self) -> GpuSpec:
+        return self.setup.gpu
+
+    @property
+    def model(self) -> ModelShape:
+        return self.setup.model
+
+    @property
+    def engine(self) -> EngineLimits:
+        return self.setup.engine
+
+    @property
+    def controller(self) -> ControllerLimits:
+        return self.setup.controller
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> SetupProfile:
         """A copy with `{"engine.kv_blocks": 64, ...}` changed, validated like a loaded file.
@@ -93,7 +110,13 @@ class SetupProfile:
             changed[section] = dataclasses.replace(getattr(self, section), **values)
         sources = dict(self.sources)
         sources.update(dict.fromkeys(overrides, "override"))
-        profile = dataclasses.replace(self, sources=MappingProxyType(sources), **changed)
+        setup = dataclasses.replace(
+            self.setup, sources=MappingProxyType({k: v for k, v in sources.items()
+                                                  if k.partition(".")[0] in SETUP_SECTIONS}),
+            **{k: v for k, v in changed.items() if k in SETUP_SECTIONS})
+        profile = dataclasses.replace(
+            self, setup=setup, sources=MappingProxyType(sources),
+            **{k: v for k, v in changed.items() if k not in SETUP_SECTIONS})
         _validate(profile)
         return profile
 
@@ -126,8 +149,12 @@ def load_profile(name_or_path: str | Path) -> SetupProfile:
     doc, where = read_document(name_or_path)
     name, description = document_header(doc, where)
     built, sources = parse_sections(doc, where, _SECTIONS)
-    profile = SetupProfile(name=name, description=description, sources=MappingProxyType(sources),
-                           path=where, **built)
+    setup = Setup(name=name, description=description, path=where,
+                  sources=MappingProxyType({k: v for k, v in sources.items()
+                                            if k.partition(".")[0] in SETUP_SECTIONS}),
+                  **{k: v for k, v in built.items() if k in SETUP_SECTIONS})
+    profile = SetupProfile(setup=setup, time=built["time"], power=built["power"],
+                           sources=MappingProxyType(sources))
     _validate(profile)
     return profile
 

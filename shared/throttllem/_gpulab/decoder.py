@@ -14,15 +14,15 @@ What it measures, per (phase, batch, context) bucket, one table row (layout of
 * `iter_ms` (median), `iter_ms_p10`/`iter_ms_p90` of `timed_iters` CUDA-event-timed replays
   after `warmup_iters`; then ≥ `energy_window_s` of back-to-back replays between two reads of
   the NVML total-energy counter give `energy_j_per_iter` and `avg_power_w`, while a thread
-  samples the SM clock every 50 ms: `sm_clock_mhz` is their median, the clock the card ran at.
+  samples the SM clock every 50 ms (`throttllem._gpulab.sampler`): `sm_clock_mhz` is their
+  median, the clock the card ran at.
 
 **The GPU's clocks are never changed.** Locking clocks needs root on the host and would change
 a shared card's behaviour, so the profiler only reads NVML (through
-``throttllem._gpu.nvml.NvmlBackend(dry_run=True)``, which cannot call a setter; or, where that
-module's own dependencies (structlog, msgspec) are missing, a minimal read-only pynvml reader
-with no setter at all). It says so at start: the clock axis of the table covers only what the
-card does by itself — its top clock, and lower clocks where the power cap pulls it down
-(large prefills and large decode batches on an H100).
+``throttllem._gpu.nvml.NvmlBackend(dry_run=True)``, which cannot call a setter). It says so at
+start: the clock axis of the table covers only what the card does by itself — its top clock,
+and lower clocks where the power cap pulls it down (large prefills and large decode batches
+on an H100).
 
 Budget and memory: buckets run coarse-to-fine (`gpu_sweep_plan`: the corners and middle of
 the batch × context space first, then finer), and the sweep stops before a bucket that would
@@ -34,7 +34,8 @@ runs out of memory or fails is logged and skipped; rows are flushed as they are 
 an interrupted run keeps them. A ``<out>.meta.json`` beside the table records the device,
 driver, torch version, NVML clocks and power limit, the plan and what was skipped.
 
-Needs only torch (CUDA), numpy and pynvml (nvidia-ml-py), plus this package on PYTHONPATH:
+Needs torch (CUDA), numpy, nvidia-ml-py, msgspec and structlog, plus this package on
+PYTHONPATH:
 
     PYTHONPATH=shared python -m throttllem._perf.cli profile --target gpu --out runs/gpu.csv
 
@@ -43,22 +44,30 @@ Everything up to the torch import (plan, memory cap, row assembly) is pure and t
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import math
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TextIO
 
 from throttllem._errors import GpuError
+from throttllem._gpulab.sampler import (
+    NvmlSampler,
+    describe_gpu,
+    nvml_index_of_cuda_device,
+    open_nvml,
+)
 from throttllem._perf.table import ProfileRow, TableWriter, refuse_parquet
 
+if TYPE_CHECKING:
+    from throttllem._gpu.nvml import NvmlBackend
+
 GIB: Final = 2**30
+CLOCK_SAMPLE_PERIOD_S: Final = 0.05
 
 
 class DecoderShape(NamedTuple):
@@ -232,131 +241,7 @@ def bucket_row(bucket: GpuBucket, shape: DecoderShape, *, times_ms: Sequence[flo
         kv_blocks=None, target="gpu", clock_locked=False)
 
 
-# --------------------------------------------------------------------------- NVML (read-only)
-
-
-class NvmlReader:
-    """Read-only NVML for one GPU: energy counter, SM clock, power. Prefers
-    ``NvmlBackend(dry_run=True)``; falls back to bare pynvml reads (no setter exists here)."""
-
-    def __init__(self, nvml_index: int) -> None:
-        self.index = nvml_index
-        self.via = "throttllem NvmlBackend(dry_run=True)"
-        self._backend: Any = None
-        self._pynvml: Any = None
-        self._handle: Any = None
-        try:
-            from throttllem._gpu.nvml import NvmlBackend  # noqa: PLC0415
-
-            self._backend = NvmlBackend(dry_run=True)
-            self._backend.read(nvml_index)
-        except ImportError:
-            import pynvml  # noqa: PLC0415
-
-            self.via = "pynvml (read-only calls only)"
-            self._pynvml = pynvml
-            pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
-
-    def energy_mj(self) -> float:
-        if self._backend is not None:
-            return float(self._backend.read(self.index).energy_mj)
-        return float(self._pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
-
-    def sm_clock_mhz(self) -> float:
-        if self._backend is not None:
-            return float(self._backend.read(self.index).sm_clock_mhz)
-        return float(self._pynvml.nvmlDeviceGetClockInfo(self._handle,
-                                                         self._pynvml.NVML_CLOCK_SM))
-
-    def power_w(self) -> float:
-        if self._backend is not None:
-            return float(self._backend.read(self.index).power_w)
-        return float(self._pynvml.nvmlDeviceGetPowerUsage(self._handle)) / 1e3
-
-    def describe(self) -> dict[str, Any]:
-        """Name, supported SM clocks, power limit (best effort; never fails the run)."""
-        out: dict[str, Any] = {"nvml_index": self.index, "via": self.via}
-        try:
-            if self._backend is not None:
-                r = self._backend.read(self.index)
-                out.update(name=r.name, uuid=r.uuid, power_w=r.power_w,
-                           sm_clock_mhz=r.sm_clock_mhz, mem_clock_mhz=r.mem_clock_mhz,
-                           driver=self._backend.driver_version())
-                clocks = self._backend.supported_clocks_mhz(self.index)
-            else:
-                nv, h = self._pynvml, self._handle
-                name = nv.nvmlDeviceGetName(h)
-                out.update(name=name.decode() if isinstance(name, bytes) else str(name),
-                           power_w=self.power_w(), sm_clock_mhz=self.sm_clock_mhz())
-                mem = max(nv.nvmlDeviceGetSupportedMemoryClocks(h))
-                clocks = tuple(sorted(nv.nvmlDeviceGetSupportedGraphicsClocks(h, mem)))
-            out["supported_sm_clocks_mhz"] = [min(clocks), max(clocks), len(clocks)]
-        except Exception as e:  # metadata only: never fail the run for it
-            out["describe_error"] = repr(e)
-        try:
-            import pynvml  # noqa: PLC0415
-
-            h = pynvml.nvmlDeviceGetHandleByIndex(self.index)
-            out["power_limit_w"] = pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1e3
-        except Exception as e:  # metadata only
-            out["power_limit_error"] = repr(e)
-        return out
-
-    def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-        elif self._pynvml is not None:
-            self._pynvml.nvmlShutdown()
-
-
-class ClockSampler:
-    """Samples the SM clock every `period_s` in a thread while a window runs."""
-
-    def __init__(self, read: Callable[[], float], period_s: float = 0.05) -> None:
-        self._read = read
-        self._period = period_s
-        self._stop = threading.Event()
-        self.samples: list[float] = []
-        self._thread = threading.Thread(target=self._run, name="clock-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):  # a failed sample is just missing
-                self.samples.append(self._read())
-            self._stop.wait(self._period)
-
-    def __enter__(self) -> ClockSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-
-
 # --------------------------------------------------------------------------- torch model
-
-
-def _nvml_index_for(torch: Any, device: int) -> int:
-    """The NVML index of CUDA device `device` (NVML counts in PCI order and ignores
-    CUDA_VISIBLE_DEVICES), matched by UUID; falls back to `device`."""
-    try:
-        import pynvml  # noqa: PLC0415
-
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        pynvml.nvmlInit()
-        try:
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                u = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
-                u = u.decode() if isinstance(u, bytes) else str(u)
-                if u.removeprefix("GPU-").lower() == uuid.removeprefix("GPU-").lower():
-                    return i
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # best effort: fall back to the CUDA index
-        pass
-    return device
 
 
 class _Decoder:
@@ -512,8 +397,8 @@ class _Decoder:
         return prefill, tokens
 
 
-def _measure(torch: Any, dec: _Decoder, nvml: NvmlReader, bucket: GpuBucket,
-             opts: GpuProfileOptions) -> tuple[ProfileRow, bool]:
+def _measure(torch: Any, dec: _Decoder, bucket: GpuBucket, opts: GpuProfileOptions, *,
+             nvml: NvmlBackend, nvml_index: int) -> tuple[ProfileRow, bool]:
     """Time one bucket; returns its row and whether a CUDA graph was used."""
     step, _ = dec.step_fn(bucket)
     graph = None
@@ -545,17 +430,17 @@ def _measure(torch: Any, dec: _Decoder, nvml: NvmlReader, bucket: GpuBucket,
         times = [s_ev.elapsed_time(e_ev) for s_ev, e_ev in zip(starts, ends, strict=True)]
         median_s = max(statistics.median(times) / 1e3, 1e-5)
         reps = max(10, math.ceil(opts.energy_window_s / median_s))
-        with ClockSampler(nvml.sm_clock_mhz) as sampler:
+        with NvmlSampler(nvml, nvml_index, CLOCK_SAMPLE_PERIOD_S) as sampler:
             torch.cuda.synchronize()
-            e0 = nvml.energy_mj()
+            e0 = nvml.energy_mj(nvml_index)
             t0 = time.perf_counter()
             for _ in range(reps):
                 run()
             torch.cuda.synchronize()
             t1 = time.perf_counter()
-            e1 = nvml.energy_mj()
+            e1 = nvml.energy_mj(nvml_index)
     row = bucket_row(bucket, dec.shape, times_ms=times, energy_mj=e1 - e0, window_iters=reps,
-                     window_s=t1 - t0, clock_samples_mhz=sampler.samples)
+                     window_s=t1 - t0, clock_samples_mhz=sampler.clocks_mhz)
     del graph
     return row, run is not step
 
@@ -596,8 +481,9 @@ def run_gpu_profile(out: str | Path, opts: GpuProfileOptions | None = None, *,
         raise GpuError(f"no CUDA device {dev} (PyTorch sees {torch.cuda.device_count()})")
     torch.cuda.set_device(dev)
     device = torch.device("cuda", dev)
-    nvml = NvmlReader(_nvml_index_for(torch, dev))
-    info = nvml.describe()
+    nvml = open_nvml()
+    nvml_index = nvml_index_of_cuda_device(nvml, torch, dev)
+    info = describe_gpu(nvml_index)
     free, total = torch.cuda.mem_get_info(dev)
     cap = kv_capacity_tokens(opts, free)
     if cap < 128 * 1024 // 64:
@@ -605,7 +491,7 @@ def run_gpu_profile(out: str | Path, opts: GpuProfileOptions | None = None, *,
                        f"needs {opts.shape.weight_bytes / GIB:.1f} GiB of weights plus KV room")
     plan = gpu_sweep_plan(opts, cap)
     kv_gib = cap * opts.shape.kv_bytes_per_token / GIB
-    say(f"{info.get('name', torch.cuda.get_device_name(dev))}: NVML via {nvml.via}; "
+    say(f"{info.get('name', torch.cuda.get_device_name(dev))} (NVML index {nvml_index}): "
         f"{free / GIB:.1f} GiB free; KV cap {cap} tokens ({kv_gib:.1f} GiB); "
         f"{len(plan)} buckets planned, budget {opts.budget_s:.0f} s")
     meta: dict[str, Any] = {
@@ -634,7 +520,8 @@ def run_gpu_profile(out: str | Path, opts: GpuProfileOptions | None = None, *,
                     break
                 t_b = time.perf_counter()
                 try:
-                    row, graphed = _measure(torch, dec, nvml, bucket, opts)
+                    row, graphed = _measure(torch, dec, bucket, opts, nvml=nvml,
+                                           nvml_index=nvml_index)
                 except torch.cuda.OutOfMemoryError as e:
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()

@@ -4,16 +4,17 @@ forecaster's drift measured on them.
 `EngineTwin` (iteration-level inflight batching, FCFS admission, paged-KV accounting, prefill
 inside the pass under the token budget, preemption) is reused unchanged: it is given a
 `LoopGpu`, a `GpuTwin` whose `run_iteration` hands the pass to a `PassRunner` — on a GPU the
-Llama-3-8B-shaped random-weight decoder of `throttllem._perf.gpu_pass`, in tests a fake timer —
+Llama-3-8B-shaped random-weight decoder of `throttllem._gpulab.passes`, in tests a fake timer —
 and returns the *measured* duration, energy and SM clock. Engine time therefore advances by
 measured pass times (idle gaps between arrivals are skipped over in event time; host work
 between passes is logged, not added).
 
 `run_iteration` only receives the pass's totals, so `LoopGpu` reads which requests take part
-from the engine: the decoding ones are the engine's batch slots (`EngineTwin._reqs`, `_ctx`,
-read before the pass advances them), the admitted ones the prefix of the queue snapshot taken
-by `before_step` whose contexts add up to the pass's prefill tokens (FCFS admission takes a
-prefix; the Σctx² the engine passes along is checked against it). Each admitted request gets
+from the engine's public state: the decoding ones are its running requests
+(`EngineTwin.running_ids`, `running_context_tokens`, read before the pass advances them), the
+admitted ones the prefix of the queue head taken by `before_step` (`EngineTwin.queue_head`)
+whose contexts add up to the pass's prefill tokens (FCFS admission takes a prefix; the Σctx²
+the engine passes along is checked against it). Each admitted request gets
 a contiguous KV region (prompt + true length + 1 tokens, first fit) and a token slot (its
 last sampled token lives on the device), freed when it completes or is preempted.
 
@@ -31,7 +32,6 @@ measured)| / passes, how far its predicted end drifted from the measured one, pe
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 import statistics
 import time
@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from throttllem._events import RequestArrived, RequestCompleted
 from throttllem._perf.table import ProfileRow
-from throttllem._twin.engine import EngineTwin
+from throttllem._twin.engine import EngineTwin, ScheduledRequest
 from throttllem._twin.gpu import GpuIterationResult, GpuTwin
 from throttllem._twin.profile import SetupProfile
 
@@ -184,7 +184,7 @@ def pass_spec(decode_ctx: Sequence[int] | IntArray, decode_start: Sequence[int] 
 
 
 class PassPlan(NamedTuple):
-    """The device-side arrays of one pass (host numpy; `gpu_pass` copies them over).
+    """The device-side arrays of one pass (host numpy; `passes` copies them over).
 
     Rows are tokens: the `n_dec` decode rows first (real ones, then padding up to a graph
     bucket), then the prefill tokens prompt by prompt. Padding rows write and attend one
@@ -287,7 +287,7 @@ class PassMeasurement(NamedTuple):
 
 
 class PassRunner(Protocol):
-    """Runs passes; `gpu_pass.TorchPassRunner` on a GPU, `FakePassRunner` in tests."""
+    """Runs passes; `passes.TorchPassRunner` on a GPU, `FakePassRunner` in tests."""
 
     kv_capacity_tokens: int
     token_slots: int
@@ -526,7 +526,7 @@ class LoopGpu(GpuTwin):
         self._regions = RegionAllocator(runner.kv_capacity_tokens)
         self._slots = SlotAllocator(runner.token_slots)
         self._held: dict[str, tuple[int, int]] = {}  # id -> (region start, slot)
-        self._pending: list[Any] = []
+        self._pending: tuple[ScheduledRequest, ...] = ()
         self.passes: list[PassRecord] = []
         self.tracker = SegmentTracker()
 
@@ -539,7 +539,7 @@ class LoopGpu(GpuTwin):
         """Snapshot the head of the engine's queue: the next pass admits a prefix of it."""
         eng = self._engine()
         room = eng.profile.engine.max_batch - eng.running_count + 1
-        self._pending = list(itertools.islice(eng._queue, max(room, 0)))
+        self._pending = eng.queue_head(room)
 
     def _engine(self) -> EngineTwin:
         if self.engine is None:
@@ -558,32 +558,32 @@ class LoopGpu(GpuTwin):
                       prefill_attn_tokens2: float = 0.0,
                       indices: Iterable[int] | None = None) -> GpuIterationResult:
         eng = self._engine()
-        reqs = eng._reqs[:batch]  # the decoding slots, in order
-        ctx = eng._ctx[:batch].astype(np.int64)  # contexts before the pass
-        if len(reqs) != batch or int(ctx.sum()) != kv_tokens:
+        running = eng.running_ids()  # the decoding slots, in order
+        ctx = eng.running_context_tokens()  # contexts before the pass
+        if len(running) != batch or int(ctx.sum()) != kv_tokens:
             raise RuntimeError("engine slots disagree with the pass totals")
-        admitted: list[Any] = []
+        admitted: list[ScheduledRequest] = []
         acc = 0
         for r in self._pending:
             if acc >= prefill_tokens:
                 break
             admitted.append(r)
-            acc += r.prompt + r.generated
-        lens = [r.prompt + r.generated for r in admitted]
+            acc += r.prompt_tokens + r.generated_tokens
+        lens = [r.prompt_tokens + r.generated_tokens for r in admitted]
         if acc != prefill_tokens or sum(x * x for x in lens) != int(prefill_attn_tokens2):
             raise RuntimeError(f"cannot tell which requests the pass admits ({acc} of "
                                f"{prefill_tokens} prefill tokens matched)")
         starts: list[int] = []
         slots: list[int] = []
-        for r in reqs:
-            st, sl = self._held[r.id]
+        for rid in running:
+            st, sl = self._held[rid]
             starts.append(st)
             slots.append(sl)
         p_starts: list[int] = []
         p_slots: list[int] = []
         for r, ln in zip(admitted, lens, strict=True):
             self.release([r.id])  # re-admitted after preemption: recompute from scratch
-            st = self._regions.alloc(ln + (r.target - r.generated) + 1)
+            st = self._regions.alloc(ln + (r.target_tokens - r.generated_tokens) + 1)
             sl = self._slots.alloc()
             self._held[r.id] = (st, sl)
             p_starts.append(st)
@@ -610,7 +610,7 @@ class LoopGpu(GpuTwin):
             prefill_attn_tokens2=int(prefill_attn_tokens2), clock_mhz=m.clock_mhz,
             energy_mj=m.energy_mj, graphed=m.graphed, bucket=m.bucket,
             queue_len=eng.queue_len))
-        self.tracker.observe(k, [r.id for r in reqs] + [r.id for r in admitted])
+        self.tracker.observe(k, running + [r.id for r in admitted])
         return GpuIterationResult(duration_s=duration, energy_mj=m.energy_mj,
                                   clock_mhz=m.clock_mhz, power_w=st8.power_w)
 
@@ -641,16 +641,16 @@ class Snapshot:
 
 def snapshot(engine: EngineTwin, next_pass: int, time_s: float) -> Snapshot:
     """The engine's state before the pass that starts at `time_s` (reads its slots)."""
-    n = engine.running_count
-    q = list(engine._queue)
+    q = engine.queue_head()
     return Snapshot(
         time_s=time_s, next_pass=next_pass,
-        running_ids=tuple(r.id for r in engine._reqs[:n]),
+        running_ids=tuple(engine.running_ids()),
         running_prompt=tuple(int(x) for x in engine.running_prompt_tokens()),
         running_generated=tuple(int(x) for x in engine.running_generated_tokens()),
-        running_target=tuple(int(x) for x in engine._target[:n]),
-        queued_ids=tuple(r.id for r in q), queued_prompt=tuple(r.prompt for r in q),
-        queued_generated=tuple(r.generated for r in q), queued_target=tuple(r.target for r in q))
+        running_target=tuple(int(x) for x in engine.running_target_tokens()),
+        queued_ids=tuple(r.id for r in q), queued_prompt=tuple(r.prompt_tokens for r in q),
+        queued_generated=tuple(r.generated_tokens for r in q),
+        queued_target=tuple(r.target_tokens for r in q))
 
 
 @dataclass

@@ -1,16 +1,16 @@
-"""Real forward passes for the decode loop (`throttllem._perf.gpu_engine`): the Llama-3-8B-shaped
-random-weight decoder of `gpu_decoder` (its weights, RMSNorm and rotary), run on ragged
+"""Real forward passes for the decode loop (`throttllem._gpulab.loop`): the Llama-3-8B-shaped
+random-weight decoder of `decoder` (its weights, RMSNorm and rotary), run on ragged
 batches the way a serving engine runs them.
 
 One pass processes, as one token stream through every GEMM, one token for each decoding
 sequence and the whole prompt of each sequence admitted in the pass; the new K/V rows go to
 the sequences' KV regions in a flat cache (``[layers, rows, kv_heads, head_dim]``, one
-contiguous region per sequence; which rows are in use is `gpu_engine`'s accounting).
+contiguous region per sequence; which rows are in use is `loop`'s accounting).
 Attention is FlashAttention-2 through ``torch.ops.aten._flash_attention_forward`` (varlen):
 
 * decode rows: one query per sequence over its own c cached keys, read in place
   (``cu_seqlens_k`` = region starts, ``seqused_k`` = contexts), GQA native; in decode-only
-  passes split-KV: each row's keys in `gpu_engine.decode_splits` chunks attended at once and
+  passes split-KV: each row's keys in `loop.decode_splits` chunks attended at once and
   merged by their log-sum-exps, rows longest first — without it a pass's time follows its
   longest context rather than Σ c (measured: residuals of a Σ c model correlated 0.91 with
   the longest context), which no (batch, KV tokens) model can see;
@@ -21,13 +21,13 @@ Backends, probed at start against a float32 reference (`ATTENTION_BACKENDS`): ``
 misbehaves), ``math`` (a per-sequence reference; CPU tests); split-KV is kept only if it
 matches too.
 
-Decode-only passes replay a CUDA graph per batch bucket (`gpu_engine.DECODE_BUCKETS`; the
+Decode-only passes replay a CUDA graph per batch bucket (`loop.DECODE_BUCKETS`; the
 batch is padded up to the bucket, padding rows attend one scratch key); passes that prefill
 run eagerly (their GEMMs dominate launch costs, mostly). Every pass is timed by CUDA events
 around all of its device work (metadata copies included). The SM clock and the energy
-counter are read by a sampler thread every 20 ms (two NVML reads cost ~5 ms on the lent
-machine: between passes they would idle the GPU); a pass gets the latest clock and the last
-period's board power × its time. **No clock, power limit or other GPU setting is ever
+counter are read by a sampler thread every 20 ms (`throttllem._gpulab.sampler`: between
+passes the reads would idle the GPU); a pass gets the latest clock and the last period's
+board power × its time. **No clock, power limit or other GPU setting is ever
 changed** (NVML getters only).
 """
 
@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 import time
 from typing import Any, Final, NamedTuple
 
 import numpy as np
 
-from throttllem._perf.gpu_decoder import LLAMA3_8B, DecoderShape, _Decoder, _nvml_index_for
-from throttllem._perf.gpu_engine import (
+from throttllem._gpu.nvml import NvmlBackend
+from throttllem._gpulab.decoder import LLAMA3_8B, DecoderShape, _Decoder
+from throttllem._gpulab.loop import (
     DECODE_BUCKETS,
     PassMeasurement,
     PassPlan,
@@ -53,98 +53,9 @@ from throttllem._perf.gpu_engine import (
     plan_pass,
     split_chunks,
 )
+from throttllem._gpulab.sampler import NvmlSampler, nvml_index_of_cuda_device, open_nvml
 
 ATTENTION_BACKENDS: Final = ("flash", "flash-gather", "math")
-
-
-class FastNvml:
-    """Two read-only NVML getters (SM clock, total energy) for one GPU; no setter exists."""
-
-    def __init__(self, index: int) -> None:
-        import pynvml  # noqa: PLC0415
-
-        self._nv = pynvml
-        pynvml.nvmlInit()
-        self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        self.index = index
-
-    def sm_clock_mhz(self) -> float:
-        return float(self._nv.nvmlDeviceGetClockInfo(self._h, self._nv.NVML_CLOCK_SM))
-
-    def energy_mj(self) -> float:
-        return float(self._nv.nvmlDeviceGetTotalEnergyConsumption(self._h))
-
-    def describe(self) -> dict[str, Any]:
-        nv, h = self._nv, self._h
-        out: dict[str, Any] = {"nvml_index": self.index}
-        for key, fn in (("name", lambda: nv.nvmlDeviceGetName(h)),
-                        ("power_limit_w", lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1e3),
-                        ("sm_clock_mhz", self.sm_clock_mhz),
-                        ("max_sm_clock_mhz",
-                         lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)),
-                        ("mem_clock_mhz", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
-                        ("temperature_c", lambda: nv.nvmlDeviceGetTemperature(h, 0)),
-                        ("driver", nv.nvmlSystemGetDriverVersion)):
-            try:
-                v = fn()
-                out[key] = v.decode() if isinstance(v, bytes) else v
-            except Exception as e:  # metadata only
-                out[key + "_error"] = repr(e)
-        try:
-            mem = max(nv.nvmlDeviceGetSupportedMemoryClocks(h))
-            clocks = sorted(nv.nvmlDeviceGetSupportedGraphicsClocks(h, mem))
-            out["supported_sm_clocks_mhz"] = [min(clocks), max(clocks), len(clocks)]
-        except Exception as e:  # metadata only
-            out["supported_clocks_error"] = repr(e)
-        return out
-
-    def close(self) -> None:
-        self._nv.nvmlShutdown()
-
-
-class NvmlSampler:
-    """Reads the SM clock and the energy counter every `period_s` in a thread (an NVML
-    read costs milliseconds here; passes must not wait for it). `latest()` is the last
-    (clock MHz, board power W over the last period)."""
-
-    def __init__(self, nvml: FastNvml, period_s: float = 0.02) -> None:
-        self.nvml = nvml
-        self.period_s = period_s
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        t, c, e = time.perf_counter(), nvml.sm_clock_mhz(), nvml.energy_mj()
-        self._last = (t, c, e)
-        self._power = math.nan
-        self.reads = 0
-        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                c = self.nvml.sm_clock_mhz()
-                e = self.nvml.energy_mj()
-            except Exception:  # a failed read is just missing
-                continue
-            t = time.perf_counter()
-            with self._lock:
-                t0, _, e0 = self._last
-                if t > t0 and e >= e0:
-                    self._power = (e - e0) / 1e3 / (t - t0)
-                self._last = (t, c, e)
-                self.reads += 1
-
-    def latest(self) -> tuple[float, float]:
-        with self._lock:
-            return self._last[1], self._power
-
-    def energy_mj(self) -> float:
-        with self._lock:
-            return self._last[2]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2.0)
 
 
 class _SplitMeta(NamedTuple):
@@ -212,13 +123,15 @@ class TorchPassRunner:
         cos, sin = self.dec._rope(t.arange(max_ctx + 1, device=self.device))
         self.cos_tab, self.sin_tab = cos.contiguous(), sin.contiguous()
         self.notes["init_s"] = time.perf_counter() - t0
-        self.nvml: FastNvml | None = None
+        self.nvml: NvmlBackend | None = None
+        self.nvml_index = 0
         self.sampler: NvmlSampler | None = None
         if nvml and self.is_cuda:
-            self.nvml = FastNvml(_nvml_index_for(t, self.device.index or 0))
+            self.nvml = open_nvml()
+            self.nvml_index = nvml_index_of_cuda_device(self.nvml, t, self.device.index or 0)
             if nvml_period_s is not None:
-                self.sampler = NvmlSampler(self.nvml, nvml_period_s)
-        self._e_last = self.nvml.energy_mj() if self.nvml else math.nan
+                self.sampler = NvmlSampler(self.nvml, self.nvml_index, nvml_period_s)
+        self._e_last = self.nvml.energy_mj(self.nvml_index) if self.nvml else math.nan
         self.attention = "math"
         self.probe: dict[str, Any] = {}
         self.attention = self._pick_attention() if attention == "auto" else attention
@@ -375,7 +288,7 @@ class TorchPassRunner:
         return parts[0] if len(parts) == 1 else t.cat(parts)
 
     def _rot(self, x: Any, cos: Any, sin: Any) -> Any:
-        """Rotary embedding (rotate-half convention, as `gpu_decoder`), in 4 kernels."""
+        """Rotary embedding (rotate-half convention, as `decoder`), in 4 kernels."""
         t = self.torch
         half = x.shape[-1] // 2
         rot = t.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -548,8 +461,8 @@ class TorchPassRunner:
             # W · ms = mJ (board power over the last sampling period; 0 before the first)
             energy = power * gpu_ms if math.isfinite(power) else 0.0
         elif self.nvml is not None:
-            clock = self.nvml.sm_clock_mhz()
-            e = self.nvml.energy_mj()
+            clock = self.nvml.sm_clock_mhz(self.nvml_index)
+            e = self.nvml.energy_mj(self.nvml_index)
             energy, self._e_last = e - self._e_last, e
         return PassMeasurement(gpu_ms=gpu_ms, wall_ms=(time.perf_counter() - w0) * 1e3,
                                clock_mhz=clock, energy_mj=energy, graphed=b is not None,

