@@ -19,15 +19,18 @@ from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._events import (
     REQUEST_CODEC,
     RequestAborted,
+    RequestAdmitted,
     RequestArrived,
     RequestCompleted,
+    RequestDeferred,
     RequestEvent,
 )
 from throttllem._gateway.service import GatewayConfig, GatewayService, default_max_model_len
 from throttllem._runtime import REAL_TIME
 from throttllem._services.forecaster import ForecasterService
+from throttllem._services.length_predictor import LengthPredictorService
 from throttllem._subjects import REQUEST_ALL
-from throttllem.testing import VllmServer, forecaster_service
+from throttllem.testing import VllmServer, crowded_perf, forecaster_service
 
 # The session's one vLLM (tests/conftest.py `vllm`) takes minutes to start on two cores.
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -59,16 +62,23 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(nats: EmbeddedNatsServer, vllm: VllmServer) -> AsyncIterator[Stack]:
+async def stack(nats: EmbeddedNatsServer, vllm: VllmServer,
+                forecaster: ForecasterService | None = None) -> AsyncIterator[Stack]:
+    """Gateway and forecaster (default policy unless given one) over `nats`; a forecaster
+    that needs predictions gets the real length predictor (the shipped ONNX model)."""
     cfg = GatewayConfig(model_dir=vllm.model_dir, served_model_names=(vllm.model,),
                         max_model_len=default_max_model_len(vllm.model_dir),
                         instances={vllm.instance: vllm.url},
                         slo_classes=frozenset({"standard", "interactive", "batch"}), port=0)
     buses = [await Bus.connect(nats.url, name=n) for n in ("gateway", "forecaster", "test")]
     gateway = GatewayService(cfg)
-    forecaster = forecaster_service(instances=[vllm.instance], policy="default")
+    forecaster = forecaster or forecaster_service(instances=[vllm.instance], policy="default")
     try:
         async with anyio.create_task_group() as tg:
+            if forecaster.controller.config.needs_predictions:
+                predictor_bus = await Bus.connect(nats.url, name="length-predictor")
+                buses.append(predictor_bus)
+                await tg.start(LengthPredictorService().run, predictor_bus, REAL_TIME)
             await tg.start(forecaster.run, buses[1], REAL_TIME)
             await tg.start(gateway.run, buses[0], REAL_TIME)
             client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1",
@@ -178,4 +188,44 @@ async def test_an_engine_refusal_passes_through_and_is_forgotten(
         aborted = next(e for e in events if isinstance(e, RequestAborted))
         assert (aborted.cause, aborted.instance) == ("engine-failed", vllm.instance)
         assert "HTTP 400" in aborted.reason
+        await s.nothing_pinned()
+
+
+async def test_a_deferred_request_waits_and_is_admitted_when_room_frees(
+        nats: EmbeddedNatsServer, vllm: VllmServer) -> None:
+    # The throttLL'eM policy with a performance model under which an instance holds one
+    # request within its SLOs: of two concurrent requests one must wait for the other.
+    forecaster = forecaster_service(instances=[vllm.instance], policy="throttllem",
+                                    perf=crowded_perf(1))
+    async with stack(nats, vllm, forecaster) as s:
+        async def ask(n: int) -> str:
+            answer = await s.client.completions.create(
+                model=vllm.model, prompt=f"the quick brown fox {n}", max_tokens=24,
+                extra_body={"ignore_eos": True})
+            assert answer.usage is not None
+            assert answer.usage.completion_tokens == 24
+            return answer.choices[0].text
+
+        texts: list[str] = []
+
+        async def collect(n: int) -> None:
+            texts.append(await ask(n))
+
+        async with anyio.create_task_group() as tg:
+            for n in range(2):
+                tg.start_soon(collect, n)
+        assert len(texts) == 2
+
+        events = await s.wait_for(RequestCompleted, 2)
+        deferred = [e for e in events if isinstance(e, RequestDeferred)]
+        assert deferred, "one of the two should have waited"
+        assert not any(d.final for d in deferred)
+        waited = deferred[0].id
+        admitted = {e.request.id: e for e in events if isinstance(e, RequestAdmitted)}
+        completed = {e.id: e for e in events if isinstance(e, RequestCompleted)}
+        assert admitted.keys() == completed.keys()
+        first = next(i for i in admitted if i != waited)
+        # Admitted only once the first was done (its completion freed the instance).
+        assert admitted[waited].decided_s >= completed[first].completed_s
+        assert completed[waited].admitted_s > completed[waited].arrival_s
         await s.nothing_pinned()
