@@ -10,7 +10,12 @@ import msgspec
 import pytest
 
 from throttllem._errors import ApiRequestError, ConfigError
-from throttllem._gateway.instances import InstanceRegistry, parse_instances, phases_of
+from throttllem._gateway.instances import (
+    InstanceRegistry,
+    parse_instances,
+    phases_of,
+    read_instances_file,
+)
 from throttllem._gateway.protocol import (
     PROMPT_TEXT_MAX_CHARS,
     SseSplitter,
@@ -219,3 +224,12 @@ def test_prompt_counter_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         tmp_path / "strict", template="{{ raise_exception('system role not supported') }}"))
     assert "system role not supported" in refusal(
         strict.render_chat, [{"role": "system", "content": "x"}]).message
+
+
+def test_instances_file(tmp_path: Path) -> None:
+    path = tmp_path / "instances"
+    path.write_text("# engines\ni0=http://10.0.0.5:8000\n\n  i1=http://10.0.0.6:8000  \n")
+    assert parse_instances(read_instances_file(path)) == {
+        "i0": "http://10.0.0.5:8000", "i1": "http://10.0.0.6:8000"}
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_instances_file(tmp_path / "missing")

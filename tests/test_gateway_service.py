@@ -6,7 +6,12 @@ the right event, so nothing stays pinned in the controller."""
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +36,7 @@ from throttllem._services.forecaster import ForecasterService
 from throttllem._subjects import REQUEST_ALL, REQUEST_ARRIVED, REQUEST_DEFERRED
 from throttllem.testing import forecaster_service, write_test_tokenizer
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 CLASSES = frozenset({"standard", "interactive", "batch"})
 
@@ -113,6 +118,7 @@ def model_dir(tmp_path: Path) -> Path:
     return write_test_tokenizer(tmp_path / "tiny")
 
 
+@pytest.mark.anyio
 async def test_bad_input_is_refused_in_openai_shape_and_nothing_published(
         nats: EmbeddedNatsServer, model_dir: Path) -> None:
     async with running(nats, config(model_dir), forecaster_instances=["i0"]) as run:
@@ -160,6 +166,7 @@ async def test_bad_input_is_refused_in_openai_shape_and_nothing_published(
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
+@pytest.mark.anyio
 async def test_a_queue_timeout_answers_503_with_retry_after_and_aborts(
         nats: EmbeddedNatsServer, model_dir: Path) -> None:
     # No controller runs: nobody admits, the request times out in the queue.
@@ -185,6 +192,7 @@ async def _has(run: Running, kind: type) -> bool:
     return any(isinstance(e, kind) for e in await run.events())
 
 
+@pytest.mark.anyio
 async def test_a_final_refusal_is_a_400_with_the_controllers_reason(
         nats: EmbeddedNatsServer, model_dir: Path) -> None:
     async with running(nats, config(model_dir)) as run:
@@ -209,6 +217,7 @@ async def test_a_final_refusal_is_a_400_with_the_controllers_reason(
         assert not await _has(run, RequestAborted)  # the controller forgot it already
 
 
+@pytest.mark.anyio
 async def test_an_admission_to_an_unknown_instance_is_a_502_and_aborted(
         nats: EmbeddedNatsServer, model_dir: Path) -> None:
     async with running(nats, config(model_dir), forecaster_instances=["ghost"]) as run:
@@ -223,6 +232,7 @@ async def test_an_admission_to_an_unknown_instance_is_a_502_and_aborted(
         await run.nothing_pinned()
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_dead_engine_is_a_502_and_aborted(nats: EmbeddedNatsServer, model_dir: Path,
                                                   stream: bool) -> None:
@@ -240,6 +250,7 @@ async def test_a_dead_engine_is_a_502_and_aborted(nats: EmbeddedNatsServer, mode
         await run.nothing_pinned()
 
 
+@pytest.mark.anyio
 async def test_a_client_that_leaves_the_queue_is_aborted(nats: EmbeddedNatsServer,
                                                         model_dir: Path) -> None:
     async with running(nats, config(model_dir, queue_timeout_s=30.0)) as run:
@@ -258,3 +269,49 @@ async def test_a_client_that_leaves_the_queue_is_aborted(nats: EmbeddedNatsServe
         assert (aborted.id, aborted.cause) == (arrived.id if isinstance(
             arrived, RequestArrived) else "", "client-disconnected")
         assert run.gateway.health_metrics() == {"waiting": 0.0, "in_flight": 0.0}
+
+
+def test_throttllem_run_gateway_serves_and_stops_on_sigterm(nats: EmbeddedNatsServer,
+                                                          model_dir: Path) -> None:
+    """The service as its container runs it: listening, healthy, and stopped by SIGTERM."""
+
+    exe = Path(sys.executable).parent / "throttllem"
+    proc = subprocess.Popen(
+        [str(exe), "run", "gateway", "--nats", nats.url, "--model", str(model_dir),
+         "--served-model-name", "tiny", "--instance", f"i0={closed_port_url()}",
+         "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("event") == "gateway.listening":
+                    port = record["port"]
+        assert port, "the gateway never said where it listens"
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert health.status_code == 200
+        assert health.json()["instances"]["i0"]["phase"] == "active"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_throttllem_run_gateway_refuses_a_bad_instance(model_dir: Path) -> None:
+
+    exe = Path(sys.executable).parent / "throttllem"
+    done = subprocess.run(
+        [str(exe), "run", "gateway", "--model", str(model_dir), "--instance", "i0"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "must be NAME=URL" in done.stderr

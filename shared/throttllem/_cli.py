@@ -112,7 +112,10 @@ def _scaler(args: argparse.Namespace) -> Service:
 
 def _gateway(args: argparse.Namespace) -> Service:
     from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
-    from throttllem._gateway.instances import parse_instances  # noqa: PLC0415
+    from throttllem._gateway.instances import (  # noqa: PLC0415
+        parse_instances,
+        read_instances_file,
+    )
     from throttllem._gateway.service import (  # noqa: PLC0415
         GatewayConfig,
         GatewayService,
@@ -125,7 +128,9 @@ def _gateway(args: argparse.Namespace) -> Service:
         model_dir=model_dir,
         served_model_names=tuple(args.served_model_name or [args.model]),
         max_model_len=args.max_model_len or default_max_model_len(model_dir),
-        instances=parse_instances(args.instance or []),
+        instances=parse_instances([
+            *(read_instances_file(args.instances_file) if args.instances_file else []),
+            *(args.instance or [])]),
         slo_classes=frozenset(load_slo_classes(args.slo_config)),
         host=args.host, port=args.port,
         api_keys=read_api_keys(args.api_keys) if args.api_keys else {},
@@ -290,6 +295,9 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--instance", action="append", metavar="NAME=URL",
                                help="an engine instance and its base URL, e.g. "
                                     "i0=http://10.0.0.5:8000 (repeatable)")
+                p.add_argument("--instances-file", type=Path, default=None,
+                               help="file of NAME=URL lines, one engine instance each (with "
+                                    "--instance, the union; a name given twice is an error)")
                 p.add_argument("--host", default="0.0.0.0")
                 p.add_argument("--port", type=int, default=8080)
                 p.add_argument("--api-keys", type=Path, default=None,

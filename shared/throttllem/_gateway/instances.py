@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -41,6 +42,15 @@ def parse_instances(specs: Iterable[str]) -> dict[str, str]:
             raise ConfigError(f"instance {name!r} is given twice")
         out[name] = url
     return out
+
+
+def read_instances_file(path: Path) -> list[str]:
+    """`NAME=URL` specs from a file, one a line (`#` comments and blank lines ignored)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read the instances file {path}: {e.strerror or e}") from e
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def phases_of(reason: str) -> dict[str, str]:
