@@ -33,7 +33,12 @@ from throttllem._gateway.service import GatewayConfig, GatewayService
 from throttllem._gateway.tokenizer import PromptCounter
 from throttllem._runtime import REAL_TIME
 from throttllem._services.forecaster import ForecasterService
-from throttllem._subjects import REQUEST_ALL, REQUEST_ARRIVED, REQUEST_DEFERRED
+from throttllem._subjects import (
+    REQUEST_ABORTED,
+    REQUEST_ALL,
+    REQUEST_ARRIVED,
+    REQUEST_DEFERRED,
+)
 from throttllem.testing import forecaster_service, write_test_tokenizer
 
 pytestmark = [pytest.mark.slow]
@@ -268,6 +273,26 @@ async def test_a_client_that_leaves_the_queue_is_aborted(nats: EmbeddedNatsServe
         assert isinstance(aborted, RequestAborted)
         assert (aborted.id, aborted.cause) == (arrived.id if isinstance(
             arrived, RequestArrived) else "", "client-disconnected")
+        assert run.gateway.health_metrics() == {"waiting": 0.0, "in_flight": 0.0}
+
+
+@pytest.mark.anyio
+async def test_an_abort_from_the_controller_ends_the_request(nats: EmbeddedNatsServer,
+                                                            model_dir: Path) -> None:
+    async with running(nats, config(model_dir, queue_timeout_s=30.0)) as run:
+        async def shed(event: RequestEvent) -> None:  # a controller that sheds what arrives
+            assert isinstance(event, RequestArrived)
+            await run.bus.publish_durable(REQUEST_ABORTED, RequestAborted(
+                id=event.id, decided_s=event.arrival_s, cause="shed", reason="overloaded"))
+        await run.bus.subscribe(REQUEST_ARRIVED, REQUEST_CODEC, shed)
+        with pytest.raises(openai.InternalServerError) as info:
+            await run.client.completions.create(model="tiny", prompt="the dog", max_tokens=3)
+        assert info.value.status_code == 503
+        assert info.value.code == "aborted"
+        assert "overloaded" in info.value.message
+        await anyio.sleep(0.3)
+        aborts = [e for e in await run.events() if isinstance(e, RequestAborted)]
+        assert [a.cause for a in aborts] == ["shed"]  # the gateway adds none of its own
         assert run.gateway.health_metrics() == {"waiting": 0.0, "in_flight": 0.0}
 
 

@@ -176,7 +176,7 @@ async def test_a_client_leaving_mid_stream_aborts_the_engine_request(
         assert generated < asked  # vLLM stopped generating when the gateway hung up
 
 
-async def test_an_engine_refusal_passes_through_and_is_forgotten(
+async def test_an_engine_refusal_passes_through_and_is_final(
         nats: EmbeddedNatsServer, vllm: VllmServer) -> None:
     async with stack(nats, vllm) as s:
         # Valid to the gateway, refused by vLLM's own checks: its 400 reaches the client.
@@ -184,10 +184,12 @@ async def test_an_engine_refusal_passes_through_and_is_forgotten(
             await s.client.completions.create(model="tiny", prompt="the dog", max_tokens=4,
                                               temperature=-1.0)
         assert "temperature" in info.value.message
-        events = await s.wait_for(RequestAborted)
-        aborted = next(e for e in events if isinstance(e, RequestAborted))
-        assert (aborted.cause, aborted.instance) == ("engine-failed", vllm.instance)
-        assert "HTTP 400" in aborted.reason
+        # On the bus, the engine contract's final refusal (and no abort, no completion).
+        events = await s.wait_for(RequestDeferred)
+        refused = next(e for e in events if isinstance(e, RequestDeferred))
+        assert refused.final
+        assert refused.reason.startswith(f"{vllm.instance}: the engine refused it with HTTP 400")
+        assert not any(isinstance(e, RequestAborted | RequestCompleted) for e in events)
         await s.nothing_pinned()
 
 

@@ -5,8 +5,12 @@ Per request: validate (nothing is published for a request refused here), count t
 tokens with the served model's tokenizer, publish a durable `request.arrived`, wait for the
 controller's `request.admitted.<instance>` (or a final `request.deferred`, or the queue
 timeout), proxy to the instance with our id as `X-Request-Id`, relay the answer while timing
-every output event, and publish a durable `request.completed` — or `request.aborted` when the
-client went away, the engine failed or the queue timed out, so the controller forgets it.
+every output event, and publish a durable `request.completed` — or a final `request.deferred`
+when the engine refused it (its HTTP 4xx), or `request.aborted` when the client went away, the
+engine failed or the queue timed out, so the controller forgets it. An abort published by
+someone else (the controller shedding a request) cancels the request here, which closes its
+upstream connection so the engine stops it too: for vLLM, the gateway keeps those duties of
+the engine contract (services/README.md).
 
 Stack: Starlette routes (anyio-native) on uvicorn's httptools protocol, inside the service's
 anyio task group (uvicorn's own signal handling is off: the runtime owns SIGTERM); httpx
@@ -152,10 +156,14 @@ class _Flight:
     request: RequestArrived
     instance: str = ""
     admitted_s: float = 0.0
-    outcome: RequestCompleted | RequestAborted | None = None
-    refused: bool = False  # the controller refused it for good: it already forgot it
+    outcome: RequestCompleted | RequestAborted | RequestDeferred | None = None
+    # The controller refused it for good, or someone else aborted it: it is settled on the
+    # bus already, the gateway publishes nothing more for it.
+    settled: bool = False
+    aborted_by: RequestAborted | None = None
     client_gone: bool = False
     response_started: bool = False
+    scope: anyio.CancelScope | None = None
 
 
 class _Server(uvicorn.Server):
@@ -175,6 +183,7 @@ class GatewayService:
         self.port = config.port
         self.listening: socket.socket | None = None
         self._waiters: dict[str, _Waiter] = {}
+        self._flights: dict[str, _Flight] = {}
         self._in_flight = 0
         self._started_wall = int(time.time())
         self._bus: Bus | None = None
@@ -187,9 +196,13 @@ class GatewayService:
     async def _on_decision(self, event: RequestEvent) -> None:
         if isinstance(event, RequestAdmitted):
             waiter = self._waiters.get(event.request.id)
-            if waiter is not None and waiter.decision is None:
-                waiter.decision = event
-                waiter.event.set()
+            if waiter is None:
+                return  # another gateway's request, or one that has ended
+            if waiter.decision is not None:
+                self.bus.counters["admissions_duplicate"] += 1  # never served twice
+                return
+            waiter.decision = event
+            waiter.event.set()
         elif isinstance(event, RequestDeferred):
             waiter = self._waiters.get(event.id)
             if waiter is None or waiter.decision is not None:
@@ -198,6 +211,17 @@ class GatewayService:
             if event.final:
                 waiter.decision = event
                 waiter.event.set()
+
+    async def _on_aborted(self, event: RequestEvent) -> None:
+        """An abort from elsewhere (the controller shedding a request) of one this gateway is
+        serving: cancel it, which closes its upstream connection so the engine stops too.
+        The gateway's own aborts are published after their request has left `_flights`."""
+        if not isinstance(event, RequestAborted):
+            return
+        flight = self._flights.get(event.id)
+        if flight is not None and flight.scope is not None and flight.aborted_by is None:
+            flight.aborted_by = event
+            flight.scope.cancel()
 
     async def _on_scale(self, event: ScaleEvent) -> None:
         if isinstance(event, ScaleTarget):
@@ -323,15 +347,36 @@ class GatewayService:
             self._refused(err)
             await self._send_error(send, err)
             return
+        self._flights[request.id] = flight
         try:
             async with anyio.create_task_group() as tg:
+                flight.scope = tg.cancel_scope
                 tg.start_soon(self._watch_disconnect, receive, flight, tg.cancel_scope)
                 await self._serve(flight, waiter, parsed, send)
                 tg.cancel_scope.cancel()
+            if flight.aborted_by is not None and flight.outcome is None:
+                flight.settled = True
+                if not flight.client_gone:
+                    await self._answer_aborted(flight, send)
         finally:
             self._waiters.pop(request.id, None)
+            self._flights.pop(request.id, None)
             self._in_flight -= 1
             self._finish_later(flight)
+
+    async def _answer_aborted(self, flight: _Flight, send: Send) -> None:
+        """Tell the client its request was aborted by the controller (before or during its
+        answer)."""
+        assert flight.aborted_by is not None
+        self.bus.counters[f"gateway.aborted_elsewhere.{flight.aborted_by.cause}"] += 1
+        err = ApiRequestError(503, f"the request was aborted ({flight.aborted_by.cause}): "
+                                   f"{flight.aborted_by.reason}", type_="server_error",
+                              code="aborted", headers={"retry-after": "1"})
+        if not flight.response_started:
+            await self._send_error(send, err, flight.request.id)
+            return
+        await send({"type": "http.response.body", "more_body": False,
+                    "body": b"data: " + error_body(err) + b"\n\ndata: [DONE]\n\n"})
 
     async def _watch_disconnect(self, receive: Receive, flight: _Flight,
                                 scope: anyio.CancelScope) -> None:
@@ -375,7 +420,7 @@ class GatewayService:
                      f"(every instance is busy within its SLOs); retry after {retry_s} s",
                 type_="server_error", code="queue_timeout", headers={"retry-after": str(retry_s)})
         if isinstance(decision, RequestDeferred):
-            flight.refused = True
+            flight.settled = True
             raise ApiRequestError(400, f"the controller refused the request: {decision.reason}",
                                   code="refused_by_controller")
         flight.instance = decision.instance
@@ -438,9 +483,12 @@ class GatewayService:
         if status >= 500:
             raise self._upstream_failed(
                 flight, f"HTTP {status}: {content[:500].decode(errors='replace')}")
-        # The engine's own 4xx (already OpenAI-shaped): the client's to read, as it is.
-        flight.outcome = self._aborted(flight, "engine-failed",
-                                       f"the engine refused it with HTTP {status}")
+        # The engine's own 4xx (already OpenAI-shaped): the client's to read, as it is; on
+        # the bus, the engine contract's final refusal.
+        flight.outcome = RequestDeferred(
+            id=flight.request.id, decided_s=self.clock.now_s(), final=True,
+            reason=f"{flight.instance}: the engine refused it with HTTP {status}: "
+                   f"{content[:300].decode(errors='replace')}")
         await self._send_json(send, status, content, {"x-request-id": flight.request.id})
 
     def _completed(self, flight: _Flight, output_times_s: list[float], completed_s: float,
@@ -523,9 +571,11 @@ class GatewayService:
         self._tg.start_soon(self._finish, flight)
 
     async def _finish(self, flight: _Flight) -> None:
-        """Publish how the request ended: completed, or aborted so the controller forgets
-        it. Nothing for a request the controller itself refused."""
-        if flight.refused:
+        """Publish how the request ended: completed, refused by its engine (a final
+        deferral, as the engine contract has it) or aborted, so the controller forgets it.
+        Nothing for a request already settled on the bus (refused by the controller, or
+        aborted by someone else)."""
+        if flight.settled:
             return
         outcome = flight.outcome
         if outcome is None:
@@ -536,8 +586,12 @@ class GatewayService:
             try:
                 if isinstance(outcome, RequestCompleted):
                     await self.bus.publish_durable(REQUEST_COMPLETED, outcome,
-                                                   msg_id=f"completed-{outcome.id}")
+                                                   msg_id=f"done-{outcome.id}")
                     self.bus.counters["gateway.completed"] += 1
+                elif isinstance(outcome, RequestDeferred):
+                    await self.bus.publish_durable(REQUEST_DEFERRED, outcome,
+                                                   msg_id=f"rejected-{outcome.id}")
+                    self.bus.counters["gateway.refused_by_engine"] += 1
                 else:
                     await self.bus.publish_durable(REQUEST_ABORTED, outcome,
                                                    msg_id=f"aborted-{outcome.id}")
@@ -605,6 +659,7 @@ class GatewayService:
         await bus.ensure_request_stream()
         await bus.subscribe(REQUEST_ADMITTED_ALL, REQUEST_CODEC, self._on_decision)
         await bus.subscribe(REQUEST_DEFERRED, REQUEST_CODEC, self._on_decision)
+        await bus.subscribe(REQUEST_ABORTED, REQUEST_CODEC, self._on_aborted)
         await bus.subscribe(SCALE_TARGET, SCALE_CODEC, self._on_scale)
         sock = self._bind()
         server = _Server(uvicorn.Config(
