@@ -196,11 +196,10 @@ class GatewayService:
     async def _on_decision(self, event: RequestEvent) -> None:
         if isinstance(event, RequestAdmitted):
             waiter = self._waiters.get(event.request.id)
-            if waiter is None:
-                return  # another gateway's request, or one that has ended
-            if waiter.decision is not None:
-                self.bus.counters["admissions_duplicate"] += 1  # never served twice
-                return
+            if waiter is None or waiter.decision is not None:
+                if event.request.id in self._flights:  # decided already: never served twice
+                    self.bus.counters["admissions_duplicate"] += 1
+                return  # else another gateway's request, or one that has ended
             waiter.decision = event
             waiter.event.set()
         elif isinstance(event, RequestDeferred):
@@ -407,8 +406,11 @@ class GatewayService:
                 await self._send_error(send, e, flight.request.id)
 
     async def _await_admission(self, flight: _Flight, waiter: _Waiter) -> RequestAdmitted:
-        with anyio.move_on_after(self.config.queue_timeout_s):
-            await waiter.event.wait()
+        try:
+            with anyio.move_on_after(self.config.queue_timeout_s):
+                await waiter.event.wait()
+        finally:
+            self._waiters.pop(flight.request.id, None)  # no longer waiting, decided or not
         decision = waiter.decision
         if decision is None:
             retry_s = max(1, math.ceil(waiter.retry_after_s))
