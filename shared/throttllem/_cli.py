@@ -111,6 +111,34 @@ def _scaler(args: argparse.Namespace) -> Service:
                          unit=args.unit, window_s=args.window, tick_s=args.tick)
 
 
+def _gateway(args: argparse.Namespace) -> Service:
+    from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
+    from throttllem._gateway.instances import (  # noqa: PLC0415
+        parse_instances,
+        read_instances_file,
+    )
+    from throttllem._gateway.service import (  # noqa: PLC0415
+        GatewayConfig,
+        GatewayService,
+        default_max_model_len,
+        read_api_keys,
+    )
+
+    model_dir = Path(args.model)
+    config = GatewayConfig(
+        model_dir=model_dir,
+        served_model_names=tuple(args.served_model_name or [args.model]),
+        max_model_len=args.max_model_len or default_max_model_len(model_dir),
+        instances=parse_instances([
+            *(read_instances_file(args.instances_file) if args.instances_file else []),
+            *(args.instance or [])]),
+        slo_classes=frozenset(load_slo_classes(args.slo_config)),
+        host=args.host, port=args.port,
+        api_keys=read_api_keys(args.api_keys) if args.api_keys else {},
+        default_slo_class=args.default_slo_class, queue_timeout_s=args.queue_timeout,
+        max_body_bytes=args.max_body_bytes,
+        upstream_api_key=os.environ.get("THROTTLLEM_UPSTREAM_API_KEY") or None)
+    return GatewayService(config)
 def _consumer(args: argparse.Namespace) -> Service:
     from throttllem._consumers import ConsumerContext, load_plugin  # noqa: PLC0415
     from throttllem._consumers.service import ConsumerService  # noqa: PLC0415
@@ -139,6 +167,8 @@ SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
                  _actuator),
     "replayer": ("publishes a trace's requests at their arrival times", _replayer),
     "scaler": ("instance count by load thresholds, published as scale.target", _scaler),
+    "gateway": ("OpenAI-compatible HTTP front door: admission by the controller, proxy "
+                "to the chosen engine instance", _gateway),
     "consumer": ("a plug-in (entry point throttllem.consumers) fed the durable energy records",
                  _consumer),
 }
@@ -257,6 +287,35 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--window", type=float, default=10.0,
                                help="seconds of arrivals in the load estimate")
                 p.add_argument("--tick", type=float, default=1.0, help="seconds between decisions")
+            case "gateway":
+                p.add_argument("--model", required=True,
+                               help="the served model's folder (its tokenizer.json, "
+                                    "tokenizer_config.json and config.json count prompts)")
+                p.add_argument("--served-model-name", action="append", default=None,
+                               help="the name clients send as `model`, as given to vLLM "
+                                    "(repeatable; default: --model as written)")
+                p.add_argument("--max-model-len", type=int, default=None,
+                               help="the engines' context window (default: config.json's "
+                                    "max_position_embeddings)")
+                p.add_argument("--instance", action="append", metavar="NAME=URL",
+                               help="an engine instance and its base URL, e.g. "
+                                    "i0=http://10.0.0.5:8000 (repeatable)")
+                p.add_argument("--instances-file", type=Path, default=None,
+                               help="file of NAME=URL lines, one engine instance each (with "
+                                    "--instance, the union; a name given twice is an error)")
+                p.add_argument("--host", default="0.0.0.0")
+                p.add_argument("--port", type=int, default=8080)
+                p.add_argument("--api-keys", type=Path, default=None,
+                               help="file of KEY=TENANT lines: clients must send one of these "
+                                    "keys, which names their tenant (default: no keys, tenant "
+                                    "from the x-throttllem-tenant header)")
+                p.add_argument("--slo-config", type=Path, default=None, help=SLO_CONFIG_HELP)
+                p.add_argument("--default-slo-class", default="standard",
+                               help="class of requests without an x-throttllem-slo-class header")
+                p.add_argument("--queue-timeout", type=float, default=30.0,
+                               help="seconds a request may wait for admission before a 503 "
+                                    "with Retry-After")
+                p.add_argument("--max-body-bytes", type=int, default=4 << 20)
             case "consumer":
                 p.add_argument("--plugin", required=True,
                                help="entry-point name in throttllem.consumers (shipped: "
@@ -428,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_models(sub)
+    _add_model(sub)
     _add_report(sub)
     _add_security(sub)
     return parser
@@ -503,6 +563,12 @@ def _add_models(sub: Any) -> None:
     add_perf_parser(sub)
     add_profile_parser(sub)
 
+
+def _add_model(sub: Any) -> None:
+    """`model tiny`: a servable model written locally (no download)."""
+    from throttllem._engines.vllm.tiny_model import add_model_parser  # noqa: PLC0415
+
+    add_model_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
