@@ -212,3 +212,39 @@ def test_not_measured_is_the_default_off_a_gpu() -> None:
     assert not GpuEngineOptions(runner="fake", device="cpu").energy_measured
     assert not GpuEngineOptions(runner="torch", device="cpu", model="tiny").energy_measured
     assert GpuEngineOptions(runner="torch", device="cuda:0").energy_measured
+
+
+# --------------------------------------------------------------------------- the device script
+
+
+@pytest.mark.slow
+def test_the_device_demo_script_runs_both_engines_and_labels_what_it_measured(
+        tmp_path: Path) -> None:
+    """`benchmarks/device_demo_gpu.py` end to end off a GPU (`--cpu-smoke`: the fake pass
+    timer, no NVML): the GPU engine's run is labelled not measured and carries no energy; the
+    twin's is labelled simulated; the comparison has a ratio for every latency figure."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_demo_gpu.py"
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(script), "--cpu-smoke", "--minutes", "0.1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads((out / "demo_gpu.json").read_text(encoding="utf-8"))
+    hw, twin = doc["hardware"], doc["twin"]
+    assert doc["gpu"] is None
+    assert not hw["measured"]
+    assert hw["energy_j"] is None
+    assert hw["attributed_energy_j"] is None
+    assert "not measured" in hw["energy_source"]
+    assert hw["engine"]["energy_source"] == ENERGY_NOT_MEASURED
+    assert twin["energy_source"] == "twin (simulated)"
+    assert twin["energy_j"] > 0
+    for run in (hw, twin):
+        assert run["requests_served"] == run["requests_submitted"] > 0
+    assert hw["passes"] > 0
+    ratios = doc["twin_over_hardware"]
+    assert ratios["energy_j"] is None
+    assert all(ratios[k] is not None and ratios[k] > 0 for k in (
+        "ttft_p50_ms", "tbt_p50_ms", "e2e_p50_ms", "mean_batch"))
+    assert "not measured" in (out / "demo_gpu.txt").read_text(encoding="utf-8")
+    assert (out / "logs.tar.gz").stat().st_size > 0

@@ -294,7 +294,11 @@ class GpuEngineService:
 
         shape = MODELS[o.model]
         cap = o.kv_tokens or self._kv_tokens_of_setup() + self.profile.model.max_model_len
-        if o.device.startswith("cuda"):
+        if o.device == "cpu":
+            # A toy decoder: one thread, as a shared machine's OpenMP threads spinning
+            # against each other slow a pass down by ~40x.
+            torch.set_num_threads(1)
+        else:
             if not torch.cuda.is_available():
                 raise ConfigError(f"--device {o.device}: PyTorch sees no CUDA device")
             dev = torch.device(o.device)
