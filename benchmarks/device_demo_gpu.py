@@ -45,6 +45,7 @@ from throttllem._core.slo import DEFAULT_SLO_CLASSES
 from throttllem._demo import DemoOptions, _spawn, _stop, trace_requests
 from throttllem._engines.gpu import ENERGY_MEASURED
 from throttllem._events import (
+    ENERGY_CODEC,
     ENGINE_CODEC,
     HEALTH_CODEC,
     REQUEST_CODEC,
@@ -52,6 +53,7 @@ from throttllem._events import (
     Heartbeat,
     RequestCompleted,
     RequestDeferred,
+    RequestEnergy,
     RequestEvent,
 )
 from throttllem._gpu.remote import RemoteGpu
@@ -59,6 +61,7 @@ from throttllem._runtime import Clock
 from throttllem._services.replayer import replay
 from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import (
+    ENERGY_REQUEST,
     ENGINE_ITERATION_ALL,
     HEALTH_ALL,
     REQUEST_COMPLETED,
@@ -89,6 +92,8 @@ class Run(msgspec.Struct, kw_only=True):
     attributed_energy_j: float | None = None
     # Per request (measured runs): how many carry energy, and its p50 / p99 in J.
     request_energy_j: dict[str, float] = {}
+    # The collector's durable `energy.request` records of this run, by attribution source.
+    energy_records: dict[str, int] = {}
     passes: int = 0
     engine: dict[str, Any] = {}
 
@@ -102,7 +107,7 @@ async def serve_window(args: argparse.Namespace, *, engine: str, nats_url: str,
     requests = list(trace_requests(opts, offset_s=0.0, run_tag=f"{engine}-"))
     if not requests:
         raise SystemExit("the trace window holds no requests")
-    clock = Clock(epoch_wall_s=time.time())
+    clock = Clock(epoch_wall_s=time.time(), speed=1.0 if hardware else args.twin_speed)
     record = log_dir / f"engine-{engine}.jsonl"
     procs: list[subprocess.Popen[bytes]] = []
     bus = await Bus.connect(nats_url, name=f"demo-{engine}")
@@ -182,7 +187,8 @@ async def serve_window(args: argparse.Namespace, *, engine: str, nats_url: str,
         say(f"{engine}: replaying {len(requests)} requests over {end_s - offset_s:.0f} s")
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(replay, bus, clock, requests))
-            with anyio.move_on_after(end_s - clock.now_s() + args.drain_timeout_s):
+            with anyio.move_on_after((end_s - clock.now_s()) / clock.speed
+                                     + args.drain_timeout_s):
                 last = time.monotonic()
                 while len(completions) + len(rejected) < len(requests):
                     await anyio.sleep(0.2)
@@ -194,6 +200,13 @@ async def serve_window(args: argparse.Namespace, *, engine: str, nats_url: str,
         await anyio.sleep(0.3)  # let the engines account energy up to now
         e1 = await energy_mj()
         duration_s = clock.now_s() - offset_s
+        # The telemetry collector's durable per-request records (billing's view).
+        await anyio.sleep(1.0)
+        ids = {r.id for r in requests}
+        records_by_source: dict[str, int] = {}
+        for rec in await bus.history(ENERGY_REQUEST, ENERGY_CODEC):
+            if isinstance(rec, RequestEnergy) and rec.id in ids:
+                records_by_source[rec.source] = records_by_source.get(rec.source, 0) + 1
     finally:
         with anyio.CancelScope(shield=True):
             await bus.close()
@@ -230,6 +243,7 @@ async def serve_window(args: argparse.Namespace, *, engine: str, nats_url: str,
     passes = sum(1 for r in read_records(record) if r["kind"] == "pass")
     return Run(report=report, label=label, measured=measured, energy_note=note,
                attributed_energy_j=attributed, request_energy_j=per_request,
+               energy_records=records_by_source,
                passes=passes or clocks.iterations,
                engine=header)
 
@@ -294,7 +308,8 @@ def run_json(run: Run) -> dict[str, Any]:
     out: dict[str, Any] = finite({
         **msgspec.to_builtins(run.report), "label": run.label, "measured": run.measured,
         "energy_note": run.energy_note, "attributed_energy_j": run.attributed_energy_j,
-        "request_energy_j": run.request_energy_j, "passes": run.passes,
+        "request_energy_j": run.request_energy_j, "energy_records": run.energy_records,
+        "passes": run.passes,
         "engine": msgspec.to_builtins(run.engine)})
     return out
 
@@ -316,11 +331,18 @@ def main() -> int:
     p.add_argument("--startup-timeout-s", type=float, default=300.0,
                    help="the GPU engine loads its decoder and captures CUDA graphs first")
     p.add_argument("--drain-timeout-s", type=float, default=90.0)
+    p.add_argument("--twin-speed", type=float, default=1.0,
+                   help="event seconds per wall second of the twin run (its figures are in "
+                        "event time; the hardware run is always real time)")
+    p.add_argument("--wall-budget-s", type=float, default=560.0,
+                   help="skip the twin run when it would not end within this many seconds "
+                        "of the start (a device command is stopped at 600 s)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: the fake pass timer, no NVML (nothing is measured)")
     args = p.parse_args()
     if args.data_dir is not None:
         os.environ["THROTTLLEM_DATA_DIR"] = str(args.data_dir.resolve())
+    started = time.monotonic()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     say("SM clocks, power limits and every GPU setting stay the card's own: NVML is only "
@@ -336,7 +358,15 @@ def main() -> int:
                                                      nats_url=server.url, log_dir=logs))
                 (out / "demo_gpu.json").write_text(json.dumps(
                     {"hardware": run_json(runs["hardware"])}, indent=1) + "\n")
-                if not args.skip_twin:
+                left_s = args.wall_budget_s - (time.monotonic() - started)
+                need_s = args.minutes * 60.0 / args.twin_speed + 60.0
+                if args.skip_twin:
+                    pass
+                elif need_s > left_s:
+                    say(f"twin run skipped: it needs ~{need_s:.0f} s, {left_s:.0f} s of the "
+                        "wall budget are left (it needs no GPU: run this script with "
+                        "--cpu-smoke elsewhere for the twin column)")
+                else:
                     runs["twin"] = anyio.run(partial(serve_window, args, engine="twin",
                                                      nats_url=server.url, log_dir=logs))
         finally:

@@ -239,6 +239,7 @@ def test_the_device_demo_script_runs_both_engines_and_labels_what_it_measured(
     assert hw["engine"]["energy_source"] == ENERGY_NOT_MEASURED
     assert twin["energy_source"] == "twin (simulated)"
     assert twin["energy_j"] > 0
+    assert sum(twin["energy_records"].values()) == twin["requests_served"]
     for run in (hw, twin):
         assert run["requests_served"] == run["requests_submitted"] > 0
     assert hw["passes"] > 0

@@ -60,7 +60,7 @@ from throttllem._engines.contract import (
     completion_msg_id,
     refusal_msg_id,
 )
-from throttllem._errors import ConfigError, RequestRejectedError
+from throttllem._errors import ConfigError, GpuError, RequestRejectedError
 from throttllem._events import (
     REQUEST_CODEC,
     EngineIteration,
@@ -253,7 +253,7 @@ class GpuEngineService:
         decoder and capturing CUDA graphs takes a while on a GPU)."""
         o = self.options
         e = self.profile.engine
-        token_slots = 2 * e.max_batch + 16
+        token_slots = 4 * e.max_batch + 16  # running ones, and preempted ones between passes
         meter: PassEnergyMeter | None = None
         sm_clock: Any = lambda: 0.0  # noqa: E731
         meta: dict[str, Any] = {
@@ -461,7 +461,16 @@ class GpuEngineService:
                 with anyio.move_on_after(wait_s):
                     self._take(bus, await self._inbox.receive(), pending)
                 continue
-            outcome = await anyio.to_thread.run_sync(self._step, clock)
+            try:
+                outcome = await anyio.to_thread.run_sync(self._step, clock)
+            except MemoryError as e:
+                # KV regions are reserved at a request's final length, the engine's blocks
+                # at its current one: under heavy load the first can run out first.
+                log.error("engine.kv_regions_exhausted", instance=self.instance, error=str(e),
+                          running=engine.running_count, queued=engine.queue_len)
+                raise GpuError(f"{self.instance}: the runner's KV cache is out of room "
+                               f"({e}); restart with a larger --kv-tokens or fewer "
+                               "concurrent requests") from e
             if outcome is None:  # nothing runnable yet (a head not due): let the bus in
                 await anyio.sleep(0.001)
                 continue

@@ -587,6 +587,10 @@ class LoopGpu(GpuTwin):
         if acc != prefill_tokens or sum(x * x for x in lens) != int(prefill_attn_tokens2):
             raise RuntimeError(f"cannot tell which requests the pass admits ({acc} of "
                                f"{prefill_tokens} prefill tokens matched)")
+        # A request preempted by this step holds a region it will never use again (it is
+        # prefilled from scratch when re-admitted): free it before this pass allocates.
+        in_pass = set(running).union(r.id for r in admitted)
+        self.release([rid for rid in self._held if rid not in in_pass])
         starts: list[int] = []
         slots: list[int] = []
         for rid in running:
