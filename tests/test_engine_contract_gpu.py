@@ -31,13 +31,15 @@ from throttllem._engines.gpu import (
 )
 from throttllem._errors import ConfigError
 from throttllem._events import RequestArrived
+from throttllem._gpu.nvml import NvmlBackend
 from throttllem._gpulab.loop import FakePassRunner
-from throttllem._gpulab.sampler import CounterTimeline, PassEnergyMeter
+from throttllem._gpulab.sampler import CounterTimeline, NvmlSampler, PassEnergyMeter
 from throttllem._runtime import Clock
 from throttllem._setup import DEFAULT_SETUP, load_setup
 from throttllem._subjects import health
 from throttllem._twin.engine import EngineTwin
 from throttllem._twin.profile import load_profile
+from throttllem.testing import FakeNvml
 from throttllem.testing_engine_contract import EngineContractSuite, EngineProcess
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -140,6 +142,24 @@ def test_pass_energy_meter_chains_back_to_back_passes_and_skips_idle() -> None:
     meter.break_chain()  # idle from 0.05 to 1.0: charged to no pass
     assert meter.charge(1.0, 1.01) == pytest.approx(power_mw * 0.01)
     assert meter.charge(1.01, 1.005) == 0.0  # never negative
+
+
+def test_the_nvml_sampler_answers_the_counter_at_any_instant() -> None:
+    """The sampler the engine charges passes from, on the NVML backend (read-only) over a
+    stand-in NVML library; its thread is kept asleep and the reads are fed by hand."""
+    fake = FakeNvml(energy_mj=5_000_000)
+    with NvmlSampler(NvmlBackend(dry_run=True, lib=fake), 0, period_s=3600.0,
+                     keep_clocks=False) as sampler:
+        t0 = time.perf_counter()
+        sampler.record(t0 + 1.0, 1980.0, 5_000_000 + 400_000)  # 400 W over a second
+        sampler.record(t0 + 2.0, 1965.0, 5_000_000 + 700_000)
+        assert sampler.energy_at(t0 + 1.5) == pytest.approx(5_550_000)
+        assert sampler.energy_at(t0 + 2.5) == pytest.approx(5_850_000)
+        meter = PassEnergyMeter(sampler.energy_at)
+        assert meter.charge(t0 + 1.0, t0 + 1.25) == pytest.approx(75_000)
+        assert sampler.latest() == (1965.0, pytest.approx(300.0))
+        assert sampler.clocks_mhz == [1980.0]  # only the first read: memory stays flat
+    assert fake.called("nvmlDeviceSetGpuLockedClocks") == []
 
 
 def test_measured_passes_are_attributed_by_token_share_and_add_up() -> None:
