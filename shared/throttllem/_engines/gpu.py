@@ -36,6 +36,7 @@ import json
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -112,6 +113,10 @@ _IDLE_POLL_WALL_S: Final = 0.25
 _InboxItem = RequestAdmitted | RequestAborted
 
 
+def _no_clock() -> float:
+    return 0.0
+
+
 def fake_pass_ms(batch: int, kv_tokens: int, prefill_tokens: int, attn_tokens2: int) -> float:
     """The fake pass timer: an affine function of the pass shape, in the range of a
     Llama-3-8B pass on an H100 (a stand-in for tests, never a measurement)."""
@@ -168,7 +173,7 @@ class _LiveLoopGpu(LoopGpu):
     SM clock are read off NVML (or are 0: not measured)."""
 
     def __init__(self, profile: SetupProfile, runner: PassRunner, clock: Clock,
-                 meter: PassEnergyMeter | None, sm_clock_mhz: Any) -> None:
+                 meter: PassEnergyMeter | None, sm_clock_mhz: Callable[[], float]) -> None:
         super().__init__(profile, runner)
         self.clock = clock
         self.meter = meter
@@ -255,7 +260,7 @@ class GpuEngineService:
         e = self.profile.engine
         token_slots = 4 * e.max_batch + 16  # running ones, and preempted ones between passes
         meter: PassEnergyMeter | None = None
-        sm_clock: Any = lambda: 0.0  # noqa: E731
+        sm_clock: Callable[[], float] = _no_clock
         meta: dict[str, Any] = {
             "instance": self.instance, "backend": "gpu", "runner": o.runner,
             "device": o.device, "setup": self.profile.name, "energy_source": self.energy_source,
@@ -269,7 +274,7 @@ class GpuEngineService:
         else:
             runner, cap = self._torch_runner(token_slots, meta)
         if o.energy_measured:
-            meter, sm_clock = self._nvml(runner, meta)
+            meter, sm_clock = self._nvml(meta)
         kv_blocks = min(e.kv_blocks, (cap - 1) // e.block_tokens)
         profile = self.profile
         if kv_blocks < e.kv_blocks:
@@ -322,7 +327,7 @@ class GpuEngineService:
                  "pass_times": "measured: wall time of each pass (CUDA-synchronized on a GPU)"}
         return _ThreadDevice(runner, torch, o.device), cap
 
-    def _nvml(self, runner: PassRunner, meta: dict[str, Any]) -> tuple[PassEnergyMeter, Any]:
+    def _nvml(self, meta: dict[str, Any]) -> tuple[PassEnergyMeter, Callable[[], float]]:
         from throttllem._gpulab.sampler import (  # noqa: PLC0415 - pynvml only when measuring
             NvmlSampler,
             describe_gpu,
@@ -343,7 +348,10 @@ class GpuEngineService:
             f"NVML total-energy counter read every {self.options.nvml_period_s * 1e3:g} ms in "
             "a thread; each pass charged its increase (interpolated between reads), back-to-"
             "back passes chained; idle time charged to no pass")
-        return PassEnergyMeter(sampler.energy_at), lambda: sampler.latest()[0]
+        def sm_clock_mhz() -> float:
+            return sampler.latest()[0]
+
+        return PassEnergyMeter(sampler.energy_at), sm_clock_mhz
 
     # ------------------------------------------------------------------ consumers
 
