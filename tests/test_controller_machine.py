@@ -174,3 +174,11 @@ def test_bad_configurations_are_refused() -> None:
             ControllerConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="clock policy"):
         Controller(POLICIES["throttllem"], shape=SHAPE)
+
+
+def test_an_abort_that_overtakes_its_arrival_drops_the_request() -> None:
+    ctl = controller()
+    assert ctl.forget("early", 0.0) == []  # the gateway gave up before the offer came
+    assert ctl.offer(request("early"), LENGTHS, 0.1) == []
+    assert "early" not in ctl.placed
+    assert admitted(ctl.offer(request("early"), LENGTHS, 0.2)) == ["early"]  # once only

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from throttllem import _metrics as m
 from throttllem._bus import Bus, EmbeddedNatsServer
+from throttllem._engines.twin import EngineTwinService
 from throttllem._errors import ConfigError
 from throttllem._events import (
     ENERGY_CODEC,
@@ -31,7 +32,6 @@ from throttllem._events import (
 from throttllem._gpu.remote import serve_gpu
 from throttllem._runtime import Clock
 from throttllem._services.actuator import ActuatorService
-from throttllem._engines.twin import EngineTwinService
 from throttllem._services.telemetry import TelemetryService
 from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import ENERGY_REQUEST, freq_target, request_admitted, twin_gpu

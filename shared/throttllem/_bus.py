@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
+from throttllem._busauth import BusAuth, redact_url, url_has_secret
 from throttllem._errors import (
     BusError,
     MalformedEventError,
@@ -45,7 +48,14 @@ from throttllem._errors import (
     error_named,
 )
 from throttllem._events import RPC_ERROR_CODEC, Codec, RpcError, encode
-from throttllem._subjects import ENERGY_ALL, REQUEST_ALL, REQUEST_STREAM
+from throttllem._subjects import (
+    ENERGY_ALL,
+    PREFIX,
+    REQUEST_ALL,
+    REQUEST_STREAM,
+    history_consumer,
+    token,
+)
 
 log = structlog.get_logger("throttllem.bus")
 
@@ -64,6 +74,17 @@ UNREACHABLE_HINT: Final = (
     "start one there with `nats-server -js`, or pass --nats the URL of a running server "
     "(only `throttllem demo` starts an embedded one, when given no --nats)")
 _LISTEN_RE: Final = re.compile(r"Listening for client connections on ([0-9.\[\]:a-fA-F]+):(\d+)")
+# "Permissions Violation for Publish to "subject"" (or Subscription to) from the server.
+_PERMISSION_RE: Final = re.compile(
+    r"Permissions Violation for (Publish|Subscription) to \"?([^\"'\s]+)", re.IGNORECASE)
+# Warn on the 1st, 10th and 100th occurrence of a repeated condition (then every 100th).
+_LOG_AT: Final = frozenset({1, 10, 100})
+
+
+def _family(subject: str) -> str:
+    """The subject's family for counters: `tllm.v1.request.arrived` -> `request`."""
+    rest = subject.removeprefix(PREFIX + ".")
+    return rest.split(".", 1)[0] if rest != subject else "other"
 
 
 # --------------------------------------------------------------------------- embedded server
@@ -94,10 +115,16 @@ class EmbeddedNatsServer:
     """
 
     def __init__(self, *, store_dir: Path | None = None, start_timeout_s: float = 10.0,
-                 port: int | None = None) -> None:
+                 port: int | None = None, config: Path | None = None,
+                 tls: bool = False) -> None:
         """`port`: None picks a free one (read from the log); a number restarts a server
-        where clients already point (their reconnects then find it)."""
+        where clients already point (their reconnects then find it). `config`: a
+        nats-server config file (identities, TLS; `throttllem security init` writes one);
+        the address, port and store given here override its own. `tls`: the config
+        requires TLS, so the URL is `tls://`. No monitoring port is opened."""
         self._port = -1 if port is None else port
+        self._config = config
+        self._scheme = "tls" if tls else "nats"
         self._own_dir = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="tllm-nats-"))
         self.log_path = self.store_dir / "nats-server.log"
@@ -109,9 +136,11 @@ class EmbeddedNatsServer:
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.write_bytes(b"")
-        args = [str(binary), "-a", "127.0.0.1", "-p", str(self._port), "-js", "-sd",
-                str(self.store_dir),
-                "-l", str(self.log_path)]
+        args = [str(binary)]
+        if self._config is not None:
+            args += ["-c", str(self._config)]
+        args += ["-a", "127.0.0.1", "-p", str(self._port), "-js", "-sd", str(self.store_dir),
+                 "-l", str(self.log_path)]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self._start_timeout_s
@@ -119,7 +148,7 @@ class EmbeddedNatsServer:
             text = self.log_path.read_text(errors="replace")
             match = _LISTEN_RE.search(text)
             if match and "Server is ready" in text:
-                self.url = f"nats://127.0.0.1:{match.group(2)}"
+                self.url = f"{self._scheme}://127.0.0.1:{match.group(2)}"
                 log.info("nats.embedded.started", url=self.url, store_dir=str(self.store_dir))
                 return self.url
             if self._proc.poll() is not None:
@@ -127,6 +156,11 @@ class EmbeddedNatsServer:
             time.sleep(0.02)
         self.stop()
         raise BusError(f"nats-server did not become ready in {self._start_timeout_s} s")
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (tests freeze it with SIGSTOP)."""
+        return self._proc.pid if self._proc is not None else None
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -152,26 +186,58 @@ class EmbeddedNatsServer:
 
 
 class Bus:
-    """A NATS connection with typed publish/subscribe and counted rejections."""
+    """A NATS connection with typed publish/subscribe and counted rejections.
 
-    def __init__(self, nc: NatsClient, *, name: str) -> None:
+    It rides out server outages of any length: reconnects are unbounded, durable publishes
+    are retried (same message id, so JetStream stores each once) until they are acked, and
+    pull consumers resume when the server is back. Refused operations (permissions) are
+    counted (`refused.publish`, `refused.subscribe`) and logged with the subject.
+    """
+
+    def __init__(self, nc: NatsClient, *, name: str, service: str | None = None) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.name = name
+        self.service = service
         self.counters: Counter[str] = Counter()
         self._log = log.bind(client=name)
         self._closing: list[bool] = []
+        self._refused_subjects: set[str] = set()  # lower case, as nats-py reports them
+
+    def _on_server_error(self, error: Exception) -> None:
+        """Count what the server refused; a refused durable publish then fails at once
+        instead of being retried for ever."""
+        text = str(error)
+        match = _PERMISSION_RE.search(text)
+        if match is None:
+            return
+        kind = "subscribe" if match.group(1).lower().startswith("sub") else "publish"
+        self.counters[f"refused.{kind}"] += 1
+        if kind == "publish":  # nats-py lower-cases the server's error text
+            self._refused_subjects.add(match.group(2).lower())
+        self._log.warning("nats.permission_denied", operation=kind, subject=match.group(2))
 
     @classmethod
     async def connect(cls, url: str, *, name: str, connect_timeout_s: float = 5.0,
-                      hint: str | None = None) -> Bus:
-        """Connect with unbounded reconnects; fail fast with a clear error if never reachable.
+                      hint: str | None = None, auth: BusAuth | None = None,
+                      service: str | None = None) -> Bus:
+        """Connect with unbounded reconnects; fail fast with a clear error if never reachable
+        or if the server refuses the credentials.
 
-        `hint` ends that error with what the caller's user can do; the default holds in every
-        context (only `throttllem demo` can start an embedded server, `throttllem run` cannot).
+        `auth`: credentials and TLS (none: anonymous plaintext, a development server).
+        `service`: the service this client runs as; its reply inbox is then
+        `_INBOX.<service>`, the only inbox its identity may read (`throttllem._security`).
+        `hint` ends the unreachable error with what the caller's user can do; the default
+        holds in every context (only `throttllem demo` can start an embedded server).
         """
-        log_ = log.bind(client=name, url=url)
-
+        shown = redact_url(url)
+        log_ = log.bind(client=name, url=shown)
+        if url_has_secret(url):
+            log_.warning("nats.credentials_in_url",
+                         hint="the process list and shell history show them: use a creds, "
+                              "nkey, password or token file instead")
+        auth = auth or BusAuth()
+        holder: list[Bus] = []
         closing: list[bool] = []  # set by Bus.close(): a disconnect we asked for is no news
 
         async def on_disconnect() -> None:
@@ -183,22 +249,66 @@ class Bus:
         async def on_reconnect() -> None:
             log_.info("nats.reconnected")
 
-        async def on_error(e: Exception) -> None:
-            log_.warning("nats.error", error=str(e))
+        seen: list[Exception] = []  # errors of the first connect, for a clear message
 
+        async def on_error(e: Exception) -> None:
+            if not holder:
+                seen.append(e)
+                log_.warning("nats.error", error=redact_url(str(e)))
+                return
+            bus = holder[0]
+            bus._on_server_error(e)
+            if _PERMISSION_RE.search(str(e)) is not None:
+                return
+            if isinstance(e, OSError | TimeoutError) and not bus.nc.is_connected:
+                # A reconnect attempt failed: the server is still away. Said at the 1st,
+                # 10th, 100th and then every 100th attempt, not twice a second.
+                bus.counters["reconnect_attempts_failed"] += 1
+                n = bus.counters["reconnect_attempts_failed"]
+                if n not in _LOG_AT and n % 100:
+                    return
+                log_.warning("nats.reconnect_failed", attempts=n, error=redact_url(str(e)))
+                return
+            log_.warning("nats.error", error=redact_url(str(e)))
+
+        options: dict[str, Any] = auth.connect_options()
+        # Seconds, fractions allowed (nats-py's annotations say int).
+        options |= {"reconnect_time_wait": 0.5, "connect_timeout": connect_timeout_s}
+        if service is not None:
+            options["inbox_prefix"] = f"_INBOX.{token(service)}"
+        nc = NatsClient()
         try:
-            nc = await nats.connect(
-                url, name=name, connect_timeout=connect_timeout_s, allow_reconnect=True,
-                max_reconnect_attempts=2, reconnect_time_wait=0.5,
-                disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
-            )
+            # nats-py 2.16 can retry a failed TLS handshake for ever inside connect(): the
+            # deadline makes a refused certificate an error, not a hang.
+            with anyio.fail_after(3 * connect_timeout_s + 1):
+                await nc.connect(
+                    url, name=name, allow_reconnect=True,
+                    max_reconnect_attempts=2, disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect, error_cb=on_error, **options,
+                )
         except (OSError, nats.errors.Error, TimeoutError) as e:
-            raise BusError(f"cannot reach NATS at {url} ({e!r}); {hint or UNREACHABLE_HINT}") from e
+            with contextlib.suppress(Exception):
+                await nc.close()
+            if any(isinstance(x, nats.errors.AuthorizationError)
+                   or "authorization violation" in str(x).lower() for x in [*seen, e]):
+                raise BusError(f"NATS at {shown} refused the credentials "
+                               f"({auth.describe()['auth']}): check the identity's nkey, "
+                               "creds, password or token") from e
+            cause = next((x for x in seen if isinstance(x, ssl.SSLError)), seen[-1] if seen else e)
+            detail = redact_url(repr(cause))
+            if isinstance(cause, ssl.SSLError):
+                raise BusError(f"TLS with NATS at {shown} failed ({detail}): check --nats-ca "
+                               "(the CA that signed the server), --nats-cert/--nats-key "
+                               "(mutual TLS) and the server name") from e
+            raise BusError(f"cannot reach NATS at {shown} ({detail}); "
+                           f"{hint or UNREACHABLE_HINT}") from e
         # Bounded tries to connect at first (a wrong URL fails fast), unbounded reconnects once
-        # connected (a restarting server is waited for).
+        # connected (a restarting server is waited for, however long it takes).
         nc.options["max_reconnect_attempts"] = -1
-        bus = cls(nc, name=name)
+        bus = cls(nc, name=name, service=service)
+        holder.append(bus)
         bus._closing = closing
+        log_.info("nats.connected", **auth.describe())
         return bus
 
     async def close(self) -> None:
@@ -227,17 +337,64 @@ class Bus:
     # ---- publishing
 
     async def publish(self, subject: str, event: msgspec.Struct) -> None:
-        """Fire-and-forget (telemetry, iterations)."""
-        await self.nc.publish(subject, encode(event))
+        """Fire-and-forget (telemetry, iterations). During an outage the client buffers what
+        it can; what it cannot is counted (`dropped.<family>`) and logged, never raised."""
+        try:
+            await self.nc.publish(subject, encode(event))
+        except nats.errors.ConnectionClosedError as e:
+            raise BusError(f"publish to {subject} after the connection was closed") from e
+        except (nats.errors.Error, OSError) as e:
+            family = _family(subject)
+            self.counters[f"dropped.{family}"] += 1
+            if self.counters[f"dropped.{family}"] in _LOG_AT:
+                self._log.warning("publish.dropped", subject=subject, error=repr(e),
+                                  dropped=self.counters[f"dropped.{family}"])
 
     async def publish_durable(self, subject: str, event: msgspec.Struct, *,
-                              msg_id: str | None = None, timeout_s: float = 5.0) -> None:
-        """Publish into JetStream and wait for the ack; `msg_id` de-duplicates retries."""
+                              msg_id: str | None = None, timeout_s: float = 5.0,
+                              max_backoff_s: float = 2.0) -> None:
+        """Publish into JetStream and return once it is stored (acked).
+
+        A failed attempt (server gone, JetStream not ready, no ack within `timeout_s`) is
+        retried with exponential backoff up to `max_backoff_s`, for as long as it takes or
+        until the caller is cancelled; nothing is sent while disconnected. `msg_id` makes the
+        retries safe: JetStream stores a message id once within its duplicate window. Each
+        retry is counted (`publish_retries.<family>`). Raises BusError only when retrying
+        cannot help: the connection was closed, or the server refused the subject.
+        """
+        data = encode(event)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        try:
-            await self.js.publish(subject, encode(event), headers=headers, timeout=timeout_s)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
-            raise BusError(f"JetStream publish to {subject} failed: {e!r}") from e
+        backoff_s = 0.05
+        failures = 0
+        while True:
+            await self._until_connected()
+            try:
+                ack = await self.js.publish(subject, data, headers=headers, timeout=timeout_s)
+            except nats.errors.ConnectionClosedError as e:
+                raise BusError(f"JetStream publish to {subject}: connection closed") from e
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
+                if subject.lower() in self._refused_subjects:
+                    raise BusError(f"NATS refused this identity publishing to {subject} "
+                                   "(permissions violation)") from e
+                failures += 1
+                self.counters[f"publish_retries.{_family(subject)}"] += 1
+                if failures in _LOG_AT or failures % 100 == 0:
+                    self._log.warning("publish.retrying", subject=subject, msg_id=msg_id,
+                                      attempt=failures, error=repr(e))
+                await anyio.sleep(backoff_s * (0.5 + random.random()))  # jitter
+                backoff_s = min(backoff_s * 2, max_backoff_s)
+                continue
+            if failures:
+                self._log.info("publish.stored_after_retries", subject=subject, msg_id=msg_id,
+                               attempts=failures + 1, duplicate=bool(ack.duplicate))
+            return
+
+    async def _until_connected(self, poll_s: float = 0.05) -> None:
+        """Wait (cancellably) while the client is reconnecting."""
+        while not self.nc.is_connected:
+            if self.nc.is_closed:
+                raise BusError("the NATS connection was closed")
+            await anyio.sleep(poll_s)
 
     # ---- decoding
 
@@ -402,8 +559,18 @@ class Bus:
         if since_wall_s is not None:
             config.deliver_policy = DeliverPolicy.BY_START_TIME
             config.opt_start_time = datetime.fromtimestamp(since_wall_s, UTC)
-        psub = await self.js.pull_subscribe(subject, durable=None, stream=REQUEST_STREAM,
-                                            config=config)
+        if self.service is None:
+            psub = await self.js.pull_subscribe(subject, durable=None, stream=REQUEST_STREAM,
+                                                config=config)
+        else:
+            # A fixed name per service, so that its identity's permissions can name it; a
+            # leftover from an earlier run (same name, other start time) goes first.
+            name = history_consumer(self.service)
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_consumer(REQUEST_STREAM, name)
+            config.name = name
+            await self.js.add_consumer(REQUEST_STREAM, config=config)
+            psub = await self.js.pull_subscribe_bind(name=name, stream=REQUEST_STREAM)
         events: list[E] = []
         try:
             while True:
@@ -425,16 +592,31 @@ class Bus:
         with anyio.CancelScope(shield=True):
             event = self._decode(codec, msg)
             if event is None:
-                await msg.term()
+                await self._settle(msg, "term")
                 return
             try:
                 await handler(event)
             except Exception:
                 self.counters[f"handler_errors.{codec.family}"] += 1
                 self._log.exception("handler.failed", subject=msg.subject)
-                await msg.nak(delay=1.0)
+                await self._settle(msg, "nak")
                 return
-            await msg.ack()
+            await self._settle(msg, "ack")
+
+    async def _settle(self, msg: Msg, how: str) -> None:
+        """Ack, nak or terminate; if the server is unreachable the message is redelivered
+        after ack_wait (counted), which handlers tolerate (they are idempotent by id)."""
+        try:
+            if how == "ack":
+                await msg.ack()
+            elif how == "nak":
+                await msg.nak(delay=1.0)
+            else:
+                await msg.term()
+        except (nats.errors.Error, OSError) as e:
+            self.counters[f"{how}_failed"] += 1
+            self._log.warning("jetstream.settle_failed", how=how, subject=msg.subject,
+                              error=repr(e))
 
     async def ensure_request_stream(self, *, max_age_s: float = 24 * 3600,
                                     max_bytes: int = 1 << 30) -> None:
@@ -447,7 +629,14 @@ class Bus:
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:
-            await self.js.update_stream(config)
+            # The stream exists with another configuration. Services may create the stream
+            # but not change it (least privilege): an operator updates it as `admin`.
+            try:
+                await self.js.update_stream(config)
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                self.counters["stream_update_refused"] += 1
+                self._log.warning("stream.config_differs", stream=REQUEST_STREAM,
+                                  error=repr(e), hint="update it with the admin identity")
 
     async def consume(
         self, *, durable: str, subject: str, codec: Codec[E], handler: Handler[E],
@@ -470,20 +659,37 @@ class Bus:
             durable_name=durable, ack_wait=ack_wait_s, max_deliver=20, filter_subject=subject,
             deliver_policy=DeliverPolicy.NEW if deliver_new_only else DeliverPolicy.ALL,
         )
-        psub = await self.js.pull_subscribe(subject, durable=durable, stream=REQUEST_STREAM,
-                                            config=config)
+        psub = await self._pull_subscribe(subject, durable, config)
         task_status.started()
+        failures = 0
         try:
             while True:
                 # Notice a stop before asking for more: messages pulled by a fetch that is
                 # then cancelled sit unacked on the server until ack_wait expires.
                 await anyio.lowlevel.checkpoint()
+                if not self.nc.is_connected:  # pull requests sent now would only pile up
+                    await self._until_connected()
+                    continue
                 try:
                     msgs = await psub.fetch(batch, timeout=0.5)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 except nats.errors.ConnectionClosedError:
                     return
+                except (nats.errors.Error, nats.js.errors.Error, OSError) as e:
+                    # The consumer is gone (a server that lost its store) or JetStream is
+                    # not ready yet after a restart: bind again, creating it if needed.
+                    failures += 1
+                    self.counters["consume_errors"] += 1
+                    if failures in _LOG_AT or failures % 100 == 0:
+                        self._log.warning("consume.rebinding", durable=durable, error=repr(e),
+                                          attempt=failures)
+                    await anyio.sleep(min(0.1 * 2 ** min(failures, 5), 2.0))
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
+                    psub = await self._pull_subscribe(subject, durable, config)
+                    continue
+                failures = 0
                 if concurrent:  # order does not matter to this handler: run the batch at once
                     async with anyio.create_task_group() as batch_tg:
                         for msg in msgs:
@@ -503,3 +709,31 @@ class Bus:
         finally:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
+
+    async def _pull_subscribe(self, subject: str, durable: str,
+                              config: ConsumerConfig) -> JetStreamContext.PullSubscription:
+        """Bind to (or create) a durable consumer, waiting out outages and a stream that
+        does not exist yet; raise BusError if the server refuses this identity the consumer."""
+        backoff_s = 0.1
+        failures = 0
+        while True:
+            await self._until_connected()
+            try:
+                return await self.js.pull_subscribe(subject, durable=durable,
+                                                    stream=REQUEST_STREAM, config=config)
+            except nats.errors.ConnectionClosedError as e:
+                raise BusError(f"consumer {durable}: connection closed") from e
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
+                refused = sorted(s for s in self._refused_subjects
+                                 if s.startswith("$js.api.consumer.")
+                                 and durable.lower() in s.split("."))
+                if refused:
+                    raise BusError(f"NATS refused this identity the consumer {durable} "
+                                   f"({refused[0]})") from e
+                failures += 1
+                self.counters["consume_errors"] += 1
+                if failures in _LOG_AT or failures % 100 == 0:
+                    self._log.warning("consume.waiting", durable=durable, error=repr(e),
+                                      attempt=failures)
+                await anyio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)

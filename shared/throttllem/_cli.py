@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from throttllem import __version__
+from throttllem._busauth import add_auth_arguments, auth_from_args
 from throttllem._engines import BACKENDS, DEFAULT_BACKEND
 from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._log import configure_logging
@@ -117,6 +118,34 @@ def _scaler(args: argparse.Namespace) -> Service:
                          unit=args.unit, window_s=args.window, tick_s=args.tick)
 
 
+def _gateway(args: argparse.Namespace) -> Service:
+    from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
+    from throttllem._gateway.instances import (  # noqa: PLC0415
+        parse_instances,
+        read_instances_file,
+    )
+    from throttllem._gateway.service import (  # noqa: PLC0415
+        GatewayConfig,
+        GatewayService,
+        default_max_model_len,
+        read_api_keys,
+    )
+
+    model_dir = Path(args.model)
+    config = GatewayConfig(
+        model_dir=model_dir,
+        served_model_names=tuple(args.served_model_name or [args.model]),
+        max_model_len=args.max_model_len or default_max_model_len(model_dir),
+        instances=parse_instances([
+            *(read_instances_file(args.instances_file) if args.instances_file else []),
+            *(args.instance or [])]),
+        slo_classes=frozenset(load_slo_classes(args.slo_config)),
+        host=args.host, port=args.port,
+        api_keys=read_api_keys(args.api_keys) if args.api_keys else {},
+        default_slo_class=args.default_slo_class, queue_timeout_s=args.queue_timeout,
+        max_body_bytes=args.max_body_bytes,
+        upstream_api_key=os.environ.get("THROTTLLEM_UPSTREAM_API_KEY") or None)
+    return GatewayService(config)
 def _consumer(args: argparse.Namespace) -> Service:
     from throttllem._consumers import ConsumerContext, load_plugin  # noqa: PLC0415
     from throttllem._consumers.service import ConsumerService  # noqa: PLC0415
@@ -146,6 +175,8 @@ SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
                  _actuator),
     "replayer": ("publishes a trace's requests at their arrival times", _replayer),
     "scaler": ("instance count by load thresholds, published as scale.target", _scaler),
+    "gateway": ("OpenAI-compatible HTTP front door: admission by the controller, proxy "
+                "to the chosen engine instance", _gateway),
     "consumer": ("a plug-in (entry point throttllem.consumers) fed the durable energy records",
                  _consumer),
 }
@@ -155,8 +186,12 @@ def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run one service (what each container does)")
     run_sub = run.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name, (help_text, _) in SERVICES.items():
-        p = run_sub.add_parser(name, help=help_text)
-        p.add_argument("--nats", default=DEFAULT_NATS, help="NATS URL (env THROTTLLEM_NATS_URL)")
+        # No abbreviations: `--nats-password x` must be an error, not the file option.
+        p = run_sub.add_parser(name, help=help_text, allow_abbrev=False)
+        p.add_argument("--nats", default=DEFAULT_NATS,
+                       help="NATS URL, tls://host:4222 for TLS (env THROTTLLEM_NATS_URL); "
+                            "credentials go in the options below, not in the URL")
+        add_auth_arguments(p)
         p.add_argument("--epoch-wall", type=float, default=None,
                        help="simulated time: wall instant (Unix s) where event time is 0")
         p.add_argument("--speed", type=float, default=1.0,
@@ -283,6 +318,35 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--window", type=float, default=10.0,
                                help="seconds of arrivals in the load estimate")
                 p.add_argument("--tick", type=float, default=1.0, help="seconds between decisions")
+            case "gateway":
+                p.add_argument("--model", required=True,
+                               help="the served model's folder (its tokenizer.json, "
+                                    "tokenizer_config.json and config.json count prompts)")
+                p.add_argument("--served-model-name", action="append", default=None,
+                               help="the name clients send as `model`, as given to vLLM "
+                                    "(repeatable; default: --model as written)")
+                p.add_argument("--max-model-len", type=int, default=None,
+                               help="the engines' context window (default: config.json's "
+                                    "max_position_embeddings)")
+                p.add_argument("--instance", action="append", metavar="NAME=URL",
+                               help="an engine instance and its base URL, e.g. "
+                                    "i0=http://10.0.0.5:8000 (repeatable)")
+                p.add_argument("--instances-file", type=Path, default=None,
+                               help="file of NAME=URL lines, one engine instance each (with "
+                                    "--instance, the union; a name given twice is an error)")
+                p.add_argument("--host", default="0.0.0.0")
+                p.add_argument("--port", type=int, default=8080)
+                p.add_argument("--api-keys", type=Path, default=None,
+                               help="file of KEY=TENANT lines: clients must send one of these "
+                                    "keys, which names their tenant (default: no keys, tenant "
+                                    "from the x-throttllem-tenant header)")
+                p.add_argument("--slo-config", type=Path, default=None, help=SLO_CONFIG_HELP)
+                p.add_argument("--default-slo-class", default="standard",
+                               help="class of requests without an x-throttllem-slo-class header")
+                p.add_argument("--queue-timeout", type=float, default=30.0,
+                               help="seconds a request may wait for admission before a 503 "
+                                    "with Retry-After")
+                p.add_argument("--max-body-bytes", type=int, default=4 << 20)
             case "consumer":
                 p.add_argument("--plugin", required=True,
                                help="entry-point name in throttllem.consumers (shipped: "
@@ -302,6 +366,7 @@ def _add_run(sub: Any) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(json=True, level=args.log_level)
+    auth = auth_from_args(args)
     service = SERVICES[args.service][1](args)
     if args.epoch_wall is not None:
         clock = Clock(epoch_wall_s=args.epoch_wall, speed=args.speed)
@@ -309,9 +374,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
         clock = REAL_TIME  # event time is Unix time
     else:
         clock = Clock(epoch_wall_s=time.time(), speed=args.speed)
-    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock,
+    anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock, auth=auth,
                                   metrics_port=args.metrics_port,
                                   metrics_host=args.metrics_host))
+    return 0
+
+
+# --------------------------------------------------------------------------- security
+
+
+def _add_security(sub: Any) -> None:
+    p = sub.add_parser("security", help="NATS identities, permissions and TLS certificates")
+    sec = p.add_subparsers(dest="security_command", required=True, metavar="ACTION")
+    init = sec.add_parser(
+        "init", help="generate a CA, server and client certificates, one nkey per service "
+                     "and the nats-server config that grants each only what it needs")
+    init.add_argument("--out", type=Path, required=True,
+                      help="folder to create (keep it private: it holds the secrets)")
+    init.add_argument("--instances", type=_csv, default=["i0", "i1"],
+                      help="engine instances: one engine and one actuator identity each")
+    init.add_argument("--hosts", type=_csv, default=["localhost", "127.0.0.1", "nats"],
+                      help="names and addresses the server certificate is valid for")
+    init.add_argument("--listen", default="127.0.0.1:4222",
+                      help="address in the generated nats.conf (0.0.0.0:4222 to serve others)")
+    init.add_argument("--no-mutual-tls", action="store_true",
+                      help="do not require client certificates (TLS still required)")
+    init.add_argument("--days", type=int, default=825, help="certificate validity")
+    init.add_argument("--force", action="store_true", help="replace existing credentials")
+    init.set_defaults(func=_cmd_security_init)
+    matrix = sec.add_parser("matrix", help="print who may publish and subscribe to what")
+    matrix.add_argument("--instances", type=_csv, default=["i0", "i1"])
+    matrix.set_defaults(func=_cmd_security_matrix)
+
+
+def _cmd_security_init(args: argparse.Namespace) -> int:
+    from throttllem._security import init_security  # noqa: PLC0415
+
+    layout = init_security(args.out, instances=args.instances, hosts=args.hosts,
+                           mutual_tls=not args.no_mutual_tls, days=args.days,
+                           force=args.force, listen=args.listen)
+    names = layout.identities()
+    print(f"wrote {layout.root}: CA ca.pem (its key in private/, keep it offline), server "
+          f"certificate server/, nats.conf + auth.conf (the permissions), and "
+          f"{len(names)} client identities under clients/: {', '.join(names)}")
+    print(f"start a server:  nats-server -c {layout.nats_conf}")
+    print("run a service:   throttllem run <service> --nats tls://localhost:4222 "
+          f"--nats-nkey {layout.client_dir('<identity>')}/nkey.seed --nats-ca ... "
+          "--nats-cert ... --nats-key ...")
+    return 0
+
+
+def _cmd_security_matrix(args: argparse.Namespace) -> int:
+    from throttllem._security import identities, matrix_markdown  # noqa: PLC0415
+
+    print(matrix_markdown(identities(args.instances)))
     return 0
 
 
@@ -358,6 +474,10 @@ def _add_demo(sub: Any) -> None:
                    help="folder for the PNG plots (needs matplotlib: pip install "
                         "'throttllem[plot]')")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--secure", action="store_true",
+                   help="lock the embedded NATS down as deploy/ does: TLS with client "
+                        "certificates and one identity per service (generated in the log "
+                        "folder)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -372,6 +492,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         nats_url=args.nats, trace=args.trace, minutes=args.minutes,
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
         speed=speed, policies=policies, plots_dir=None if args.no_plots else args.plots,
+        secure=args.secure,
         setup=args.setup, json_path=args.json,
         length_error=args.length_error,
         peak_rps=args.peak_rps, slo_config=args.slo_config, slo_class=args.slo_class,
@@ -397,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_models(sub)
+    _add_model(sub)
     _add_report(sub)
+    _add_security(sub)
     return parser
 
 
@@ -471,6 +594,12 @@ def _add_models(sub: Any) -> None:
     add_perf_parser(sub)
     add_profile_parser(sub)
 
+
+def _add_model(sub: Any) -> None:
+    """`model tiny`: a servable model written locally (no download)."""
+    from throttllem._engines.vllm.tiny_model import add_model_parser  # noqa: PLC0415
+
+    add_model_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

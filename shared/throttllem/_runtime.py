@@ -27,6 +27,7 @@ import structlog
 
 from throttllem import __version__
 from throttllem._bus import Bus
+from throttllem._busauth import BusAuth, redact_url
 from throttllem._events import Heartbeat
 from throttllem._metrics import MetricsServer, ServiceMetrics
 from throttllem._subjects import health
@@ -92,16 +93,20 @@ def service_metrics(service: Service) -> ServiceMetrics:
 
 
 async def run_service(service: Service, *, nats_url: str, clock: Clock = REAL_TIME,
-                      heartbeat_s: float = 2.0, metrics_port: int | None = None,
+                      heartbeat_s: float = 2.0, auth: BusAuth | None = None,
+                      metrics_port: int | None = None,
                       metrics_host: str = "127.0.0.1") -> None:
     """Run one service until SIGTERM/SIGINT, then drain and return.
 
-    `metrics_port`: serve the service's Prometheus metrics on `metrics_host:metrics_port`
-    (`/metrics`; 0 picks a free port, logged as `metrics.serving`); None serves nothing.
+    `auth`: the service's NATS identity and TLS settings (its reply inbox is
+    `_INBOX.<service name>`). `metrics_port`: serve the service's Prometheus metrics on
+    `metrics_host:metrics_port` (`/metrics`; 0 picks a free port, logged as
+    `metrics.serving`); None serves nothing.
     """
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     bound = log.bind(service=service.name, instance_id=instance_id)
-    bus = await Bus.connect(nats_url, name=f"{service.name}-{instance_id}")
+    bus = await Bus.connect(nats_url, name=f"{service.name}-{instance_id}", auth=auth,
+                            service=service.name)
     server: MetricsServer | None = None
     try:
         if metrics_port is not None:
@@ -118,7 +123,7 @@ async def run_service(service: Service, *, nats_url: str, clock: Clock = REAL_TI
 
             tg.start_soon(stop_on_signal)
             await tg.start(service.run, bus, clock)
-            bound.info("service.ready", nats=nats_url)
+            bound.info("service.ready", nats=redact_url(nats_url))
             tg.start_soon(_heartbeats, bus, service, clock, instance_id, heartbeat_s)
     finally:
         with anyio.CancelScope(shield=True):

@@ -70,8 +70,16 @@ def health(service: str) -> str:
 
 
 def twin_gpu(instance: str) -> str:
-    """Request/reply surface of a twin GPU (the NVML calls the actuator and collector make)."""
+    """Request/reply surface of a twin GPU (the NVML calls the actuator and collector make):
+    reads on `<this>.read`, clock locks and resets on `<this>.control`, so that permissions
+    can let the collector read and only the actuator lock."""
     return f"{PREFIX}.twin.gpu.{token(instance)}"
+
+
+def history_consumer(service: str) -> str:
+    """The short-lived consumer with which a service reads the request stream back after a
+    restart (`Bus.history`): one fixed name per service, so that permissions can name it."""
+    return f"{token(service)}-history"
 
 
 ENGINE_ITERATION_ALL: Final = f"{PREFIX}.engine.iteration.*"

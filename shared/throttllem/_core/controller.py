@@ -181,6 +181,8 @@ class SetClock:
 Decision = Admit | Defer | Refuse | SetClock
 
 DEFER_REASON: Final = "no instance meets every SLO with it; retried as requests complete"
+# How many ids forgotten before their offer arrived are remembered.
+FORGOTTEN_IDS: Final = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +225,9 @@ class Controller:
         self._governed_tbt_ms = math.inf
         # tenant -> (tokens, when last refilled), for the per-tenant rate limit.
         self._buckets: dict[str, tuple[float, float]] = {}
+        # Ids forgotten before they were offered (an abort can overtake its own arrival on the
+        # bus): an offer of one is dropped. Bounded: the oldest are let go first.
+        self._forgotten: dict[str, None] = {}
 
     # ------------------------------------------------------------------ instances
 
@@ -270,6 +275,8 @@ class Controller:
               now_s: float) -> list[Decision]:
         """A new request, with (median, upper) predicted generation lengths where the
         admission rule needs them."""
+        if self._forgotten.pop(request.id, False) is None:  # aborted before it got here
+            return []
         refusal = self._refusal(request) or self._overload(request, now_s)
         if refusal is not None:
             return [refusal]
@@ -396,6 +403,10 @@ class Controller:
             out: list[Decision] = []
             if len(self.pending) != before:  # the head may have been the one blocking
                 self._drain(now_s, out)
+            else:  # not seen yet: drop it when it comes
+                self._forgotten[request_id] = None
+                if len(self._forgotten) > FORGOTTEN_IDS:
+                    del self._forgotten[next(iter(self._forgotten))]
             return out
         self._release(instance, request_id)
         out = []

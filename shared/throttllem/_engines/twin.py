@@ -2,8 +2,8 @@
 
 It keeps the engine contract (`throttllem._engines.contract`) for an `EngineTwin`: it runs
 iteration-level inflight batching in event time paced to the shared clock, and answers
-NVML-shaped calls for its twin GPU on `twin.gpu.<instance>` for the collector and actuator
-(twin only, not part of the contract).
+NVML-shaped calls for its twin GPU on `twin.gpu.<instance>.read` (the collector) and
+`.control` (the actuator) (twin only, not part of the contract).
 
 Admissions and aborts reach the serving loop through one inbox, so every change to the
 engine's state happens in that loop, between passes.

@@ -2,7 +2,9 @@
 
 The twin GPU lives inside its engine-twin process (that is where iterations draw power);
 the telemetry collector and the actuator reach it through the same NVML-shaped calls,
-sent as request/reply on `tllm.v1.twin.gpu.<instance>`.
+sent as request/reply on `tllm.v1.twin.gpu.<instance>.read` (reads, supported clocks) and
+`.control` (lock and reset), so that subject permissions let a collector read a GPU that only
+the actuator may lock.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Protocol
 import anyio.to_thread
 
 from throttllem._bus import Bus
-from throttllem._errors import BusError, GpuError, GpuNotFoundError
+from throttllem._errors import BusError, GpuError, GpuNotFoundError, GpuPermissionError
 from throttllem._events import (
     TWIN_GPU_ANSWER_CODEC,
     TWIN_GPU_CALL_CODEC,
@@ -60,6 +62,9 @@ class ThreadedGpu:
 
 # --------------------------------------------------------------------------- twin over NATS
 
+# Calls that change the GPU go to `<subject>.control`, reads to `<subject>.read`.
+CONTROL_OPS: frozenset[str] = frozenset({"set_locked", "reset"})
+
 
 def answer_gpu_call(backend: GpuBackend, call: TwinGpuCall) -> TwinGpuAnswer:
     """Run one call against a local backend; its errors (GpuError, ClockOutOfRangeError)
@@ -79,13 +84,22 @@ def answer_gpu_call(backend: GpuBackend, call: TwinGpuCall) -> TwinGpuAnswer:
 
 
 async def serve_gpu(bus: Bus, subject: str, backend: GpuBackend) -> object:
-    """Answer NVML-shaped calls for `backend` on `subject` (used by the engine twin); returns
-    once the server knows we answer, before anyone is told we are ready."""
+    """Answer NVML-shaped calls for `backend` on `<subject>.read` and `<subject>.control`
+    (used by the engine twin); returns once the server knows we answer, before anyone is
+    told we are ready."""
 
-    async def handler(call: TwinGpuCall) -> TwinGpuAnswer:
+    async def read(call: TwinGpuCall) -> TwinGpuAnswer:
+        if call.op in CONTROL_OPS:
+            raise GpuPermissionError(f"{call.op} is a control call: send it to "
+                                     f"{subject}.control")
         return answer_gpu_call(backend, call)
 
-    return await bus.serve(subject, TWIN_GPU_CALL_CODEC, handler, what="twin GPU call")
+    async def control(call: TwinGpuCall) -> TwinGpuAnswer:
+        return answer_gpu_call(backend, call)
+
+    return (await bus.serve(f"{subject}.read", TWIN_GPU_CALL_CODEC, read, what="twin GPU read"),
+            await bus.serve(f"{subject}.control", TWIN_GPU_CALL_CODEC, control,
+                            what="twin GPU control"))
 
 
 class RemoteGpu:
@@ -100,11 +114,12 @@ class RemoteGpu:
         self._timeout_s = timeout_s
 
     async def _call(self, call: TwinGpuCall) -> TwinGpuAnswer:
+        subject = f"{self.subject}.{'control' if call.op in CONTROL_OPS else 'read'}"
         try:
-            return await self._bus.request(self.subject, call, TWIN_GPU_ANSWER_CODEC,
+            return await self._bus.request(subject, call, TWIN_GPU_ANSWER_CODEC,
                                            timeout_s=self._timeout_s)
         except BusError as e:
-            raise GpuNotFoundError(f"no twin GPU answers on {self.subject}: {e}") from e
+            raise GpuNotFoundError(f"no twin GPU answers on {subject}: {e}") from e
 
     async def gpu_count(self) -> int:
         return (await self._call(TwinGpuCall(op="count"))).count
