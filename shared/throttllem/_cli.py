@@ -56,7 +56,14 @@ def _forecaster(args: argparse.Namespace) -> Service:
 def _engine(args: argparse.Namespace) -> Service:
     from throttllem._engines import check_backend  # noqa: PLC0415
 
-    check_backend(args.backend)  # only the twin runs inside this command today
+    if check_backend(args.backend) == "gpu":
+        from throttllem._engines.gpu import GpuEngineOptions, GpuEngineService  # noqa: PLC0415
+
+        options = GpuEngineOptions(
+            device=args.device, runner=args.runner, model=args.model, kv_tokens=args.kv_tokens,
+            graphs=not args.no_graphs, energy=args.energy, record=args.record,
+            nvml_period_s=args.nvml_period, seed=args.seed)
+        return GpuEngineService(instance=args.instance, setup=args.setup, options=options)
     from throttllem._engines.twin import EngineTwinService  # noqa: PLC0415
 
     return EngineTwinService(instance=args.instance, setup=args.setup, slack_wall_s=args.slack)
@@ -158,7 +165,8 @@ def _consumer(args: argparse.Namespace) -> Service:
 
 SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
-    "engine": ("one engine instance on the bus (--backend twin: the twin and its GPU)",
+    "engine": ("one engine instance on the bus (--backend twin: the twin and its GPU; gpu: "
+               "our decode loop on a real GPU)",
                _engine),
     "telemetry": ("GPU samples (NVML or twin) and per-request energy records", _telemetry),
     "length-predictor": ("generation-length predictions (ONNX model, or oracle for traces)",
@@ -231,6 +239,29 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--slack", type=float, default=0.05,
                                help="wall seconds the twin trails the clock (absorbs bus "
                                     "delay; the forecaster sees the twin this much late)")
+                gpu = p.add_argument_group("--backend gpu (our decode loop; never sets a clock)")
+                gpu.add_argument("--device", default="cuda:0",
+                                 help="where the passes run: cuda[:N], or cpu (tests)")
+                gpu.add_argument("--runner", choices=("torch", "fake"), default="torch",
+                                 help="torch: the random-weight decoder really runs; fake: "
+                                      "passes sleep a function of their shape (tests; "
+                                      "nothing measured)")
+                gpu.add_argument("--model", choices=("llama3-8b", "tiny"), default="llama3-8b",
+                                 help="decoder shape (tiny: a 2-layer toy for CPU tests)")
+                gpu.add_argument("--kv-tokens", type=int, default=None,
+                                 help="KV cache capacity in tokens (default: the setup's KV, "
+                                      "capped at what fits on the card)")
+                gpu.add_argument("--no-graphs", action="store_true",
+                                 help="run every pass eagerly (no CUDA graphs)")
+                gpu.add_argument("--energy", choices=("auto", "nvml", "none"), default="auto",
+                                 help="per-pass energy from the NVML energy counter (auto: "
+                                      "with the torch runner on CUDA; otherwise not measured)")
+                gpu.add_argument("--nvml-period", type=float, default=0.02,
+                                 help="seconds between NVML reads of the sampler thread")
+                gpu.add_argument("--record", type=Path, default=None,
+                                 help="JSON lines of the engine, every pass and every "
+                                      "completion, each energy figure with its source")
+                gpu.add_argument("--seed", type=int, default=0, help="random weights' seed")
             case "telemetry":
                 p.add_argument("--gpu", choices=("twin", "nvml"), default="nvml")
                 p.add_argument("--instances", type=_csv, default=[],
