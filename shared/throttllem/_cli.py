@@ -40,16 +40,16 @@ def _forecaster(args: argparse.Namespace) -> Service:
     from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
     from throttllem._eval.driver import perf_model_for  # noqa: PLC0415
     from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
-    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+    from throttllem._setup import load_setup  # noqa: PLC0415
 
-    profile = load_profile(args.setup)
+    setup = load_setup(args.setup)
     config = dataclasses.replace(
         POLICIES[args.policy], lease_s=args.lease_s,
         max_pending=args.max_pending if args.max_pending > 0 else None,
         max_wait_s=args.max_wait_s, tenant_rps=args.tenant_rps, tenant_burst=args.tenant_burst)
-    perf = perf_model_for(profile, args.perf_model) if config.tracks_requests else None
+    perf = perf_model_for(args.setup, args.perf_model) if config.tracks_requests else None
     return ForecasterService(instances=args.instances, policy=args.policy, config=config,
-                             setup=profile.setup, use_upper=not args.median, perf=perf,
+                             setup=setup, use_upper=not args.median, perf=perf,
                              slo_classes=load_slo_classes(args.slo_config))
 
 
