@@ -174,3 +174,30 @@ def test_bad_configurations_are_refused() -> None:
             ControllerConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="clock policy"):
         Controller(POLICIES["throttllem"], shape=SHAPE)
+
+
+def test_an_abort_that_overtakes_its_arrival_drops_the_request() -> None:
+    ctl = controller()
+    assert ctl.forget("early", 0.0) == []  # the gateway gave up before the offer came
+    assert ctl.offer(request("early"), LENGTHS, 0.1) == []
+    assert "early" not in ctl.placed
+    assert admitted(ctl.offer(request("early"), LENGTHS, 0.2)) == ["early"]  # once only
+
+
+def test_a_requests_own_bounds_tighten_its_class_never_loosen_it() -> None:
+    from throttllem._core.slo import DEFAULT_SLO_CLASSES, tightened  # noqa: PLC0415
+
+    standard = DEFAULT_SLO_CLASSES["standard"]  # TTFT 500 ms + 0.25 ms/token, TBT 50 ms
+    assert tightened(standard, prompt_tokens=400, ttft_ms=None, tbt_ms=None) is standard
+    tight = tightened(standard, prompt_tokens=400, ttft_ms=200.0, tbt_ms=20.0)
+    assert tight.ttft_bound_ms(400) == 200.0
+    assert tight.tbt_ms == 20.0
+    loose = tightened(standard, prompt_tokens=400, ttft_ms=5000.0, tbt_ms=80.0)
+    assert loose == standard
+    # The controller plans with the tighter bounds.
+    ctl = controller()
+    strict = RequestArrived(id="s", arrival_s=0.0, prompt_tokens=100, tbt_slo_ms=20.0,
+                            ttft_slo_ms=300.0)
+    assert admitted(ctl.offer(strict, LENGTHS, 0.0)) == ["s"]
+    assert ctl.trackers["i0"].column("tbt_bound_ms").tolist() == [20.0]
+    assert ctl.trackers["i0"].column("ttft_bound_ms").tolist() == [300.0]

@@ -138,3 +138,18 @@ def test_throttllem_policy_saves_energy_against_default_on_the_same_window(
         sim_busy_j = sim.report.energy_j - sim.idle_floor_j
         assert sim_busy_j == pytest.approx(live_busy_j, rel=0.10), name
     assert ev.runs["freq"].report.energy_j < ev.runs["default"].report.energy_j
+
+
+def test_the_demo_runs_locked_down(tmp_path: Path) -> None:
+    """`--secure`: TLS with client certificates and one NATS identity per service, generated
+    for the run; every service still does its job (both policies serve every request)."""
+    reports = run_demo(DemoOptions(trace="conv", minutes=0.25, speed=4.0, instances=1,
+                                   secure=True, log_dir=tmp_path / "logs", progress=False))
+    assert [r.policy.split()[0] for r in reports] == ["default", "throttllem"]
+    for report in reports:
+        assert report.requests_submitted > 5
+        assert report.requests_served == report.requests_submitted
+    secrets = tmp_path / "logs" / "nats-secrets"
+    assert (secrets / "clients" / "forecaster" / "nkey.seed").stat().st_mode & 0o077 == 0
+    actuator_log = (tmp_path / "logs" / "throttllem" / "actuator-i0.log").read_text()
+    assert "actuator.applied" in actuator_log  # the actuator locked clocks as its identity

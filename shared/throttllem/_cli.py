@@ -40,23 +40,30 @@ def _forecaster(args: argparse.Namespace) -> Service:
     from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
     from throttllem._eval.driver import perf_model_for  # noqa: PLC0415
     from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
-    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+    from throttllem._setup import load_setup  # noqa: PLC0415
 
-    profile = load_profile(args.setup)
+    setup = load_setup(args.setup)
     config = dataclasses.replace(
         POLICIES[args.policy], lease_s=args.lease_s,
         max_pending=args.max_pending if args.max_pending > 0 else None,
         max_wait_s=args.max_wait_s, tenant_rps=args.tenant_rps, tenant_burst=args.tenant_burst)
-    perf = perf_model_for(profile, args.perf_model) if config.tracks_requests else None
+    perf = perf_model_for(args.setup, args.perf_model) if config.tracks_requests else None
     return ForecasterService(instances=args.instances, policy=args.policy, config=config,
-                             setup=profile.setup, use_upper=not args.median, perf=perf,
+                             setup=setup, use_upper=not args.median, perf=perf,
                              slo_classes=load_slo_classes(args.slo_config))
 
 
 def _engine(args: argparse.Namespace) -> Service:
     from throttllem._engines import check_backend  # noqa: PLC0415
 
-    check_backend(args.backend)  # only the twin runs inside this command today
+    if check_backend(args.backend) == "gpu":
+        from throttllem._engines.gpu import GpuEngineOptions, GpuEngineService  # noqa: PLC0415
+
+        options = GpuEngineOptions(
+            device=args.device, runner=args.runner, model=args.model, kv_tokens=args.kv_tokens,
+            graphs=not args.no_graphs, energy=args.energy, record=args.record,
+            nvml_period_s=args.nvml_period, seed=args.seed)
+        return GpuEngineService(instance=args.instance, setup=args.setup, options=options)
     from throttllem._engines.twin import EngineTwinService  # noqa: PLC0415
 
     return EngineTwinService(instance=args.instance, setup=args.setup, slack_wall_s=args.slack)
@@ -111,6 +118,34 @@ def _scaler(args: argparse.Namespace) -> Service:
                          unit=args.unit, window_s=args.window, tick_s=args.tick)
 
 
+def _gateway(args: argparse.Namespace) -> Service:
+    from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
+    from throttllem._gateway.instances import (  # noqa: PLC0415
+        parse_instances,
+        read_instances_file,
+    )
+    from throttllem._gateway.service import (  # noqa: PLC0415
+        GatewayConfig,
+        GatewayService,
+        default_max_model_len,
+        read_api_keys,
+    )
+
+    model_dir = Path(args.model)
+    config = GatewayConfig(
+        model_dir=model_dir,
+        served_model_names=tuple(args.served_model_name or [args.model]),
+        max_model_len=args.max_model_len or default_max_model_len(model_dir),
+        instances=parse_instances([
+            *(read_instances_file(args.instances_file) if args.instances_file else []),
+            *(args.instance or [])]),
+        slo_classes=frozenset(load_slo_classes(args.slo_config)),
+        host=args.host, port=args.port,
+        api_keys=read_api_keys(args.api_keys) if args.api_keys else {},
+        default_slo_class=args.default_slo_class, queue_timeout_s=args.queue_timeout,
+        max_body_bytes=args.max_body_bytes,
+        upstream_api_key=os.environ.get("THROTTLLEM_UPSTREAM_API_KEY") or None)
+    return GatewayService(config)
 def _consumer(args: argparse.Namespace) -> Service:
     from throttllem._consumers import ConsumerContext, load_plugin  # noqa: PLC0415
     from throttllem._consumers.service import ConsumerService  # noqa: PLC0415
@@ -130,7 +165,8 @@ def _consumer(args: argparse.Namespace) -> Service:
 
 SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
     "forecaster": ("admission and clock decisions (policy: default)", _forecaster),
-    "engine": ("one engine instance on the bus (--backend twin: the twin and its GPU)",
+    "engine": ("one engine instance on the bus (--backend twin: the twin and its GPU; gpu: "
+               "our decode loop on a real GPU)",
                _engine),
     "telemetry": ("GPU samples (NVML or twin) and per-request energy records", _telemetry),
     "length-predictor": ("generation-length predictions (ONNX model, or oracle for traces)",
@@ -139,6 +175,8 @@ SERVICES: dict[str, tuple[str, Callable[[argparse.Namespace], Service]]] = {
                  _actuator),
     "replayer": ("publishes a trace's requests at their arrival times", _replayer),
     "scaler": ("instance count by load thresholds, published as scale.target", _scaler),
+    "gateway": ("OpenAI-compatible HTTP front door: admission by the controller, proxy "
+                "to the chosen engine instance", _gateway),
     "consumer": ("a plug-in (entry point throttllem.consumers) fed the durable energy records",
                  _consumer),
 }
@@ -201,6 +239,29 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--slack", type=float, default=0.05,
                                help="wall seconds the twin trails the clock (absorbs bus "
                                     "delay; the forecaster sees the twin this much late)")
+                gpu = p.add_argument_group("--backend gpu (our decode loop; never sets a clock)")
+                gpu.add_argument("--device", default="cuda:0",
+                                 help="where the passes run: cuda[:N], or cpu (tests)")
+                gpu.add_argument("--runner", choices=("torch", "fake"), default="torch",
+                                 help="torch: the random-weight decoder really runs; fake: "
+                                      "passes sleep a function of their shape (tests; "
+                                      "nothing measured)")
+                gpu.add_argument("--model", choices=("llama3-8b", "tiny"), default="llama3-8b",
+                                 help="decoder shape (tiny: a 2-layer toy for CPU tests)")
+                gpu.add_argument("--kv-tokens", type=int, default=None,
+                                 help="KV cache capacity in tokens (default: the setup's KV, "
+                                      "capped at what fits on the card)")
+                gpu.add_argument("--no-graphs", action="store_true",
+                                 help="run every pass eagerly (no CUDA graphs)")
+                gpu.add_argument("--energy", choices=("auto", "nvml", "none"), default="auto",
+                                 help="per-pass energy from the NVML energy counter (auto: "
+                                      "with the torch runner on CUDA; otherwise not measured)")
+                gpu.add_argument("--nvml-period", type=float, default=0.02,
+                                 help="seconds between NVML reads of the sampler thread")
+                gpu.add_argument("--record", type=Path, default=None,
+                                 help="JSON lines of the engine, every pass and every "
+                                      "completion, each energy figure with its source")
+                gpu.add_argument("--seed", type=int, default=0, help="random weights' seed")
             case "telemetry":
                 p.add_argument("--gpu", choices=("twin", "nvml"), default="nvml")
                 p.add_argument("--instances", type=_csv, default=[],
@@ -257,6 +318,35 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--window", type=float, default=10.0,
                                help="seconds of arrivals in the load estimate")
                 p.add_argument("--tick", type=float, default=1.0, help="seconds between decisions")
+            case "gateway":
+                p.add_argument("--model", required=True,
+                               help="the served model's folder (its tokenizer.json, "
+                                    "tokenizer_config.json and config.json count prompts)")
+                p.add_argument("--served-model-name", action="append", default=None,
+                               help="the name clients send as `model`, as given to vLLM "
+                                    "(repeatable; default: --model as written)")
+                p.add_argument("--max-model-len", type=int, default=None,
+                               help="the engines' context window (default: config.json's "
+                                    "max_position_embeddings)")
+                p.add_argument("--instance", action="append", metavar="NAME=URL",
+                               help="an engine instance and its base URL, e.g. "
+                                    "i0=http://10.0.0.5:8000 (repeatable)")
+                p.add_argument("--instances-file", type=Path, default=None,
+                               help="file of NAME=URL lines, one engine instance each (with "
+                                    "--instance, the union; a name given twice is an error)")
+                p.add_argument("--host", default="0.0.0.0")
+                p.add_argument("--port", type=int, default=8080)
+                p.add_argument("--api-keys", type=Path, default=None,
+                               help="file of KEY=TENANT lines: clients must send one of these "
+                                    "keys, which names their tenant (default: no keys, tenant "
+                                    "from the x-throttllem-tenant header)")
+                p.add_argument("--slo-config", type=Path, default=None, help=SLO_CONFIG_HELP)
+                p.add_argument("--default-slo-class", default="standard",
+                               help="class of requests without an x-throttllem-slo-class header")
+                p.add_argument("--queue-timeout", type=float, default=30.0,
+                               help="seconds a request may wait for admission before a 503 "
+                                    "with Retry-After")
+                p.add_argument("--max-body-bytes", type=int, default=4 << 20)
             case "consumer":
                 p.add_argument("--plugin", required=True,
                                help="entry-point name in throttllem.consumers (shipped: "
@@ -384,6 +474,10 @@ def _add_demo(sub: Any) -> None:
                    help="folder for the PNG plots (needs matplotlib: pip install "
                         "'throttllem[plot]')")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--secure", action="store_true",
+                   help="lock the embedded NATS down as deploy/ does: TLS with client "
+                        "certificates and one identity per service (generated in the log "
+                        "folder)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -398,6 +492,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         nats_url=args.nats, trace=args.trace, minutes=args.minutes,
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
         speed=speed, policies=policies, plots_dir=None if args.no_plots else args.plots,
+        secure=args.secure,
         setup=args.setup, json_path=args.json,
         length_error=args.length_error,
         peak_rps=args.peak_rps, slo_config=args.slo_config, slo_class=args.slo_class,
@@ -423,9 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_models(sub)
+    _add_model(sub)
     _add_report(sub)
     _add_security(sub)
-    _add_model(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -52,6 +53,9 @@ from throttllem._subjects import (
 )
 from throttllem._trace import WindowSpec, window_requests
 
+if TYPE_CHECKING:
+    from throttllem._security import SecurityLayout
+
 log = structlog.get_logger("throttllem.demo")
 
 class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +79,9 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     slo_config: Path | None = None  # TOML SLO classes for the forecaster and the report
     slo_class: str = "standard"  # the class of every replayed request
     plots_dir: Path | None = None  # PNG plots (energy, clock, TBT and E2E CDFs); None: none
+    # Run the embedded server locked down: TLS with client certificates and one NATS identity
+    # per service (credentials generated under the log folder), as `deploy/` does.
+    secure: bool = False
     sample_s: float = 5.0  # event seconds per bin of the plots' timelines
 
     @property
@@ -90,12 +97,19 @@ def trace_requests(opts: DemoOptions, *, offset_s: float,
     return window_requests(opts.window, offset_s=offset_s, run_tag=run_tag)
 
 
-def _spawn(args: list[str], log_path: Path, clock: Clock, nats_url: str) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log_path: Path, clock: Clock, nats_url: str, *,
+           secrets: SecurityLayout | None = None,
+           identity: str | None = None) -> subprocess.Popen[bytes]:
+    """Start one service; with `secrets`, as `identity` (credentials by environment, never
+    on the command line)."""
     cmd = [sys.executable, "-m", "throttllem", "run", *args, "--nats", nats_url,
            "--epoch-wall", repr(clock.epoch_wall_s), "--speed", repr(clock.speed)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if secrets is not None:
+        env |= secrets.env(identity or args[0])
     with log_path.open("ab") as log_file:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env=env)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -147,7 +161,8 @@ class DemoRun(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
-               slo_classes: Mapping[str, SloClass]) -> DemoRun:
+               slo_classes: Mapping[str, SloClass], *,
+               secrets: SecurityLayout | None = None) -> DemoRun:
     instances = [f"i{n}" for n in range(opts.instances)]
     # Ids carry the policy: runs on one server must not de-duplicate each other's requests.
     requests = list(trace_requests(opts, offset_s=0.0, run_tag=f"{policy}-"))
@@ -156,7 +171,9 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
                           f"{opts.minutes} min) holds no requests")
     clock = Clock(epoch_wall_s=time.time(), speed=opts.speed)
     procs: list[subprocess.Popen[bytes]] = []
-    bus = await Bus.connect(nats_url, name="demo")
+    bus = await Bus.connect(nats_url, name="demo",
+                            auth=None if secrets is None else secrets.auth("demo"),
+                            service=None if secrets is None else "demo")
     try:
         await bus.ensure_request_stream()
         ready: dict[str, set[str]] = {}
@@ -167,22 +184,24 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
         await bus.subscribe(HEALTH_ALL, HEALTH_CODEC, on_health)
         for inst in instances:
             procs.append(_spawn(["engine", "--instance", inst, "--setup", opts.setup],
-                                log_dir / f"engine-{inst}.log", clock, nats_url))
+                                log_dir / f"engine-{inst}.log", clock, nats_url,
+                                secrets=secrets, identity=f"engine-{inst}"))
         slo_args = [] if opts.slo_config is None else ["--slo-config", str(opts.slo_config)]
         procs.append(_spawn(["forecaster", "--instances", ",".join(instances),
                              "--policy", policy, "--setup", opts.setup, *slo_args],
-                            log_dir / "forecaster.log", clock, nats_url))
+                            log_dir / "forecaster.log", clock, nats_url, secrets=secrets))
         procs.append(_spawn(["telemetry", "--gpu", "twin", "--instances", ",".join(instances)],
-                            log_dir / "telemetry.log", clock, nats_url))
+                            log_dir / "telemetry.log", clock, nats_url, secrets=secrets))
         expected = {"engine": len(instances), "forecaster": 1, "telemetry": 1}
         if policy == "throttllem":
             # Trace prompts have no text: the predictor runs as a labelled oracle.
             procs.append(_spawn(["length-predictor", "--oracle", opts.length_error,
                                  "--seed", str(opts.seed)],
-                                log_dir / "length-predictor.log", clock, nats_url))
+                                log_dir / "length-predictor.log", clock, nats_url, secrets=secrets))
             for inst in instances:
                 procs.append(_spawn(["actuator", "--instance", inst, "--gpu", "twin"],
-                                    log_dir / f"actuator-{inst}.log", clock, nats_url))
+                                    log_dir / f"actuator-{inst}.log", clock, nats_url,
+                                    secrets=secrets, identity=f"actuator-{inst}"))
             expected |= {"length-predictor": 1, "actuator": len(instances)}
         with anyio.move_on_after(opts.startup_timeout_s):
             while any(len(ready.get(s, ())) < n for s, n in expected.items()):
@@ -300,15 +319,28 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
     log_dir.mkdir(parents=True, exist_ok=True)
     server = None
     nats_url = opts.nats_url
+    secrets = None
+    if opts.secure:
+        if nats_url is not None:
+            raise ConfigError("--secure locks down the demo's own embedded server; without "
+                              "--nats (or give your own server its config from "
+                              "`throttllem security init`)")
+        from throttllem._security import init_security  # noqa: PLC0415
+
+        secrets = init_security(log_dir / "nats-secrets",
+                                instances=[f"i{n}" for n in range(opts.instances)],
+                                force=True)
     try:
         if nats_url is None:
-            server = EmbeddedNatsServer()
+            server = (EmbeddedNatsServer() if secrets is None else
+                      EmbeddedNatsServer(config=secrets.secure_conf, tls=True))
             nats_url = server.start()
         runs: dict[str, DemoRun] = {}
         for policy in opts.policies:
             policy_logs = log_dir / policy
             policy_logs.mkdir(exist_ok=True)
-            runs[policy] = anyio.run(_run, opts, policy, nats_url, policy_logs, slo_classes)
+            runs[policy] = anyio.run(partial(_run, opts, policy, nats_url, policy_logs,
+                                             slo_classes, secrets=secrets))
     finally:
         if server is not None:
             server.stop()

@@ -56,6 +56,22 @@ class RequestRejectedError(ThrottllemError, ValueError):
     """An engine cannot take a request (already in flight, or it can never fit)."""
 
 
+class ApiRequestError(ThrottllemError, ValueError):
+    """The gateway refuses an HTTP request: carries the HTTP status and OpenAI's error fields
+    (`type`, `code`, `param`) so the answer has the shape OpenAI clients parse."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+
 class RemoteCallError(ThrottllemError, RuntimeError):
     """A request over the bus was answered with a failure of the responder's own (a bug or
     an outage there, not a fault of the request)."""

@@ -84,6 +84,10 @@ class RequestArrived(_Event, frozen=True, kw_only=True, tag="request.arrived"):
     # Twin only: the trace's true generated length, so the simulated engine knows when the
     # request emits EOS. A real engine never sees this; the controller must never read it.
     true_output_tokens: PosTokens | None = None
+    # The client's own latency bounds for this request (llm-d's `x-slo-ttft-ms` and
+    # `x-slo-tpot-ms` headers), which tighten its SLO class's; None: the class alone.
+    ttft_slo_ms: Annotated[float, msgspec.Meta(gt=0.0, le=1e9)] | None = None
+    tbt_slo_ms: Annotated[float, msgspec.Meta(gt=0.0, le=1e9)] | None = None
 
 
 class RequestPredicted(_Event, frozen=True, kw_only=True, tag="request.predicted"):

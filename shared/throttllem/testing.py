@@ -48,6 +48,7 @@ __all__ = [
     "vllm_available",
     "vllm_server",
     "watch_decisions",
+    "write_test_tokenizer",
 ]
 
 H100_SM_CLOCKS_DESCENDING = list(range(1980, 344, -15))  # NVML lists them high to low
@@ -186,6 +187,41 @@ async def watch_decisions(bus: Bus) -> dict[str, RequestAdmitted | RequestDeferr
     await bus.subscribe(REQUEST_ADMITTED_ALL, REQUEST_CODEC, on_event)
     await bus.subscribe(REQUEST_DEFERRED, REQUEST_CODEC, on_event)
     return decided
+
+
+TEST_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_test_tokenizer(folder: Path, *, template: str | None = TEST_CHAT_TEMPLATE,
+                         max_position_embeddings: int = 512) -> Path:
+    """A real byte-level BPE tokenizer trained here on a few lines, saved as a model folder
+    saves it (tokenizer.json, tokenizer_config.json with a chat template, config.json), so
+    the gateway can be tested without any model download. Needs the `gateway` extra."""
+    from tokenizers import (  # noqa: PLC0415
+        Tokenizer,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config: dict[str, object] = {"bos_token": "<s>", "eos_token": {"content": "</s>"}}
+    if template is not None:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(
+        {"max_position_embeddings": max_position_embeddings}))
+    return folder
 
 
 # --------------------------------------------------------------------------- NVML seam

@@ -50,7 +50,7 @@ from throttllem._core.placement import (
     retune,
 )
 from throttllem._core.routing import least_loaded
-from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class
+from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class, tightened
 from throttllem._core.slo_check import RequestSlo
 from throttllem._errors import ConfigError
 from throttllem._events import (
@@ -181,6 +181,8 @@ class SetClock:
 Decision = Admit | Defer | Refuse | SetClock
 
 DEFER_REASON: Final = "no instance meets every SLO with it; retried as requests complete"
+# How many ids forgotten before their offer arrived are remembered.
+FORGOTTEN_IDS: Final = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +225,9 @@ class Controller:
         self._governed_tbt_ms = math.inf
         # tenant -> (tokens, when last refilled), for the per-tenant rate limit.
         self._buckets: dict[str, tuple[float, float]] = {}
+        # Ids forgotten before they were offered (an abort can overtake its own arrival on the
+        # bus): an offer of one is dropped. Bounded: the oldest are let go first.
+        self._forgotten: dict[str, None] = {}
 
     # ------------------------------------------------------------------ instances
 
@@ -270,6 +275,8 @@ class Controller:
               now_s: float) -> list[Decision]:
         """A new request, with (median, upper) predicted generation lengths where the
         admission rule needs them."""
+        if self._forgotten.pop(request.id, False) is None:  # aborted before it got here
+            return []
         refusal = self._refusal(request) or self._overload(request, now_s)
         if refusal is not None:
             return [refusal]
@@ -278,7 +285,7 @@ class Controller:
                               "predictions")
         if self.config.clocks == "reactive":
             self._governed_tbt_ms = min(self._governed_tbt_ms,
-                                        self.slo_classes[request.slo_class].tbt_ms)
+                                        self._slo(request).tbt_ms)
         waiting = _Waiting(request, None if lengths is None else planned_lengths(
             self.shape, prompt_tokens=request.prompt_tokens, max_tokens=request.max_tokens,
             predicted_tokens=lengths[0], upper_tokens=lengths[1]))
@@ -301,6 +308,12 @@ class Controller:
         if why is not None:
             return Refuse(request.id, f"controller: {why}", "never_fits")
         return None
+
+    def _slo(self, request: RequestArrived) -> SloClass:
+        """The request's class, tightened by its own bounds where it carries them."""
+        return tightened(self.slo_classes[request.slo_class],
+                         prompt_tokens=request.prompt_tokens, ttft_ms=request.ttft_slo_ms,
+                         tbt_ms=request.tbt_slo_ms)
 
     def _overload(self, request: RequestArrived, now_s: float) -> Refuse | None:
         cfg = self.config
@@ -332,7 +345,7 @@ class Controller:
         assert self.policy is not None
         assert waiting.lengths is not None
         median, upper = waiting.lengths
-        slo = self.slo_classes[request.slo_class]
+        slo = self._slo(request)
         candidate = Candidate(prompt_tokens=request.prompt_tokens, predicted_tokens=median,
                               upper_tokens=upper)
         candidate_slo = RequestSlo.for_request(slo, prompt_tokens=request.prompt_tokens,
@@ -355,7 +368,7 @@ class Controller:
             tracker.admitted(request.id, prompt_tokens=request.prompt_tokens,
                              predicted_tokens=median, upper_tokens=upper,
                              arrival_s=request.arrival_s,
-                             slo=self.slo_classes[request.slo_class])
+                             slo=self._slo(request))
         self.outstanding[instance] += 1
         self.placed[request.id] = instance
         median_or_none, upper_or_none = waiting.lengths or (None, None)
@@ -396,6 +409,10 @@ class Controller:
             out: list[Decision] = []
             if len(self.pending) != before:  # the head may have been the one blocking
                 self._drain(now_s, out)
+            else:  # not seen yet: drop it when it comes
+                self._forgotten[request_id] = None
+                if len(self._forgotten) > FORGOTTEN_IDS:
+                    del self._forgotten[next(iter(self._forgotten))]
             return out
         self._release(instance, request_id)
         out = []

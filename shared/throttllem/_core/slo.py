@@ -42,6 +42,21 @@ DEFAULT_SLO_CLASSES: Mapping[str, SloClass] = {
 }
 
 
+def tightened(slo: SloClass, *, prompt_tokens: int, ttft_ms: float | None,
+              tbt_ms: float | None) -> SloClass:
+    """A request's own latency bounds (llm-d's `x-slo-ttft-ms`, `x-slo-tpot-ms`) on top of
+    its class: each may only tighten the class's bound, never loosen it."""
+    if ttft_ms is None and tbt_ms is None:
+        return slo
+    tighter = slo
+    if tbt_ms is not None and tbt_ms < slo.tbt_ms:
+        tighter = msgspec.structs.replace(tighter, tbt_ms=tbt_ms)
+    if ttft_ms is not None and ttft_ms < slo.ttft_bound_ms(prompt_tokens):
+        tighter = msgspec.structs.replace(tighter, ttft_base_ms=ttft_ms,
+                                          ttft_ms_per_prompt_token=0.0)
+    return tighter
+
+
 _SLO_KEYS = ("tbt_ms", "ttft_base_ms", "ttft_ms_per_prompt_token")
 
 

@@ -1,4 +1,4 @@
-"""Engines: the engine contract (`contract`) and its adapters (`twin`, more to come).
+"""Engines: the engine contract (`contract`) and its adapters (`twin`, `gpu`).
 
 An adapter turns one serving engine instance into a party on the bus that keeps the contract
 in `throttllem._engines.contract`. `BACKENDS` names every engine `throttllem run engine
@@ -22,9 +22,8 @@ BACKENDS: Final[Mapping[str, str]] = MappingProxyType({
     "vllm": "vLLM",
 })
 # Those that run inside `throttllem run engine`; the others say where they run instead.
-RUNNABLE_BACKENDS: Final = frozenset({"twin"})
+RUNNABLE_BACKENDS: Final = frozenset({"twin", "gpu"})
 _RUNS_ELSEWHERE: Final[Mapping[str, str]] = MappingProxyType({
-    "gpu": "not yet behind `throttllem run engine`",
     "vllm": ("vLLM runs as its own server, not inside `throttllem run engine`: start it "
              "with `--scheduler-cls throttllem._engines.vllm.scheduler.iteration_scheduler` "
              "and THROTTLLEM_INSTANCE (it publishes the iterations; README, 'The vLLM "

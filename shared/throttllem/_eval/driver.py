@@ -50,7 +50,7 @@ from throttllem._eval.policies import (
 from throttllem._eval.sim import Simulation, Timeline
 from throttllem._events import RequestArrived
 from throttllem._length.oracle import parse_length_error
-from throttllem._setup import DEFAULT_SETUP
+from throttllem._setup import DEFAULT_SETUP, load_setup
 from throttllem._trace import WindowSpec, peak_rate_per_s, window_requests
 from throttllem._twin.clockmodel import efficient_clock_mhz, oracle_perf_model
 from throttllem._twin.profile import SetupProfile
@@ -113,15 +113,17 @@ class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
     slo_classes: dict[str, SloClass]  # the classes that steered and scored the runs
 
 
-def perf_model_for(profile: SetupProfile, spec: str | None) -> PerfModel:
-    """The controller's performance model: `spec` names a model folder or shipped model
-    (default: the setup's own), or `twin` for the twin's own formula (an oracle, for
-    ablations)."""
+def perf_model_for(setup: str, spec: str | None) -> PerfModel:
+    """The controller's performance model on `setup` (a setup name or file): `spec` names a
+    model folder or shipped model (default: the setup's own), or `twin` for the twin's own
+    formula (an oracle, for ablations)."""
     if spec == "twin":
-        return oracle_perf_model(profile)
+        from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+        return oracle_perf_model(load_profile(setup))
     from throttllem._perf.runtime import load_perf_model  # noqa: PLC0415 - onnxruntime
 
-    return load_perf_model(spec or profile.name)
+    return load_perf_model(spec or load_setup(setup).name)
 
 
 def with_power(profile: SetupProfile, overrides: dict[str, float]) -> SetupProfile:
@@ -305,7 +307,7 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     shape = EngineShape.of(profile.setup)
     policy = None
     if needs_controller:
-        policy = clock_policy(profile.setup, perf_model_for(profile, opts.perf_model))
+        policy = clock_policy(profile.setup, perf_model_for(opts.setup, opts.perf_model))
         if not opts.future_prefills:
             policy = dataclasses.replace(policy, arrival_window_s=None)
         if not opts.warm_start:

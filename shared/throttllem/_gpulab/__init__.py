@@ -8,7 +8,8 @@
 * `passes` — `TorchPassRunner`: the loop's forward passes on a GPU (FlashAttention-2 varlen,
   split-KV decode, CUDA graphs);
 * `sampler` — a thread reading the SM clock and the energy counter through
-  `throttllem._gpu.nvml.NvmlBackend`, so passes never wait for NVML.
+  `throttllem._gpu.nvml.NvmlBackend`, so passes never wait for NVML, and `PassEnergyMeter`,
+  each pass's share of the energy counter (the GPU engine's, `throttllem._engines.gpu`).
 
 The lab never changes a GPU setting (NVML is only read). Nothing is imported here eagerly:
 torch is imported where a pass really runs.

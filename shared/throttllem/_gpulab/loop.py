@@ -301,7 +301,13 @@ class FakePassRunner:
 
     def __init__(self, time_ms: Callable[[int, int, int, int], float], *,
                  kv_capacity_tokens: int = 1 << 20, token_slots: int = 4096,
-                 clock_mhz: float = 1980.0, power_w: float = 500.0) -> None:
+                 clock_mhz: float = 1980.0, power_w: float = 500.0, pace: bool = False,
+                 keep_specs: bool = True) -> None:
+        """`pace`: sleep the pass's time, so that a live engine's passes take it in wall time
+        (its clock, power and energy stay the fake's figures, which no one may report as
+        measured). `keep_specs=False` (a long-running engine): `specs` stays empty."""
+        self.pace = pace
+        self.keep_specs = keep_specs
         self.kv_capacity_tokens = kv_capacity_tokens
         self.token_slots = token_slots
         self._time_ms = time_ms
@@ -310,9 +316,12 @@ class FakePassRunner:
         self.specs: list[PassSpec] = []
 
     def run(self, spec: PassSpec) -> PassMeasurement:
-        self.specs.append(spec)
+        if self.keep_specs:
+            self.specs.append(spec)
         ms = float(self._time_ms(spec.batch, spec.kv_tokens, spec.prefill_tokens,
                                  spec.prefill_attn_tokens2))
+        if self.pace:
+            time.sleep(ms / 1e3)
         return PassMeasurement(gpu_ms=ms, wall_ms=ms, clock_mhz=self._clock,
                                energy_mj=self._power * ms, graphed=False, bucket=spec.batch)
 
@@ -554,6 +563,11 @@ class LoopGpu(GpuTwin):
                 self._regions.free(held[0])
                 self._slots.free(held[1])
 
+    def finish_pass(self, start_s: float, m: PassMeasurement) -> tuple[PassMeasurement, float]:
+        """The pass's measurement as recorded, and how long it took in engine time (s): here
+        its GPU time (the lab skips host time); a live engine takes its clock's time."""
+        return m, m.gpu_ms / 1e3
+
     def run_iteration(self, start_s: float, *, batch: int, kv_tokens: int, prefill_tokens: int,
                       prefill_attn_tokens2: float = 0.0,
                       indices: Iterable[int] | None = None) -> GpuIterationResult:
@@ -573,6 +587,10 @@ class LoopGpu(GpuTwin):
         if acc != prefill_tokens or sum(x * x for x in lens) != int(prefill_attn_tokens2):
             raise RuntimeError(f"cannot tell which requests the pass admits ({acc} of "
                                f"{prefill_tokens} prefill tokens matched)")
+        # A request preempted by this step holds a region it will never use again (it is
+        # prefilled from scratch when re-admitted): free it before this pass allocates.
+        in_pass = set(running).union(r.id for r in admitted)
+        self.release([rid for rid in self._held if rid not in in_pass])
         starts: list[int] = []
         slots: list[int] = []
         for rid in running:
@@ -595,8 +613,7 @@ class LoopGpu(GpuTwin):
             if start_s < self._gpus[i].now_s - 1e-6:
                 raise RuntimeError(f"GPU busy until {self._gpus[i].now_s:.6f} s")
         self.idle_until(start_s, idx)
-        m = self.runner.run(spec)
-        duration = m.gpu_ms / 1e3
+        m, duration = self.finish_pass(start_s, self.runner.run(spec))
         st8 = self._gpus[0]
         st8.energy_mj += m.energy_mj
         st8.now_s = start_s + duration

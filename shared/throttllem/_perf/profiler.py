@@ -156,10 +156,10 @@ def _prompts(rng: np.random.Generator, limits: SetupLimits, *, budget: int,
 
 
 def limits_of(setup: str | Path) -> SetupLimits:
-    """The sweep bounds of a twin setup profile (by name or path)."""
-    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+    """The sweep bounds of a setup (by name or path)."""
+    from throttllem._setup import load_setup  # noqa: PLC0415
 
-    p = load_profile(setup)
+    p = load_setup(setup)
     return SetupLimits(max_batch=p.engine.max_batch,
                        kv_capacity_tokens=p.engine.kv_blocks * p.engine.block_tokens,
                        max_model_len=p.model.max_model_len,

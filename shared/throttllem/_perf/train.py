@@ -78,6 +78,7 @@ from throttllem._perf.runtime import (
     compute_metrics,
 )
 from throttllem._perf.table import ProfileTable, concat, read_table
+from throttllem._setup import load_setup
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -488,9 +489,7 @@ def _summarise(runs: Sequence[Metrics], how: str) -> dict[str, Any]:
 
 
 def _grid_domain(setup: str, x: FloatArray) -> dict[str, float]:
-    from throttllem._twin.profile import load_profile  # noqa: PLC0415
-
-    p = load_profile(setup)
+    p = load_setup(setup)
     g = p.gpu
     return {
         "batch_max": float(max(p.engine.max_batch, x[:, 0].max())),
@@ -545,14 +544,12 @@ def train_perf_model(data: Sequence[str], setup: str, out_dir: str | Path | None
                      log: TextIO | None = None) -> dict[str, Any]:
     """Evaluate at the 90% and 10% splits, fit on all rows, export, check parity, write
     ``model.onnx``, ``metrics.json`` and ``MODEL_CARD.md``; returns the metrics."""
-    from throttllem._twin.profile import load_profile  # noqa: PLC0415
-
     log = sys.stderr if log is None else log
     cfg = config or TrainConfig(seed=seed)
     out = Path(out_dir) if out_dir is not None else DEFAULT_OUT_ROOT / setup
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    profile = load_profile(setup)
+    profile = load_setup(setup)
     table, sources = load_training_data(data, setup, samples=samples, seed=seed, log=log)
     x, t = _xy(table)
     if len(t) < 10:
