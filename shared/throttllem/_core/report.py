@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import msgspec
@@ -61,6 +62,7 @@ class RunReport(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float
     energy_source: str = "twin (simulated)"
     requests_rejected: int = 0
+    latency_source: str = "twin (simulated)"
 
 
 def _pct(values: Sequence[float]) -> Percentiles:
@@ -74,7 +76,8 @@ def _pct(values: Sequence[float]) -> Percentiles:
 def summarize(completions: Sequence[RequestCompleted], *, policy: str, submitted: int,
               energy_j: float, clocks: ClockAccumulator, duration_s: float, rejected: int = 0,
               slo_classes: Mapping[str, SloClass] = DEFAULT_SLO_CLASSES,
-              energy_source: str = "twin (simulated)") -> RunReport:
+              energy_source: str = "twin (simulated)",
+              latency_source: str = "twin (simulated)") -> RunReport:
     """Summarize a run. Unserved requests (rejected or never finished) count against SLO
     attainment."""
     outcomes = [check_slo(c, slo_classes) for c in completions]
@@ -102,7 +105,12 @@ def summarize(completions: Sequence[RequestCompleted], *, policy: str, submitted
         duration_s=duration_s,
         energy_source=energy_source,
         requests_rejected=rejected,
+        latency_source=latency_source,
     )
+
+
+def _or_unmeasured(value: float, text: str) -> str:
+    return "not measured" if math.isnan(value) else text
 
 
 def format_table(reports: Sequence[RunReport]) -> str:
@@ -114,10 +122,13 @@ def format_table(reports: Sequence[RunReport]) -> str:
         ("  rejected (never fit)", [f"{r.requests_rejected}" for r in reports]),
         ("prompt tokens", [f"{r.prompt_tokens:,}" for r in reports]),
         ("generated tokens", [f"{r.generated_tokens:,}" for r in reports]),
-        ("energy (J)", [f"{r.energy_j:,.0f}" for r in reports]),
-        ("energy (J/gen. token)", [f"{r.j_per_token:.3f}" for r in reports]),
-        *([("energy saved vs default", [f"{100 * (1 - r.energy_j / base.energy_j):.1f}%"
-                                        for r in reports])] if base is not None else []),
+        ("energy (J)", [_or_unmeasured(r.energy_j, f"{r.energy_j:,.0f}") for r in reports]),
+        ("energy (J/gen. token)", [_or_unmeasured(r.j_per_token, f"{r.j_per_token:.3f}")
+                                   for r in reports]),
+        *([("energy saved vs default", [
+            _or_unmeasured(r.energy_j + base.energy_j,
+                           f"{100 * (1 - r.energy_j / base.energy_j):.1f}%")
+            for r in reports])] if base is not None else []),
         ("TTFT p50/p99 (ms)", [f"{r.ttft_ms.p50:.0f} / {r.ttft_ms.p99:.0f}" for r in reports]),
         ("TBT p50/p99 (ms)", [f"{r.tbt_ms.p50:.1f} / {r.tbt_ms.p99:.1f}" for r in reports]),
         ("E2E p50/p99 (ms)", [f"{r.e2e_ms.p50:.0f} / {r.e2e_ms.p99:.0f}" for r in reports]),
@@ -128,6 +139,7 @@ def format_table(reports: Sequence[RunReport]) -> str:
         ("mean batch size", [f"{r.mean_batch:.1f}" for r in reports]),
         ("trace time (s)", [f"{r.duration_s:.0f}" for r in reports]),
         ("energy source", [r.energy_source for r in reports]),
+        ("latency source", [r.latency_source for r in reports]),
     ]
     width = max(len(name) for name, _ in rows)
     cols = [max(len(v[i]) for _, v in rows) for i in range(len(reports))]

@@ -667,7 +667,10 @@ class GatewayService:
         server = _Server(uvicorn.Config(
             self.app(), http="httptools", lifespan="off", log_config=None, access_log=False,
             timeout_graceful_shutdown=max(1, math.ceil(self.config.shutdown_grace_s)),
-            backlog=4096))
+            # Clients' idle connections must expire before ours do (httpx's and the OpenAI
+            # SDK's pools keep them 5 s, uvicorn's default too): a request sent on a connection
+            # the server is closing at that instant fails with a connection error.
+            timeout_keep_alive=75, backlog=4096))
         # Idle connections expire well before the engine's own keep-alive timeout (uvicorn's
         # and vLLM's default is 5 s): a request sent on a connection the engine is closing at
         # that instant would fail as if the engine had.
