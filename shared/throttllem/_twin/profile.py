@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from throttllem._core.switching import interpolate_idle_w
 from throttllem._errors import ConfigError
 from throttllem._setup import (
     SETUP_SECTIONS,
@@ -99,15 +100,8 @@ def parse_idle_points(text: str) -> tuple[tuple[float, float], ...] | None:
 
 
 def locked_idle_power_w(points: tuple[tuple[float, float], ...], clock_mhz: float) -> float:
-    """Idle power at a locked clock from the points: linear in between, flat below the first,
-    the last segment's slope above the last."""
-    if clock_mhz <= points[0][0]:
-        return points[0][1]
-    for (f0, w0), (f1, w1) in itertools.pairwise(points):
-        if clock_mhz <= f1:
-            return w0 + (w1 - w0) * (clock_mhz - f0) / (f1 - f0)
-    (f0, w0), (f1, w1) = points[-2], points[-1]
-    return w1 + (w1 - w0) * (clock_mhz - f1) / (f1 - f0)
+    """Idle power at a locked clock (the controller's own interpolation, one formula)."""
+    return interpolate_idle_w(points, clock_mhz)
 
 
 @dataclass(frozen=True, slots=True)
