@@ -523,7 +523,6 @@ class Controller:
         if instance in self.unlocked:  # work is back: lock again at once
             self.unlocked.discard(instance)
             changed = True
-        self._idle_since.pop(instance, None)
         self.clock_mhz[instance], self.changed_s[instance] = step.clock_mhz, step.changed_s
         self._send(instance, now_s, f"{reason} ({step.reason})", changed, out)
 

@@ -151,7 +151,7 @@ class AgftBandit:
         self._window.append(seen)
 
     def due(self, now_s: float) -> bool:
-        return now_s - self._last_s >= self.config.period_s
+        return now_s - self._last_s >= self.config.period_s - 1e-9  # float noise of sums
 
     def decide(self, now_s: float, tpot_limit_ms: float) -> int | None:
         """The clock for the next window (call when `due`)."""
