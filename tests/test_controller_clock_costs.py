@@ -16,7 +16,7 @@ from throttllem._core.controller import (
     SetClock,
 )
 from throttllem._core.peers import AgftBandit, AgftConfig, PassSeen, VoltanaConfig, VoltanaEcoFreq
-from throttllem._core.switching import IdlePower, lowering_pays
+from throttllem._core.switching import IdlePower, lowering_dwell_s, next_backoff
 from throttllem._errors import ConfigError
 from throttllem._events import EngineIteration, RequestArrived
 from throttllem._twin.costs import controller_idle_power
@@ -39,9 +39,12 @@ def test_release_waits_the_break_even_and_never_when_unlocked_idle_costs_more() 
     assert IDLE.release_after_s(1005.0, 0.0) == 0.0  # instant switches: release at once
     cheap_lock = dataclasses.replace(IDLE, unlocked_w=200.0)
     assert cheap_lock.release_after_s(1005.0, 0.2) is None
-    assert lowering_pays(None, 0.2)
-    assert not lowering_pays(0.1, 0.2)
-    assert lowering_pays(0.5, 0.2)
+    assert lowering_dwell_s(1.0, 0.2, 0) == 1.0
+    assert lowering_dwell_s(1.0, 5.0, 0) == 5.0
+    assert lowering_dwell_s(1.0, 0.2, 2) == 4.0
+    assert next_backoff(0, 0.1, 0.2) == 1  # undone before its switch completed
+    assert next_backoff(3, 0.5, 0.2) == 0  # held: back to normal
+    assert next_backoff(6, 0.1, 0.2) == 6  # capped
 
 
 def test_profile_gives_the_controller_its_idle_power() -> None:

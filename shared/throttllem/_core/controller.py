@@ -26,8 +26,9 @@ Rules (the policy is a `ControllerConfig`; see `POLICIES`):
   (`peers.py`: AGFT's contextual bandit, VoltanaLLM's EcoFreq), fed by engine passes;
 - clock costs (`switching.py`, `predictive` only, when the config gives them): an idle
   instance's lock is released (`SetClock(clock_mhz=None)`: the GPU's default) once it has
-  idled the break-even time, and no lowering step is taken while clock changes hold for less
-  than one switch latency; the dwell before a lowering step is at least one switch latency;
+  idled the break-even time; the dwell before a lowering step is at least one switch
+  latency, and doubles after each lowering undone within one switch latency (it saved
+  nothing: its switch never completed), back to normal once a lowering holds;
 - a clock target is a lease: re-sent every `lease_s / 3` so that an actuator whose controller
   died falls back to default clocks, and sent at once when it changes.
 """
@@ -58,7 +59,7 @@ from throttllem._core.placement import (
 from throttllem._core.routing import least_loaded
 from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class
 from throttllem._core.slo_check import RequestSlo
-from throttllem._core.switching import IdlePower, lowering_pays
+from throttllem._core.switching import IdlePower, lowering_dwell_s, next_backoff
 from throttllem._errors import ConfigError
 from throttllem._events import (
     EngineIteration,
@@ -255,10 +256,11 @@ class Controller:
         # tenant -> (tokens, when last refilled), for the per-tenant rate limit.
         self._buckets: dict[str, tuple[float, float]] = {}
         # Instances whose lock is released (their GPUs at default clocks); when each became
-        # idle; mean seconds a clock held on each (for the switch-cost rule).
+        # idle; how often lowering steps were undone within one switch (the dwell back-off).
         self.unlocked: set[str] = set()
         self._idle_since: dict[str, float] = {}
-        self._mean_hold_s: dict[str, float] = {}
+        self._lower_backoff: dict[str, int] = {}
+        self._lowered: set[str] = set()  # the last change on the instance lowered its clock
         self._agft: dict[str, AgftBandit] = {}
         self._voltana: dict[str, VoltanaEcoFreq] = {}
 
@@ -303,10 +305,11 @@ class Controller:
     def remove_instance(self, name: str) -> None:
         """Forget an instance (it was drained: it holds no request)."""
         for table in (self.outstanding, self.measured, self.trackers, self.clock_mhz,
-                      self.changed_s, self.sent_s, self._idle_since, self._mean_hold_s,
+                      self.changed_s, self.sent_s, self._idle_since, self._lower_backoff,
                       self._agft, self._voltana):
             table.pop(name, None)
         self.unlocked.discard(name)
+        self._lowered.discard(name)
         for request_id in [r for r, i in self.placed.items() if i == name]:
             del self.placed[request_id]
 
@@ -508,18 +511,21 @@ class Controller:
         assert self.policy is not None
         cfg = self.config
         current = self.clock_mhz[instance]
+        backoff = self._lower_backoff.get(instance, 0)
         step = next_clock(current, self.changed_s[instance], proposed_mhz, now_s,
-                          min_dwell_s=max(cfg.min_dwell_s, cfg.switch_latency_s),
+                          min_dwell_s=lowering_dwell_s(cfg.min_dwell_s, cfg.switch_latency_s,
+                                                       backoff),
                           down_margin_steps=cfg.down_margin_steps, clocks=self.policy.clocks)
-        if (step.clock_mhz < current and cfg.switch_latency_s > 0
-                and not lowering_pays(self._mean_hold_s.get(instance), cfg.switch_latency_s)):
-            step = step._replace(clock_mhz=current, changed_s=self.changed_s[instance],
-                                 reason="same")  # switch cost: the saving would not start
         changed = step.clock_mhz != current
-        if changed and cfg.switch_latency_s > 0 and math.isfinite(self.changed_s[instance]):
-            held_s = now_s - self.changed_s[instance]
-            mean = self._mean_hold_s.get(instance)
-            self._mean_hold_s[instance] = held_s if mean is None else 0.8 * mean + 0.2 * held_s
+        if changed and cfg.switch_latency_s > 0:
+            if instance in self._lowered:  # how did the last lowering fare?
+                held_s = now_s - self.changed_s[instance]
+                self._lower_backoff[instance] = next_backoff(backoff, held_s,
+                                                             cfg.switch_latency_s)
+            if step.clock_mhz < current:
+                self._lowered.add(instance)
+            else:
+                self._lowered.discard(instance)
         if instance in self.unlocked:  # work is back: lock again at once
             self.unlocked.discard(instance)
             changed = True

@@ -11,9 +11,10 @@ for two decisions, both pure functions here:
   `relock_penalty_w × switch_latency_s`. Waiting that break-even time before releasing is the
   deterministic rule that never pays more than twice the best choice in hindsight, whatever
   the idle gaps;
-- **no lowering step that cannot pay off**: a lower clock saves only after its switch
-  completes, so a lowering step is skipped while clock changes on the instance hold for less
-  than one switch latency on average (the saving would never start).
+- **no lowering step that cannot pay off**: a lower clock saves only once its switch
+  completes, so the dwell before a lowering step is at least one switch latency, and it
+  doubles (up to `MAX_BACKOFF` times) after each lowering that was undone within one switch
+  latency (it saved nothing and cost a switch), back to normal once a lowering holds.
 """
 
 from __future__ import annotations
@@ -64,7 +65,16 @@ class IdlePower:
         return switch_latency_s * self.relock_penalty_w / saving_w
 
 
-def lowering_pays(mean_hold_s: float | None, switch_latency_s: float) -> bool:
-    """Whether a lowering step can save anything: its clock must hold longer than the switch
-    takes (unknown hold: yes)."""
-    return mean_hold_s is None or mean_hold_s > switch_latency_s
+MAX_BACKOFF = 6  # at most 2**6 times the dwell
+
+
+def lowering_dwell_s(min_dwell_s: float, switch_latency_s: float, backoff: int) -> float:
+    """Seconds a clock must have held before it may be lowered."""
+    return max(min_dwell_s, switch_latency_s) * 2.0 ** backoff
+
+
+def next_backoff(backoff: int, lowered_held_s: float, switch_latency_s: float) -> int:
+    """The back-off after the last lowering held `lowered_held_s` before the next change."""
+    if lowered_held_s < switch_latency_s:
+        return min(backoff + 1, MAX_BACKOFF)
+    return 0
