@@ -1,6 +1,8 @@
 """How much of throttLL'eM's saving rests on the twin's power model: the `freq` policy's
-energy saving vs `default`, and its SLO attainment, with one stated power-model assumption
-changed at a time (the profile's `[power]` parameters whose source says "assumption").
+energy saving vs `default`, and its SLO attainment, with one stated assumption changed at a
+time: the profile's `[power]` parameters whose source says "assumption", and its
+`[clocking]` ones (locked idle power, clock-switch latency); plus the older twin without the
+clocking costs (`--no-fidelity`).
 
 Simulated throughout (the serving twin): this is a sensitivity of the simulation, not a
 measurement. Each row is one `throttllem evaluate` of the same window.
@@ -21,6 +23,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from throttllem._eval import EvalOptions, evaluate  # noqa: E402
+from throttllem._eval.driver import BAND_VARIANTS  # noqa: E402
 from throttllem._setup import DEFAULT_SETUP  # noqa: E402
 from throttllem._twin.profile import load_profile  # noqa: E402
 
@@ -31,6 +34,9 @@ SWEEP: dict[str, tuple[float, ...]] = {
     "voltage_min_ratio": (0.6, 0.8),
     "voltage_knee_mhz": (800.0, 1200.0),
 }
+# The clocking assumptions, at the ends of the evaluator's saving band (BAND_VARIANTS).
+CLOCKING_SWEEP = ("locked_idle=low", "locked_idle=high", "switch_latency_s=0.02",
+                  "switch_latency_s=0.5")
 
 
 def main() -> None:
@@ -44,26 +50,30 @@ def main() -> None:
     args = ap.parse_args()
 
     power = load_profile(DEFAULT_SETUP).power
-    cases: list[tuple[str, dict[str, float]]] = [("shipped profile", {})]
+    cases: list[tuple[str, dict[str, float], dict[str, str | float], bool]] = [
+        ("shipped profile", {}, {}, True), ("older twin (--no-fidelity)", {}, {}, False)]
     for name, values in SWEEP.items():
-        cases += [(f"{name}={v:g} (shipped {getattr(power, name):g})", {name: v})
+        cases += [(f"{name}={v:g} (shipped {getattr(power, name):g})", {name: v}, {}, True)
                   for v in values]
+    cases += [(variant, {}, BAND_VARIANTS[variant][1], True) for variant in CLOCKING_SWEEP]
     rows = []
     capacity = None
-    for label, overrides in cases:
+    for label, overrides, clocking, fidelity in cases:
         t0 = time.perf_counter()
         ev = evaluate(EvalOptions(trace=args.trace, minutes=args.minutes,
                                   instances=args.instances, peak_load=args.peak_load,
                                   capacity_rps=capacity, policies=["default", "freq"],
-                                  perf_model=args.perf_model, power=overrides))
+                                  perf_model=args.perf_model, power=overrides,
+                                  clocking=clocking, fidelity=fidelity))
         capacity = ev.capacity_rps  # power does not change capacity: measure it once
         d, f = ev.runs["default"].report, ev.runs["freq"].report
-        rows.append({"case": label, "overrides": overrides, "floor_mhz": ev.floor_mhz,
+        rows.append({"case": label, "overrides": {**overrides, **clocking},
+                     "fidelity": fidelity, "floor_mhz": ev.floor_mhz,
                      "default_kj": d.energy_j / 1e3, "freq_kj": f.energy_j / 1e3,
                      "saving": 1 - f.energy_j / d.energy_j, "freq_slo": f.slo_attainment,
                      "default_slo": d.slo_attainment, "freq_clock_mhz": f.mean_sm_clock_mhz,
                      "wall_s": time.perf_counter() - t0})
-    head = (f"{'power model':<40}{'floor MHz':>10}{'default kJ':>12}{'freq kJ':>10}"
+    head = (f"{'twin assumption':<40}{'floor MHz':>10}{'default kJ':>12}{'freq kJ':>10}"
             f"{'saving':>8}{'freq SLO':>10}{'clock':>7}")
     print(head)
     print("-" * len(head))

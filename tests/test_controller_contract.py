@@ -61,7 +61,8 @@ def _pass_time(batch: npt.NDArray[np.float64], kv: npt.NDArray[np.float64],
 
 PERF = FunctionPerfModel(_pass_time, name="contract")
 # Eval policy names for each live policy.
-EVAL_NAME = {"throttllem": "freq", "default": "default", "retail": "retail"}
+EVAL_NAME = {"throttllem": "freq", "default": "default", "retail": "retail",
+             "agft": "agft", "voltana": "voltana"}
 
 Key = tuple[Any, ...]
 
@@ -184,8 +185,8 @@ async def run_live(nats: EmbeddedNatsServer, live_policy: str, steps: list[Step]
         if ".freq.target." in msg.subject:
             target = FREQ_CODEC.decode(msg.data)
             assert isinstance(target, FreqTarget)
-            assert target.clock_mhz is not None
-            recorded.append(("clock", target.instance, int(target.clock_mhz)))
+            clock = None if target.clock_mhz is None else int(target.clock_mhz)
+            recorded.append(("clock", target.instance, clock))
             return
         event = REQUEST_CODEC.decode(msg.data)
         if isinstance(event, RequestAdmitted):
@@ -196,7 +197,8 @@ async def run_live(nats: EmbeddedNatsServer, live_policy: str, steps: list[Step]
     await recorder.nc.subscribe("tllm.v1.>", cb=on_message)
     await recorder.sync()
     service = forecaster_service(instances=INSTANCES, policy=live_policy,
-                                 perf=PERF if live_policy == "throttllem" else None,
+                                 perf=PERF if live_policy in ("throttllem", "voltana")
+                                 else None,
                                  tick_wall_s=0.005)
     bus = await Bus.connect(nats.url, name="forecaster")
 
@@ -245,7 +247,8 @@ async def run_live(nats: EmbeddedNatsServer, live_policy: str, steps: list[Step]
 
 @pytest.mark.anyio
 @pytest.mark.slow
-@pytest.mark.parametrize("live_policy", ["throttllem", "retail", "default"])
+@pytest.mark.parametrize("live_policy", ["throttllem", "retail", "default", "agft",
+                                         "voltana"])
 async def test_the_live_service_and_the_evaluator_decide_alike(
         nats: EmbeddedNatsServer, live_policy: str) -> None:
     steps, expected = run_eval(live_policy)
@@ -258,7 +261,7 @@ async def test_the_live_service_and_the_evaluator_decide_alike(
     if live_policy == "throttllem":
         assert {"defer", "clock"} <= kinds
         assert len({k[2] for k in expected if k[0] == "clock"}) >= 2  # clocks move
-    if live_policy == "retail":
+    if live_policy in ("retail", "agft", "voltana"):
         assert "clock" in kinds
     live = await run_live(nats, live_policy, steps)
     assert live == expected

@@ -36,7 +36,7 @@ def test_implements_the_backend_protocol(profile: SetupProfile) -> None:
 
 
 def test_locked_clock_validation(profile: SetupProfile) -> None:
-    gpu = GpuTwin(profile)
+    gpu = GpuTwin(profile, switch_latency_s=0.0)
     with pytest.raises(ClockOutOfRangeError, match=r"1000 MHz is not a supported.*345–1980 MHz "
                                                   r"in steps of 15 MHz"):
         gpu.set_locked_clocks(0, 1000, 1000)
@@ -84,7 +84,7 @@ def test_energy_counter_integrates_idle_and_busy_power(profile: SetupProfile) ->
 
 
 def test_lower_lock_means_longer_iterations_and_less_power(profile: SetupProfile) -> None:
-    fast, slow = GpuTwin(profile), GpuTwin(profile)
+    fast, slow = GpuTwin(profile), GpuTwin(profile, switch_latency_s=0.0)
     slow.set_locked_clocks(0, 990, 990)
     a = fast.run_iteration(0.0, **DECODE)
     b = slow.run_iteration(0.0, **DECODE)
@@ -95,7 +95,7 @@ def test_lower_lock_means_longer_iterations_and_less_power(profile: SetupProfile
 
 
 def test_power_cap_throttles_compute_bound_work(profile: SetupProfile) -> None:
-    gpu = GpuTwin(profile)
+    gpu = GpuTwin(profile, switch_latency_s=0.0)
     res = gpu.run_iteration(0.0, **BIG_PREFILL)
     assert 1400 < res.clock_mhz < 1980
     assert res.power_w <= profile.gpu.power_cap_w
@@ -106,7 +106,7 @@ def test_power_cap_throttles_compute_bound_work(profile: SetupProfile) -> None:
 
 
 def test_tensor_parallel_gpus_keep_their_own_counters(profile: SetupProfile) -> None:
-    gpu = GpuTwin(profile, count=2)
+    gpu = GpuTwin(profile, count=2, switch_latency_s=0.0)
     assert gpu.gpu_count() == 2
     gpu.set_locked_clocks(1, 990, 990)
     res = gpu.run_iteration(0.0, **DECODE)
@@ -125,3 +125,62 @@ def test_tensor_parallel_gpus_keep_their_own_counters(profile: SetupProfile) -> 
     assert gpu.now_s(1) > gpu.now_s(0)
     assert gpu.read(1).energy_mj > e1
     assert gpu.read(0).energy_mj == e0
+
+
+def test_a_clock_change_takes_the_switch_latency(profile: SetupProfile) -> None:
+    latency = profile.clocking.switch_latency_s
+    assert latency > 0
+    gpu = GpuTwin(profile)
+    gpu.set_locked_clocks(0, 990, 990, at_s=0.0)
+    assert gpu.locked_clocks_mhz(0) == (990, 990)  # NVML reports what was asked for
+    assert gpu.switch_done_s(0) == pytest.approx(latency)
+    early = gpu.run_iteration(0.0, **DECODE)  # started before the switch completes
+    assert early.clock_mhz == 1980
+    late = gpu.run_iteration(latency + 1.0, **DECODE)
+    assert late.clock_mhz == 990
+    assert gpu.switch_done_s(0) is None
+    # Releasing the lock is a switch too: the lock holds until it completes.
+    t = gpu.now_s(0)
+    gpu.reset_locked_clocks(0, at_s=t)
+    assert gpu.locked_clocks_mhz(0) is None
+    assert gpu.run_iteration(t, **DECODE).clock_mhz == 990
+    assert gpu.run_iteration(t + latency + 0.5, **DECODE).clock_mhz == 1980
+
+
+def test_locked_idle_power_depends_on_the_lock(profile: SetupProfile) -> None:
+    points = profile.clocking.locked_idle_points
+    assert points is not None
+    unlocked = GpuTwin(profile, switch_latency_s=0.0)
+    locked = GpuTwin(profile, switch_latency_s=0.0)
+    high = GpuTwin(profile, switch_latency_s=0.0)
+    locked.set_locked_clocks(0, 1080, 1080)
+    high.set_locked_clocks(0, 1830, 1830)
+    for gpu in (unlocked, locked, high):
+        gpu.idle_until(10.0)
+    assert unlocked.read(0).power_w == profile.gpu.idle_power_w
+    assert locked.read(0).power_w == pytest.approx(dict(points)[1080.0])
+    assert high.read(0).power_w == pytest.approx(dict(points)[1830.0])
+    # the published figures: a locked idle GPU draws more than an unlocked one, more the
+    # higher the lock
+    assert unlocked.energy_mj() < locked.energy_mj() < high.energy_mj()
+    assert locked.energy_mj() == pytest.approx(dict(points)[1080.0] * 10.0 * 1e3)
+
+
+def test_idle_energy_switches_power_when_the_switch_completes(profile: SetupProfile) -> None:
+    gpu = GpuTwin(profile)
+    latency = profile.clocking.switch_latency_s
+    gpu.set_locked_clocks(0, 1080, 1080, at_s=0.0)
+    gpu.idle_until(10.0)
+    points = profile.clocking.locked_idle_points
+    assert points is not None
+    expected = (profile.gpu.idle_power_w * latency
+                + dict(points)[1080.0] * (10.0 - latency)) * 1e3
+    assert gpu.energy_mj() == pytest.approx(expected)
+
+
+def test_flat_idle_profile_keeps_one_idle_power(profile: SetupProfile) -> None:
+    flat = profile.with_overrides({"clocking.locked_idle_w": "flat"})
+    gpu = GpuTwin(flat, switch_latency_s=0.0)
+    gpu.set_locked_clocks(0, 1830, 1830)
+    gpu.idle_until(5.0)
+    assert gpu.read(0).power_w == profile.gpu.idle_power_w

@@ -50,7 +50,7 @@ def test_clocks_and_power_match_the_nvml_readout() -> None:
 
 def test_every_parameter_says_where_it_comes_from() -> None:
     p = load_profile(NAME)
-    assert len(p.sources) == 38
+    assert len(p.sources) == 40
     kinds = {"nvml": 0, "fitted": 0, "assumption": 0}
     for key, source in p.sources.items():
         assert source, key

@@ -40,16 +40,19 @@ def _forecaster(args: argparse.Namespace) -> Service:
     from throttllem._core.slo import load_slo_classes  # noqa: PLC0415
     from throttllem._eval.driver import perf_model_for  # noqa: PLC0415
     from throttllem._services.forecaster import ForecasterService  # noqa: PLC0415
-    from throttllem._setup import load_setup  # noqa: PLC0415
+    from throttllem._twin.costs import controller_idle_power  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
 
-    setup = load_setup(args.setup)
+    profile = load_profile(args.setup)
     config = dataclasses.replace(
         POLICIES[args.policy], lease_s=args.lease_s,
         max_pending=args.max_pending if args.max_pending > 0 else None,
-        max_wait_s=args.max_wait_s, tenant_rps=args.tenant_rps, tenant_burst=args.tenant_burst)
-    perf = perf_model_for(args.setup, args.perf_model) if config.tracks_requests else None
+        max_wait_s=args.max_wait_s, tenant_rps=args.tenant_rps, tenant_burst=args.tenant_burst,
+        idle_power=controller_idle_power(profile),
+        switch_latency_s=profile.clocking.switch_latency_s)
+    perf = perf_model_for(args.setup, args.perf_model) if config.needs_perf else None
     return ForecasterService(instances=args.instances, policy=args.policy, config=config,
-                             setup=setup, use_upper=not args.median, perf=perf,
+                             setup=profile.setup, use_upper=not args.median, perf=perf,
                              slo_classes=load_slo_classes(args.slo_config))
 
 
@@ -202,10 +205,12 @@ def _add_run(sub: Any) -> None:
             case "forecaster":
                 p.add_argument("--instances", type=_csv, required=True,
                                help="comma-separated engine instance names")
-                p.add_argument("--policy", choices=("default", "throttllem", "retail"),
+                p.add_argument("--policy", choices=("default", "throttllem", "retail",
+                                                    "agft", "voltana"),
                                default="default",
                                help="default: admit at once, GPU clocks; throttllem: the "
-                                    "predictive controller; retail: a reactive governor")
+                                    "predictive controller; retail: a reactive governor; "
+                                    "agft, voltana: published peers' clock rules")
                 p.add_argument("--setup", default=DEFAULT_SETUP,
                                help="serving setup (engine limits, clocks, performance model)")
                 p.add_argument("--perf-model", default=None,

@@ -238,7 +238,7 @@ def forecaster_service(*, instances: list[str], policy: str = "throttllem",
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
 
     profile = load_profile(setup)
-    if perf is None and POLICIES[policy].tracks_requests:
+    if perf is None and POLICIES[policy].needs_perf:
         perf = oracle_perf_model(profile)
     return ForecasterService(instances=instances, policy=policy, setup=profile.setup,
                              perf=perf, **kwargs)

@@ -22,7 +22,13 @@ Rules (the policy is a `ControllerConfig`; see `POLICIES`):
 - clocks `predictive`: every tick, each instance's lowest feasible clock (`placement.retune`)
   through hysteresis (`clock_search.next_clock`: raise at once, lower after a dwell and by a
   margin); `reactive`: the governor (`governor.reactive_clock`); `static`: one clock;
-  `top`: the GPU's default, never touched;
+  `top`: the GPU's default, never touched; `agft` and `voltana`: published peers' rules
+  (`peers.py`: AGFT's contextual bandit, VoltanaLLM's EcoFreq), fed by engine passes;
+- clock costs (`switching.py`, `predictive` only, when the config gives them): an idle
+  instance's lock is released (`SetClock(clock_mhz=None)`: the GPU's default) once it has
+  idled the break-even time; the dwell before a lowering step is at least one switch
+  latency, and doubles after each lowering undone within one switch latency (it saved
+  nothing: its switch never completed), back to normal once a lowering holds;
 - a clock target is a lease: re-sent every `lease_s / 3` so that an actuator whose controller
   died falls back to default clocks, and sent at once when it changes.
 """
@@ -40,6 +46,7 @@ import msgspec
 from throttllem._core.clock_search import next_clock
 from throttllem._core.forecast import Candidate
 from throttllem._core.governor import Measured, ReactiveGovernor, reactive_clock
+from throttllem._core.peers import AgftBandit, AgftConfig, PassSeen, VoltanaConfig, VoltanaEcoFreq
 from throttllem._core.placement import (
     EngineShape,
     InstanceTracker,
@@ -52,8 +59,10 @@ from throttllem._core.placement import (
 from throttllem._core.routing import least_loaded
 from throttllem._core.slo import DEFAULT_SLO_CLASSES, SloClass, require_slo_class, tightened
 from throttllem._core.slo_check import RequestSlo
+from throttllem._core.switching import IdlePower, lowering_dwell_s, next_backoff
 from throttllem._errors import ConfigError
 from throttllem._events import (
+    EngineIteration,
     RequestAborted,
     RequestAdmitted,
     RequestArrived,
@@ -64,7 +73,8 @@ from throttllem._events import (
 )
 
 AdmissionRule = Literal["jsq", "place"]
-ClockRule = Literal["top", "predictive", "reactive", "static"]
+ClockRule = Literal["top", "predictive", "reactive", "static", "agft", "voltana"]
+PEER_RULES: Final = ("agft", "voltana")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +101,17 @@ class ControllerConfig:
     # to `tenant_burst`); None: no limit.
     tenant_rps: float | None = None
     tenant_burst: float = 100.0
+    # Idle power of the setup's GPUs, unlocked and locked (`switching.IdlePower`): with it, a
+    # `predictive` controller releases an idle instance's lock once that pays. None: it never
+    # releases a lock (it cannot tell whether that saves anything).
+    idle_power: IdlePower | None = None
+    # Seconds a clock change takes on the GPU (the old clock holds meanwhile); it sets the
+    # break-even of releasing a lock, the least dwell before lowering, and skips lowering
+    # steps that could not pay off. 0: changes are instant (the older twin's assumption).
+    switch_latency_s: float = 0.0
+    # The peers' clock rules' own knobs (`clocks="agft"` / `"voltana"`).
+    agft: AgftConfig = field(default_factory=AgftConfig)
+    voltana: VoltanaConfig = field(default_factory=VoltanaConfig)
 
     def __post_init__(self) -> None:
         if not self.lease_s > 0:
@@ -105,6 +126,8 @@ class ControllerConfig:
             raise ConfigError(f"max_wait_s must be > 0 or None, not {self.max_wait_s}")
         if self.tenant_rps is not None and not (self.tenant_rps > 0 and self.tenant_burst >= 1):
             raise ConfigError("tenant_rps must be > 0 and tenant_burst >= 1")
+        if not (self.switch_latency_s >= 0 and math.isfinite(self.switch_latency_s)):
+            raise ConfigError(f"switch_latency_s must be >= 0, not {self.switch_latency_s}")
 
     @property
     def tracks_requests(self) -> bool:
@@ -118,7 +141,12 @@ class ControllerConfig:
     @property
     def needs_clocks(self) -> bool:
         """Whether the controller needs the setup's clock policy (supported clocks, floor)."""
-        return self.tracks_requests or self.clocks == "reactive"
+        return self.tracks_requests or self.clocks in ("reactive", *PEER_RULES)
+
+    @property
+    def needs_perf(self) -> bool:
+        """Whether the controller queries a performance model."""
+        return self.tracks_requests or self.clocks == "voltana"
 
 
 # The policies a live forecaster runs (`throttllem run forecaster --policy NAME`).
@@ -129,6 +157,9 @@ POLICIES: Final[Mapping[str, ControllerConfig]] = {
     "throttllem": ControllerConfig(admission="place", clocks="predictive"),
     # A reactive, utilization-driven DVFS governor (no prediction).
     "retail": ControllerConfig(admission="jsq", clocks="reactive"),
+    # Published peers (`peers.py`), on our engines: AGFT's bandit, VoltanaLLM's EcoFreq.
+    "agft": ControllerConfig(admission="jsq", clocks="agft"),
+    "voltana": ControllerConfig(admission="jsq", clocks="voltana"),
 }
 
 
@@ -169,11 +200,12 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class SetClock:
-    """Lock every GPU of `instance` at `clock_mhz` (a lease of the config's `lease_s`);
-    `changed` is False for a renewal of the current target."""
+    """Lock every GPU of `instance` at `clock_mhz` (a lease of the config's `lease_s`), or
+    release the lock (`clock_mhz=None`: the GPU's default clocks); `changed` is False for a
+    renewal of the current target."""
 
     instance: str
-    clock_mhz: int
+    clock_mhz: int | None
     reason: str
     changed: bool
 
@@ -228,6 +260,14 @@ class Controller:
         # Ids forgotten before they were offered (an abort can overtake its own arrival on the
         # bus): an offer of one is dropped. Bounded: the oldest are let go first.
         self._forgotten: dict[str, None] = {}
+        # Instances whose lock is released (their GPUs at default clocks); when each became
+        # idle; how often lowering steps were undone within one switch (the dwell back-off).
+        self.unlocked: set[str] = set()
+        self._idle_since: dict[str, float] = {}
+        self._lower_backoff: dict[str, int] = {}
+        self._lowered: set[str] = set()  # the last change on the instance lowered its clock
+        self._agft: dict[str, AgftBandit] = {}
+        self._voltana: dict[str, VoltanaEcoFreq] = {}
 
     # ------------------------------------------------------------------ instances
 
@@ -252,13 +292,29 @@ class Controller:
             self.clock_mhz[name] = self.policy.clocks.mhz[-1]
             self.changed_s[name] = -math.inf
             self.sent_s[name] = -math.inf
+        if self.config.clocks == "agft":  # starts unlocked: its EDP baseline
+            assert self.policy is not None
+            self._agft[name] = AgftBandit(self.config.agft, self.policy.clocks.mhz,
+                                          self.policy.floor_mhz)
+            self.unlocked.add(name)
+        elif self.config.clocks == "voltana":  # starts at its lowest frequency
+            assert self.policy is not None
+            eco = VoltanaEcoFreq(self.config.voltana,
+                                 (self.policy.floor_mhz, self.policy.clocks.mhz[-1]))
+            self._voltana[name] = eco
+            self.clock_mhz[name] = eco.freqs[0]
+            return [SetClock(name, eco.freqs[0], "EcoFreq: start at the lowest frequency",
+                             changed=True)]
         return []
 
     def remove_instance(self, name: str) -> None:
         """Forget an instance (it was drained: it holds no request)."""
         for table in (self.outstanding, self.measured, self.trackers, self.clock_mhz,
-                      self.changed_s, self.sent_s):
+                      self.changed_s, self.sent_s, self._idle_since, self._lower_backoff,
+                      self._agft, self._voltana):
             table.pop(name, None)
+        self.unlocked.discard(name)
+        self._lowered.discard(name)
         for request_id in [r for r, i in self.placed.items() if i == name]:
             del self.placed[request_id]
 
@@ -379,14 +435,24 @@ class Controller:
             self.pending.popleft()
 
     def iteration(self, instance: str, request_ids: list[str], end_s: float,
-                  duration_ms: float) -> None:
-        """One engine pass ended: every request in it emitted a token."""
+                  duration_ms: float, *, engine: EngineIteration | None = None) -> None:
+        """One engine pass ended: every request in it emitted a token. `engine`: the whole
+        `engine.iteration` event, which the peers' clock rules read (batch, queue, energy)."""
         tracker = self.trackers.get(instance)
         if tracker is not None:
             tracker.iteration(request_ids, end_s)
         seen = self.measured.get(instance)
         if seen is not None:
             seen.add_pass(duration_ms)
+        peer = self._agft.get(instance) or self._voltana.get(instance)
+        if peer is not None and engine is not None:
+            total = engine.kv_blocks_total
+            peer.observe(PassSeen(
+                end_s=end_s, duration_ms=duration_ms, batch_size=engine.batch_size,
+                decode_tokens=engine.decode_tokens, prefill_tokens=engine.prefill_tokens,
+                kv_tokens=engine.kv_blocks_used * self.shape.kv_block_tokens,
+                kv_fraction=engine.kv_blocks_used / total if total else 0.0,
+                queue_len=engine.queue_len, energy_mj=engine.energy_mj))
 
     def completed(self, request_id: str, instance: str, now_s: float) -> list[Decision]:
         """A request finished on `instance`: its capacity frees, deferred requests retry."""
@@ -433,10 +499,14 @@ class Controller:
         if self.config.clocks == "predictive":
             assert self.policy is not None
             for instance, tracker in self.trackers.items():
+                if self._released_when_idle(instance, now_s, out):
+                    continue
                 self._set_clock(instance, retune(tracker, self.policy, now_s=now_s), now_s,
                                 "retune", out)
         elif self.config.clocks == "reactive":
             self._govern(now_s, out)
+        elif self.config.clocks in PEER_RULES:
+            self._peers(now_s, out)
         if self.config.max_wait_s is not None:  # first: a stale request is not admitted late
             self._shed_stale(now_s, self.config.max_wait_s, out)
         self._drain(now_s, out)
@@ -457,15 +527,83 @@ class Controller:
                    out: list[Decision]) -> None:
         assert self.policy is not None
         cfg = self.config
-        step = next_clock(self.clock_mhz[instance], self.changed_s[instance], proposed_mhz,
-                          now_s, min_dwell_s=cfg.min_dwell_s,
+        current = self.clock_mhz[instance]
+        backoff = self._lower_backoff.get(instance, 0)
+        step = next_clock(current, self.changed_s[instance], proposed_mhz, now_s,
+                          min_dwell_s=lowering_dwell_s(cfg.min_dwell_s, cfg.switch_latency_s,
+                                                       backoff),
                           down_margin_steps=cfg.down_margin_steps, clocks=self.policy.clocks)
-        changed = step.clock_mhz != self.clock_mhz[instance]
+        changed = step.clock_mhz != current
+        if changed and cfg.switch_latency_s > 0:
+            if instance in self._lowered:  # how did the last lowering fare?
+                held_s = now_s - self.changed_s[instance]
+                self._lower_backoff[instance] = next_backoff(backoff, held_s,
+                                                             cfg.switch_latency_s)
+            if step.clock_mhz < current:
+                self._lowered.add(instance)
+            else:
+                self._lowered.discard(instance)
+        if instance in self.unlocked:  # work is back: lock again at once
+            self.unlocked.discard(instance)
+            changed = True
         self.clock_mhz[instance], self.changed_s[instance] = step.clock_mhz, step.changed_s
         self._send(instance, now_s, f"{reason} ({step.reason})", changed, out)
 
+    def _released_when_idle(self, instance: str, now_s: float, out: list[Decision]) -> bool:
+        """Release an idle instance's lock once that pays (`switching.IdlePower`); True while
+        it stays released (no retune until work comes back)."""
+        idle_power = self.config.idle_power
+        if idle_power is None or self.outstanding[instance] > 0:
+            self._idle_since.pop(instance, None)
+            return False
+        if instance in self.unlocked:
+            return True
+        since = self._idle_since.setdefault(instance, now_s)
+        clock = self.clock_mhz[instance]
+        wait_s = idle_power.release_after_s(clock, self.config.switch_latency_s)
+        if wait_s is None or now_s - since < wait_s:
+            return False
+        self.unlocked.add(instance)
+        out.append(SetClock(instance, None, f"release the lock: idle {now_s - since:.1f} s, "
+                            f"locked idle {idle_power.locked_w(clock):.0f} W > unlocked "
+                            f"{idle_power.unlocked_w:.0f} W (break-even {wait_s:.2f} s)",
+                            changed=True))
+        return True
+
+    def _peers(self, now_s: float, out: list[Decision]) -> None:
+        assert self.policy is not None
+        tbt_ms = min(c.tbt_ms for c in self.slo_classes.values())
+        for instance, bandit in self._agft.items():
+            if not bandit.due(now_s):
+                continue
+            agft_clock = bandit.decide(now_s, tbt_ms)
+            self._set_direct(instance, agft_clock, now_s, "AGFT", out)
+        for instance, eco in self._voltana.items():
+            eco_clock = eco.decide(now_s, self.policy.perf, tbt_ms)
+            if eco_clock is None:
+                self._send(instance, now_s, "EcoFreq", False, out)
+            else:
+                self._set_direct(instance, eco_clock, now_s, "EcoFreq", out)
+
+    def _set_direct(self, instance: str, clock: int | None, now_s: float, reason: str,
+                    out: list[Decision]) -> None:
+        """A peer's clock as it chose it (no hysteresis); None: release the lock."""
+        if clock is None:
+            if instance not in self.unlocked:
+                self.unlocked.add(instance)
+                out.append(SetClock(instance, None, f"{reason}: default clocks", changed=True))
+            return
+        changed = clock != self.clock_mhz[instance] or instance in self.unlocked
+        self.unlocked.discard(instance)
+        if changed:
+            self.changed_s[instance] = now_s
+        self.clock_mhz[instance] = clock
+        self._send(instance, now_s, reason, changed, out)
+
     def _send(self, instance: str, now_s: float, reason: str, changed: bool,
               out: list[Decision]) -> None:
+        if instance in self.unlocked:  # nothing locked: no lease to renew
+            return
         # Renew the lease well before it runs out; send at once on a change.
         if changed or now_s - self.sent_s[instance] >= self.config.lease_s / 3:
             self.sent_s[instance] = now_s

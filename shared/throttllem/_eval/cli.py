@@ -57,6 +57,15 @@ def add_evaluate_parser(sub: Any) -> None:
     p.add_argument("--power", default="",
                    help="sensitivity: replace twin power-model parameters, e.g. "
                         "static_w=120,voltage_min_ratio=0.6 (names of the profile's [power])")
+    p.add_argument("--no-fidelity", action="store_true",
+                   help="the older twin: one idle power whatever the lock, instant clock "
+                        "changes (and a controller that knows neither)")
+    p.add_argument("--switch-latency-s", type=float, default=None,
+                   help="replace the twin's clock-switch latency (profile [clocking])")
+    p.add_argument("--band", action="store_true",
+                   help="also run every policy but static with each assumed power, idle and "
+                        "switch parameter at its low and high plausible value: a saving band "
+                        "per policy (10 more runs of each; slow)")
     p.add_argument("--no-future-prefills", action="store_true",
                    help="ablation: the controller ignores the prefills of requests to come")
     p.add_argument("--slo-config", type=Path, default=None,
@@ -86,7 +95,10 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         setup=args.setup, perf_model=args.perf_model, seed=args.seed,
         retune_s=args.retune_s, slo_target=args.slo_target, warmup_s=args.warmup_s,
         future_prefills=not args.no_future_prefills, power=parse_power(args.power),
-        slo_config=args.slo_config, slo_class=args.slo_class)
+        slo_config=args.slo_config, slo_class=args.slo_class,
+        fidelity=not args.no_fidelity, band=args.band,
+        clocking=({} if args.switch_latency_s is None
+                  else {"switch_latency_s": args.switch_latency_s}))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -16,6 +16,14 @@ How a run is set up, as the paper sets up its evaluation:
 4. **Energy** is integrated over a common horizon (the latest end of any run), so idle tails
    count the same for all. Energy and latencies come from the serving twin, never from
    measured hardware.
+5. **Saving band** (`--band`): every policy but `static` again, with each assumed power,
+   idle-power and clock-switch parameter of the twin at the low and at the high end of its
+   plausible range (`BAND_VARIANTS`), one at a time, on the same requests; each policy's
+   saving vs `default` then spans a band, not one number.
+
+The twin's clock costs (`[clocking]`: locked idle power, switch latency) are on by default and
+the predictive controller knows them; `fidelity=False` (`--no-fidelity`) is the older twin
+(one idle power whatever the lock, instant clock changes) and a controller that knows neither.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from throttllem._length.oracle import parse_length_error
 from throttllem._setup import DEFAULT_SETUP, load_setup
 from throttllem._trace import WindowSpec, peak_rate_per_s, window_requests
 from throttllem._twin.clockmodel import efficient_clock_mhz, oracle_perf_model
+from throttllem._twin.costs import controller_idle_power
 from throttllem._twin.profile import SetupProfile
 
 
@@ -83,7 +92,34 @@ class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     power: dict[str, float] = msgspec.field(default_factory=dict)
     slo_config: Path | None = None  # TOML SLO classes (None: the built-in ones)
     slo_class: str = "standard"  # the class of every replayed request
+    # The twin's clock costs (locked idle power, switch latency), known to the controller;
+    # False: the older twin (flat idle power, instant switches) and a controller without them.
+    fidelity: bool = True
+    # Twin `[clocking]` parameters replaced, e.g. {"switch_latency_s": 0.5}.
+    clocking: dict[str, str | float] = msgspec.field(default_factory=dict)
+    # Also run every policy but `static` under each `BAND_VARIANTS` entry (saving band).
+    band: bool = False
 
+
+# One assumed parameter at a time at the low and high end of its plausible range: the
+# `[power]` assumptions (the ranges of `benchmarks/bench_eval_sensitivity.py`), the locked
+# idle power (per clock the lower and the higher of the published TP2 and TP4 per-GPU
+# figures), and the switch latency (tens of ms to half a second: Velicka et al. report wide
+# variation between GPUs; the throttLL'eM paper ~200 ms).
+BAND_VARIANTS: dict[str, tuple[dict[str, float], dict[str, str | float]]] = {
+    "static_w=120": ({"static_w": 120.0}, {}),
+    "static_w=240": ({"static_w": 240.0}, {}),
+    "voltage_min_ratio=0.6": ({"voltage_min_ratio": 0.6}, {}),
+    "voltage_min_ratio=0.8": ({"voltage_min_ratio": 0.8}, {}),
+    "voltage_knee_mhz=800": ({"voltage_knee_mhz": 800.0}, {}),
+    "voltage_knee_mhz=1200": ({"voltage_knee_mhz": 1200.0}, {}),
+    "locked_idle=low": ({}, {"locked_idle_w": "360:79 570:85 780:83 1080:92 1380:105 "
+                                              "1680:139 1830:155"}),
+    "locked_idle=high": ({}, {"locked_idle_w": "360:81 570:86 780:88 1080:96 1380:109 "
+                                               "1680:150 1830:165"}),
+    "switch_latency_s=0.02": ({}, {"switch_latency_s": 0.02}),
+    "switch_latency_s=0.5": ({}, {"switch_latency_s": 0.5}),
+}
 
 class PolicyRun(msgspec.Struct, frozen=True, kw_only=True):
     report: RunReport
@@ -111,6 +147,18 @@ class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
     requests: int
     horizon_s: float
     slo_classes: dict[str, SloClass]  # the classes that steered and scored the runs
+    # variant -> policy -> saving vs default (the `--band` runs; empty without them)
+    band_savings: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
+
+    def saving_band(self, policy: str) -> tuple[float, float] | None:
+        """(min, max) saving vs default over the base run and every band variant."""
+        base = self.runs.get("default")
+        run = self.runs.get(policy)
+        if base is None or run is None or not self.band_savings:
+            return None
+        values = [1 - run.report.energy_j / base.report.energy_j]
+        values += [v[policy] for v in self.band_savings.values() if policy in v]
+        return (min(values), max(values)) if len(values) > 1 else None
 
 
 def perf_model_for(setup: str, spec: str | None) -> PerfModel:
@@ -271,6 +319,13 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     for spec in (opts.length_error, *opts.length_errors):
         parse_length_error(spec)
     profile = with_power(load_profile(opts.setup), opts.power)
+    if not opts.fidelity:
+        profile = profile.with_overrides({"clocking.locked_idle_w": "flat",
+                                          "clocking.switch_latency_s": 0.0})
+    if opts.clocking:
+        profile = profile.with_overrides({f"clocking.{k}": v for k, v in opts.clocking.items()})
+    idle_power = controller_idle_power(profile) if opts.fidelity else None
+    switch_latency_s = profile.clocking.switch_latency_s
     slo_classes = load_slo_classes(opts.slo_config)
     require_slo_class(opts.slo_class, slo_classes)
 
@@ -337,7 +392,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
         sim = Simulation(profile, instances, make_policy(
             name, instances, shape=shape, policy=policy, predictions=preds, scaling=scaling,
             static_clock_mhz=static_mhz, tick_s=opts.retune_s, label=label,
-            slo_classes=slo_classes))
+            slo_classes=slo_classes, idle_power=idle_power,
+            switch_latency_s=switch_latency_s))
         sim.run(requests)
         sims[label] = sim
         errors[label] = err
@@ -359,12 +415,32 @@ def evaluate(opts: EvalOptions) -> Evaluation:
             tbt_ms=[c.tbt_mean_ms for c in res.completions if c.generated_tokens > 1],
             e2e_ms=[c.e2e_ms for c in res.completions],
             scale_events=len(getattr(sim.policy, "scale_log", ())))
+    band: dict[str, dict[str, float]] = {}
+    if opts.band:
+        band = _band_savings(opts, capacity, peak_rps if opts.time_scale else None)
     return Evaluation(runs=runs, capacity_rps=capacity,
                       capacity_measured=measured and capacity is not None,
                       peak_rps=peak_rps, rate_factor=rate_factor, static_clock_mhz=static_mhz,
                       floor_mhz=policy.floor_mhz if policy is not None else None,
                       requests=len(requests), horizon_s=horizon_s,
-                      slo_classes=dict(slo_classes))
+                      slo_classes=dict(slo_classes), band_savings=band)
+
+
+def _band_savings(opts: EvalOptions, capacity: float | None,
+                  peak_rps: float | None) -> dict[str, dict[str, float]]:
+    """Each policy's saving vs default under every `BAND_VARIANTS` entry, on the same
+    requests (the same capacity and peak rate as the base run)."""
+    policies = ["default", *(p for p in opts.policies if p not in ("default", "static"))]
+    out: dict[str, dict[str, float]] = {}
+    for variant, (power, clocking) in BAND_VARIANTS.items():
+        ev = evaluate(msgspec.structs.replace(
+            opts, band=False, policies=policies, length_errors=[], capacity_rps=capacity,
+            peak_rps=peak_rps, power={**opts.power, **power},
+            clocking={**opts.clocking, **clocking}))
+        base = ev.runs["default"].report.energy_j
+        out[variant] = {name: 1 - run.report.energy_j / base for name, run in ev.runs.items()
+                        if name != "default"}
+    return out
 
 
 def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
@@ -384,6 +460,7 @@ def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
             "controller_ticks": run.ticks,
             "scale_events": run.scale_events,
             "length_error": run.length_error,
+            "saving_band": (None if (band := ev.saving_band(name)) is None else list(band)),
         }
     options = {k: str(v) if isinstance(v, Path) else v
                for k, v in msgspec.structs.asdict(opts).items()
@@ -396,6 +473,9 @@ def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
                       "static_clock_mhz": ev.static_clock_mhz, "floor_mhz": ev.floor_mhz},
             "options": options,
             "slo_classes": msgspec.to_builtins(ev.slo_classes),
+            "band_savings": ev.band_savings,
+            "band_variants": {k: {**p, **c} for k, (p, c) in BAND_VARIANTS.items()}
+            if ev.band_savings else {},
             "energy_source": "twin (simulated)", "time": "simulated (no wall clock)"}
 
 
@@ -403,15 +483,20 @@ def format_evaluation(ev: Evaluation) -> str:
     """One table, a row per run (the columns the comparison needs), under one line that says
     how the window was set up."""
     base = ev.runs.get("default")
-    header = ("policy", "energy kJ", "saved", "tok/J", "SLO met", "TTFT/TBT/E2E met",
+    banded = bool(ev.band_savings)
+    header = ("policy", "energy kJ", "saved", *(("band",) if banded else ()), "tok/J",
+              "SLO met", "TTFT/TBT/E2E met",
               "TTFT p50/p99", "TBT p50/p99", "E2E p50/p99", "clock", "batch", "inst-h",
               "deferred")
     rows: list[tuple[str, ...]] = []
     for name, run in ev.runs.items():
         r = run.report
         saved = "-" if base is None else f"{100 * (1 - r.energy_j / base.report.energy_j):.1f}%"
+        band = ev.saving_band(name)
+        band_cell = (("-" if band is None else
+                      f"{100 * band[0]:.1f}..{100 * band[1]:.1f}%",) if banded else ())
         rows.append((
-            name, f"{r.energy_j / 1e3:,.1f}", saved,
+            name, f"{r.energy_j / 1e3:,.1f}", saved, *band_cell,
             f"{r.generated_tokens / r.energy_j:.2f}" if r.energy_j > 0 else "-",
             f"{100 * r.slo_attainment:.1f}%",
             f"{100 * r.ttft_attainment:.1f}/{100 * r.tbt_attainment:.1f}/"
@@ -434,5 +519,23 @@ def format_evaluation(ev: Evaluation) -> str:
             f"{ev.horizon_s:.0f} s simulated")
     legend = ("saved: energy vs default; SLO met: share of requests meeting TTFT, mean TBT "
               "and E2E bounds (unserved count as missed); latencies in ms; clock: busy-time "
-              "mean SM clock (MHz); inst-h: instance-hours")
-    return "\n".join([head, *lines, legend])
+              "mean SM clock (MHz); inst-h: instance-hours"
+              + ("; band: saving's min..max over the assumed twin parameters' plausible "
+                 "ranges (BAND_VARIANTS)" if banded else ""))
+    return "\n".join([head, *lines, legend, *_ranking(ev)])
+
+
+def _ranking(ev: Evaluation, slo_target: float = 0.99) -> list[str]:
+    """One line ranking the runs by saving: first those meeting `slo_target`, then the rest."""
+    base = ev.runs.get("default")
+    if base is None or len(ev.runs) < 2:
+        return []
+    saved = {n: 1 - r.report.energy_j / base.report.energy_j for n, r in ev.runs.items()}
+    meeting = sorted((n for n, r in ev.runs.items() if r.report.slo_attainment >= slo_target),
+                     key=lambda n: -saved[n])
+    missing = sorted((n for n in ev.runs if n not in meeting), key=lambda n: -saved[n])
+    line = (f"ranking (SLO met >= {100 * slo_target:.0f}%): "
+            + ", ".join(f"{k}. {n} {100 * saved[n]:.1f}%" for k, n in enumerate(meeting, 1)))
+    if missing:
+        line += "; missing it: " + ", ".join(f"{n} {100 * saved[n]:.1f}%" for n in missing)
+    return [line]

@@ -13,6 +13,8 @@ them). This module only applies their decisions to the simulated engines.
 | `throttllem` | `place`, FCFS deferral | `retune` + `next_clock` | `scaling.decide` |
 | `retail` | join-shortest-queue | reactive governor (`reactive_clock`) | fixed |
 | `static` | join-shortest-queue | one clock: the lowest meeting the SLOs at peak | fixed |
+| `agft` | join-shortest-queue | AGFT's contextual bandit (`peers.AgftBandit`) | fixed |
+| `voltana` | join-shortest-queue | VoltanaLLM's EcoFreq (`peers.VoltanaEcoFreq`) | fixed |
 
 `default`, `retail` and `freq` are the live `--policy default`, `retail` and `throttllem`
 (the demo runs a fixed instance count); `throttllem` adds the scaler, as the paper's full
@@ -57,6 +59,7 @@ from throttllem._core.scaling import (
     decide,
 )
 from throttllem._core.slo import SloClass
+from throttllem._core.switching import IdlePower
 from throttllem._errors import ConfigError
 from throttllem._events import EngineIteration, RequestArrived, RequestCompleted
 
@@ -78,6 +81,9 @@ POLICY_SPECS: Mapping[str, PolicySpec] = {
     "throttllem": PolicySpec(admission="place", clocks="predictive", scaling=True),
     "retail": PolicySpec(admission="jsq", clocks="reactive", scaling=False),
     "static": PolicySpec(admission="jsq", clocks="static", scaling=False),
+    # Published peers' clock rules, on the same engines and requests (`_core/peers.py`).
+    "agft": PolicySpec(admission="jsq", clocks="agft", scaling=False),
+    "voltana": PolicySpec(admission="jsq", clocks="voltana", scaling=False),
 }
 POLICIES = tuple(POLICY_SPECS)
 # Policies whose decisions use length predictions (and so depend on the length error).
@@ -112,6 +118,7 @@ class ControlledPolicy(SimPolicy):
                  predictions: Mapping[str, tuple[float, float]] | None = None,
                  scaling: ScalingPolicy | None = None, static_clock_mhz: int | None = None,
                  tick_s: float = 0.1, slo_classes: Mapping[str, SloClass] | None = None,
+                 idle_power: IdlePower | None = None, switch_latency_s: float = 0.0,
                  ) -> None:
         if spec.admission == "place" and predictions is None:
             raise ConfigError(f"policy {name!r} needs length predictions")
@@ -123,10 +130,11 @@ class ControlledPolicy(SimPolicy):
         self.spec = spec
         self.controller = Controller(
             ControllerConfig(admission=spec.admission, clocks=spec.clocks,
-                             static_clock_mhz=static_clock_mhz),
+                             static_clock_mhz=static_clock_mhz, idle_power=idle_power,
+                             switch_latency_s=switch_latency_s),
             shape=shape, policy=policy, slo_classes=slo_classes)
         self.predictions = predictions or {}
-        ticking = spec.clocks in ("predictive", "reactive") or spec.scaling
+        ticking = spec.clocks in ("predictive", "reactive", "agft", "voltana") or spec.scaling
         self.tick_s = tick_s if ticking else None
         self.scaling = scaling if spec.scaling else None
         self.scale_tick_s = SCALE_TICK_S
@@ -196,7 +204,7 @@ class ControlledPolicy(SimPolicy):
 
     def on_iteration(self, sim: Simulation, it: EngineIteration) -> None:
         self.controller.iteration(it.instance, it.request_ids,
-                                  it.start_s + it.duration_ms / 1e3, it.duration_ms)
+                                  it.start_s + it.duration_ms / 1e3, it.duration_ms, engine=it)
 
     def on_completed(self, sim: Simulation, done: RequestCompleted) -> None:
         self._apply(sim, self.controller.completed(done.id, done.instance, sim.now_s))
@@ -235,15 +243,19 @@ def make_policy(name: str, instances: Sequence[str], *, shape: EngineShape,
                 predictions: Mapping[str, tuple[float, float]] | None = None,
                 scaling: ScalingPolicy | None = None, static_clock_mhz: int | None = None,
                 tick_s: float = 0.1, label: str | None = None,
-                slo_classes: Mapping[str, SloClass] | None = None) -> ControlledPolicy:
-    """The policy `name` (one of `POLICIES`); `label` names it in reports (default: name)."""
+                slo_classes: Mapping[str, SloClass] | None = None,
+                idle_power: IdlePower | None = None,
+                switch_latency_s: float = 0.0) -> ControlledPolicy:
+    """The policy `name` (one of `POLICIES`); `label` names it in reports (default: name).
+    `idle_power` and `switch_latency_s`: the clock costs the controller knows of."""
     spec = POLICY_SPECS.get(name)
     if spec is None:
         raise ConfigError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     return ControlledPolicy(label or name, instances, spec=spec, shape=shape, policy=policy,
                             predictions=predictions, scaling=scaling,
                             static_clock_mhz=static_clock_mhz, tick_s=tick_s,
-                            slo_classes=slo_classes)
+                            slo_classes=slo_classes, idle_power=idle_power,
+                            switch_latency_s=switch_latency_s)
 
 
 def lowest_passing_clock(clocks: Sequence[int], passes: Callable[[int], bool]) -> int | None:

@@ -183,11 +183,11 @@ class Simulation:
         inst = self._inst[instance]
         if clock_mhz == inst.clock_mhz:
             return
-        for i in inst.gpu_indices:
+        for i in inst.gpu_indices:  # asked for now; in effect one switch latency later
             if clock_mhz is None:
-                inst.gpu.reset_locked_clocks(i)
+                inst.gpu.reset_locked_clocks(i, at_s=self.now_s)
             else:
-                inst.gpu.set_locked_clocks(i, clock_mhz, clock_mhz)
+                inst.gpu.set_locked_clocks(i, clock_mhz, clock_mhz, at_s=self.now_s)
         inst.clock_mhz = clock_mhz
 
     def clock_mhz(self, instance: str) -> int | None:
@@ -202,11 +202,12 @@ class Simulation:
     def _energy_at_j(self, t_s: float) -> float:
         """Energy of all GPUs up to `t_s`, read without advancing any GPU (a GPU idle since
         its last pass counts idle power up to `t_s`; one busy past `t_s` counts its pass)."""
-        idle_mw = self.profile.gpu.idle_power_w * 1e3
         total_mj = sum(inst.energy_mj() for inst in self._removed)
         for inst in self._inst.values():
             for i in inst.gpu_indices:
-                total_mj += inst.gpu.energy_mj(i) + idle_mw * max(t_s - inst.gpu.now_s(i), 0.0)
+                gap_s = max(t_s - inst.gpu.now_s(i), 0.0)
+                total_mj += inst.gpu.energy_mj(i) + (
+                    inst.gpu.idle_power_w(i) * 1e3 * gap_s if gap_s > 0 else 0.0)
         return total_mj / 1e3
 
     def run(self, requests: Sequence[RequestArrived]) -> SimResult:

@@ -180,7 +180,7 @@ def profile_twin(setup: str | Path, *, samples: int = DEFAULT_SAMPLES, seed: int
     plan = twin_sweep_plan(limits, samples, seed)
     # Noise from its own stream of the same seed, so the plan does not depend on sigma.
     noise = np.exp(np.random.default_rng([seed, 1]).normal(0.0, noise_sigma, size=len(plan)))
-    gpu = GpuTwin(profile)
+    gpu = GpuTwin(profile, switch_latency_s=0.0)  # a profiler waits for each lock to settle
     n_gpus = gpu.gpu_count()
     block = profile.engine.block_tokens
     kv_bytes = profile.model.kv_bytes_per_token

@@ -87,7 +87,7 @@ class ForecasterService:
         if not instances:
             raise ConfigError("the forecaster needs at least one engine instance (--instances)")
         cfg = config or POLICIES[policy]
-        if cfg.tracks_requests and perf is None:
+        if cfg.needs_perf and perf is None:
             raise ConfigError(f"policy {policy!r} needs a performance model")
         self.policy_name = policy
         self.instances = [token(i) for i in instances]
@@ -117,7 +117,8 @@ class ForecasterService:
         for d in decisions:
             match d:
                 case SetClock():
-                    self._clock_target.labels(d.instance).set(d.clock_mhz)
+                    # 0: the lock released (default clocks)
+                    self._clock_target.labels(d.instance).set(d.clock_mhz or 0)
                     await bus.publish(freq_target(d.instance), FreqTarget(
                         instance=d.instance, clock_mhz=d.clock_mhz, lease_s=lease_s,
                         reason=d.reason, decided_s=now_s))
@@ -183,7 +184,7 @@ class ForecasterService:
 
     async def _on_iteration(self, bus: Bus, it: EngineIteration) -> None:
         self.controller.iteration(it.instance, it.request_ids,
-                                  it.start_s + it.duration_ms / 1e3, it.duration_ms)
+                                  it.start_s + it.duration_ms / 1e3, it.duration_ms, engine=it)
         bus.counters["events.iteration"] += 1
 
     async def _on_scale(self, bus: Bus, event: ScaleEvent) -> None:

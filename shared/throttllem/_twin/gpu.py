@@ -10,8 +10,13 @@ Behaviour, per GPU:
 - busy: runs at the locked maximum (or the default clock when unlocked), lowered to the
   highest supported clock whose modelled power fits under the cap (the power limit wins over
   a locked floor, as on real cards); time and power from `clockmodel`;
-- idle: draws the profile's idle power (assumption: the same whatever the lock), and reports
-  the locked minimum as its SM clock, or the idle clock when unlocked;
+- idle: draws the unlocked idle power (`[gpu] idle_power_w`) when no clock is locked, and the
+  profile's locked idle power at the locked minimum when one is (`[clocking] locked_idle_w`;
+  "flat": the unlocked figure whatever the lock); reports the locked minimum as its SM clock,
+  or the idle clock when unlocked;
+- a clock change (lock or release) takes `[clocking] switch_latency_s` to complete: the old
+  clock holds until then, so a pass that starts earlier runs at the old clock; NVML's view of
+  the lock (`locked_clocks_mhz`) is the one asked for, as on a real card;
 - the energy counter (mJ, monotone) starts at 0 when the twin is built.
 Tensor parallelism: an iteration on several GPUs lasts as long as the slowest (they meet at
 every all-reduce); faster ones idle for the rest of it.
@@ -26,7 +31,7 @@ from typing import NamedTuple
 from throttllem._errors import ClockOutOfRangeError, GpuError, GpuNotFoundError
 from throttllem._gpu.backend import GpuReading
 from throttllem._twin.clockmodel import effective_clock_scalar
-from throttllem._twin.profile import SetupProfile
+from throttllem._twin.profile import SetupProfile, locked_idle_power_w
 
 # Simulated times closer than this are the same instant (float noise of summed durations).
 _TIME_EPS_S = 1e-9
@@ -46,6 +51,8 @@ class _GpuState:
     now_s: float
     energy_mj: float = 0.0
     lock: tuple[int, int] | None = None
+    # A change asked for and not yet in effect: (when it takes effect, the new lock).
+    pending: tuple[float, tuple[int, int] | None] | None = None
     power_w: float = 0.0
     clock_mhz: float = 0.0
     util_pct: float = 0.0
@@ -58,7 +65,10 @@ class GpuTwin:
     name: str = "twin"
 
     def __init__(self, profile: SetupProfile, *, count: int | None = None,
-                 start_s: float = 0.0, uuid_prefix: str = "GPU-twin") -> None:
+                 start_s: float = 0.0, uuid_prefix: str = "GPU-twin",
+                 switch_latency_s: float | None = None) -> None:
+        """`switch_latency_s` overrides the profile's (0: a lock takes effect at once, as for
+        a profiler that waits for each lock to settle before it measures)."""
         n = profile.engine.tp_degree if count is None else count
         if n < 1:
             raise ValueError("a GpuTwin needs at least one GPU")
@@ -66,6 +76,11 @@ class GpuTwin:
         self._clocks = profile.gpu.supported_clocks_mhz
         self._clock_set = frozenset(self._clocks)
         self._uuid_prefix = uuid_prefix
+        self._switch_s = (profile.clocking.switch_latency_s if switch_latency_s is None
+                          else switch_latency_s)
+        if self._switch_s < 0:
+            raise ValueError("switch_latency_s must be >= 0")
+        self._idle_points = profile.clocking.locked_idle_points
         self._gpus = [_GpuState(now_s=start_s) for _ in range(n)]
         for i in range(n):
             self._set_idle_reading(i)
@@ -87,9 +102,12 @@ class GpuTwin:
         self._state(index)
         return self._clocks
 
-    def set_locked_clocks(self, index: int, min_mhz: int, max_mhz: int) -> None:
-        """Lock the SM clock into [min, max]; both must be supported clocks, min ≤ max."""
-        s = self._state(index)
+    def set_locked_clocks(self, index: int, min_mhz: int, max_mhz: int, *,
+                          at_s: float | None = None) -> None:
+        """Lock the SM clock into [min, max]; both must be supported clocks, min ≤ max.
+        `at_s`: when it is asked for (default: the GPU's latest simulated time); it takes
+        effect `switch_latency_s` later."""
+        self._state(index)
         for value in (min_mhz, max_mhz):
             if value not in self._clock_set:
                 raise ClockOutOfRangeError(
@@ -99,24 +117,62 @@ class GpuTwin:
             raise ClockOutOfRangeError(
                 f"locked clock range is empty: min {min_mhz} MHz > max {max_mhz} MHz "
                 f"(supported: {self._range_text()})")
-        s.lock = (int(min_mhz), int(max_mhz))
+        self._change(index, (int(min_mhz), int(max_mhz)), at_s)
+
+    def reset_locked_clocks(self, index: int, *, at_s: float | None = None) -> None:
+        self._state(index)
+        self._change(index, None, at_s)
+
+    def _change(self, index: int, lock: tuple[int, int] | None, at_s: float | None) -> None:
+        s = self._gpus[index]
+        if self._switch_s == 0.0:
+            s.lock, s.pending = lock, None
+        else:
+            when = s.now_s if at_s is None else at_s
+            self._commit(s, when)
+            # A change asked for while another is in flight replaces it; either way the
+            # clock in effect now holds for one switch latency.
+            s.pending = (when + self._switch_s, lock)
         if s.util_pct == 0.0:
             self._set_idle_reading(index)
 
-    def reset_locked_clocks(self, index: int) -> None:
+    @staticmethod
+    def _commit(s: _GpuState, t: float) -> None:
+        if s.pending is not None and t >= s.pending[0] - _TIME_EPS_S:
+            s.lock, s.pending = s.pending[1], None
+
+    def _lock_at(self, s: _GpuState, t: float) -> tuple[int, int] | None:
+        if s.pending is not None and t >= s.pending[0] - _TIME_EPS_S:
+            return s.pending[1]
+        return s.lock
+
+    def idle_power_w(self, index: int, at_s: float | None = None) -> float:
+        """What the GPU draws idle at `at_s` (default: its latest time), given the lock then."""
         s = self._state(index)
-        s.lock = None
-        if s.util_pct == 0.0:
-            self._set_idle_reading(index)
+        return self._idle_w(self._lock_at(s, s.now_s if at_s is None else at_s))
+
+    def _idle_w(self, lock: tuple[int, int] | None) -> float:
+        if lock is None or self._idle_points is None:
+            return self.profile.gpu.idle_power_w
+        return locked_idle_power_w(self._idle_points, float(lock[0]))
 
     # ------------------------------------------------------------------ twin-only
 
     def locked_clocks_mhz(self, index: int) -> tuple[int, int] | None:
-        return self._state(index).lock
+        """The lock asked for last (what NVML reports), whether or not it is in effect yet."""
+        s = self._state(index)
+        return s.pending[1] if s.pending is not None else s.lock
 
-    def requested_clock_mhz(self, index: int) -> int:
-        """The clock a busy GPU asks for: the locked maximum, else the default clock."""
-        lock = self._state(index).lock
+    def switch_done_s(self, index: int) -> float | None:
+        """When the clock change in flight takes effect; None: none is in flight."""
+        s = self._state(index)
+        return None if s.pending is None else s.pending[0]
+
+    def requested_clock_mhz(self, index: int, at_s: float | None = None) -> int:
+        """The clock a busy GPU asks for at `at_s` (default: its latest time): the locked
+        maximum in effect then, else the default clock."""
+        s = self._state(index)
+        lock = self._lock_at(s, s.now_s if at_s is None else at_s)
         return lock[1] if lock is not None else self.profile.gpu.default_clock_mhz
 
     def now_s(self, index: int = 0) -> float:
@@ -127,12 +183,17 @@ class GpuTwin:
 
     def idle_until(self, now_s: float, indices: Iterable[int] | None = None) -> None:
         """Advance idle GPUs to `now_s`, integrating idle power; earlier times are a no-op."""
-        idle_w = self.profile.gpu.idle_power_w
         for i in self._indices(indices):
             s = self._gpus[i]
             if now_s > s.now_s + _TIME_EPS_S:
-                s.energy_mj += idle_w * (now_s - s.now_s) * 1e3
+                if s.pending is not None and s.now_s < s.pending[0] < now_s:
+                    # the switch completes during the idle span: old lock's power before it
+                    s.energy_mj += self._idle_w(s.lock) * (s.pending[0] - s.now_s) * 1e3
+                    s.now_s = s.pending[0]
+                    self._commit(s, s.now_s)
+                s.energy_mj += self._idle_w(self._lock_at(s, s.now_s)) * (now_s - s.now_s) * 1e3
                 s.now_s = now_s
+                self._commit(s, now_s)
                 self._set_idle_reading(i)
 
     def run_iteration(self, start_s: float, *, batch: int, kv_tokens: int, prefill_tokens: int,
@@ -150,19 +211,21 @@ class GpuTwin:
                 raise GpuError(f"twin GPU {i} is busy until {self._gpus[i].now_s:.6f} s; an "
                                f"iteration cannot start at {start_s:.6f} s")
         self.idle_until(start_s, idx)
+        for i in idx:  # a switch due by now is in effect for this whole pass
+            self._commit(self._gpus[i], start_s)
         runs = []
         for i in idx:
             clock, it = effective_clock_scalar(
                 self.profile, batch=float(batch), kv_tokens=float(kv_tokens),
                 prefill_tokens=float(prefill_tokens),
-                requested_clock_mhz=float(self.requested_clock_mhz(i)),
+                requested_clock_mhz=float(self.requested_clock_mhz(i, start_s)),
                 prefill_attn_tokens2=float(prefill_attn_tokens2))
             runs.append((i, clock, it))
         duration = max(it.time_s for _, _, it in runs)
-        idle_w = self.profile.gpu.idle_power_w
         total_mj = 0.0
         for i, clock, it in runs:
             s = self._gpus[i]
+            idle_w = self._idle_w(s.lock)
             energy = (it.power_w * it.time_s + idle_w * (duration - it.time_s)) * 1e3
             s.energy_mj += energy
             s.now_s = start_s + duration
@@ -193,8 +256,9 @@ class GpuTwin:
 
     def _set_idle_reading(self, index: int) -> None:
         s = self._gpus[index]
-        s.power_w = self.profile.gpu.idle_power_w
-        s.clock_mhz = float(s.lock[0] if s.lock is not None else self.profile.gpu.idle_clock_mhz)
+        lock = self._lock_at(s, s.now_s)
+        s.power_w = self._idle_w(lock)
+        s.clock_mhz = float(lock[0] if lock is not None else self.profile.gpu.idle_clock_mhz)
         s.util_pct = 0.0
         s.mem_util_pct = 0.0
 

@@ -6,12 +6,15 @@ with its source.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from throttllem._core.switching import interpolate_idle_w
 from throttllem._errors import ConfigError
 from throttllem._setup import (
     SETUP_SECTIONS,
@@ -57,12 +60,58 @@ class PowerModel:
 
 
 @dataclass(frozen=True, slots=True)
+class ClockingModel:
+    """What holding and changing a clock costs (see `GpuTwin`).
+
+    `locked_idle_w`: idle power per GPU while a clock is locked, as "MHz:W" points (linear in
+    between, the first value below the first point, the last segment extended above the last
+    point), or "flat" for the idle power of `[gpu] idle_power_w` whatever the lock (the older
+    twin). `switch_latency_s`: seconds from a lock (or its release) being asked for to the
+    new clock taking effect; passes started before then run at the old clock."""
+
+    locked_idle_w: str
+    switch_latency_s: float
+
+    @property
+    def locked_idle_points(self) -> tuple[tuple[float, float], ...] | None:
+        """((MHz, W), ...) ascending, or None for a flat idle power."""
+        return parse_idle_points(self.locked_idle_w)
+
+
+def parse_idle_points(text: str) -> tuple[tuple[float, float], ...] | None:
+    """"360:80 570:85.5 ..." → ((360.0, 80.0), (570.0, 85.5), ...); "flat" → None."""
+    if text.strip().lower() == "flat":
+        return None
+    points: list[tuple[float, float]] = []
+    for part in text.replace(",", " ").split():
+        mhz, sep, watts = part.partition(":")
+        try:
+            point = (float(mhz), float(watts))
+        except ValueError:
+            point = (math.nan, math.nan)
+        if not sep or not all(math.isfinite(v) and v > 0 for v in point):
+            raise ConfigError(f"clocking.locked_idle_w: {part!r} is not MHz:W (positive "
+                              "numbers), e.g. \"360:80 1830:160\", or \"flat\"")
+        points.append(point)
+    if len(points) < 2 or any(b[0] <= a[0] for a, b in itertools.pairwise(points)):
+        raise ConfigError("clocking.locked_idle_w needs at least two MHz:W points with "
+                          "strictly ascending clocks, or \"flat\"")
+    return tuple(points)
+
+
+def locked_idle_power_w(points: tuple[tuple[float, float], ...], clock_mhz: float) -> float:
+    """Idle power at a locked clock (the controller's own interpolation, one formula)."""
+    return interpolate_idle_w(points, clock_mhz)
+
+
+@dataclass(frozen=True, slots=True)
 class SetupProfile:
     """A setup and the twin's stated time and power models of it."""
 
     setup: Setup
     time: TimeModel
     power: PowerModel
+    clocking: ClockingModel
     # "section.key" -> where the number came from, every section's.
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -133,11 +182,13 @@ _SECTIONS: Final[Sections] = {
         "static_w": float, "clock_w": float, "compute_w": float, "kv_w": float,
         "voltage_min_ratio": float, "voltage_knee_mhz": float,
     }),
+    "clocking": (ClockingModel, {"locked_idle_w": str, "switch_latency_s": float}),
 }
 # Parameters that only need to be >= 0 (all other numbers must be > 0).
 _MAY_BE_ZERO: Final = frozenset({
     "time.latency_ms", "time.prefill_attn_ms_per_mtoken2", "time.kv_ms_per_ktoken",
     "power.clock_w", "power.compute_w", "power.kv_w", "engine.kv_watermark",
+    "clocking.switch_latency_s",
 })
 
 # Kept under the twin's name for the tools that list what the twin can simulate.
@@ -154,7 +205,7 @@ def load_profile(name_or_path: str | Path) -> SetupProfile:
                                             if k.partition(".")[0] in SETUP_SECTIONS}),
                   **{k: v for k, v in built.items() if k in SETUP_SECTIONS})
     profile = SetupProfile(setup=setup, time=built["time"], power=built["power"],
-                           sources=MappingProxyType(sources))
+                           clocking=built["clocking"], sources=MappingProxyType(sources))
     _validate(profile)
     return profile
 
@@ -163,8 +214,9 @@ def _validate(p: SetupProfile) -> None:
     """Range and consistency checks, with messages that name the parameter."""
     where = p.path or p.name
     validate_setup(p, where, may_be_zero=_MAY_BE_ZERO)
-    check_ranges({k: getattr(p, k) for k in ("time", "power")},
-                 {k: _SECTIONS[k] for k in ("time", "power")}, where, _MAY_BE_ZERO)
+    check_ranges({k: getattr(p, k) for k in ("time", "power", "clocking")},
+                 {k: _SECTIONS[k] for k in ("time", "power", "clocking")}, where, _MAY_BE_ZERO)
+    p.clocking.locked_idle_points  # noqa: B018 - parses (raises ConfigError when malformed)
     g = p.gpu
     pw = p.power
     if not 0 < pw.voltage_min_ratio <= 1:
