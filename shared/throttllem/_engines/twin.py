@@ -39,6 +39,7 @@ from throttllem._events import (
     RequestDeferred,
     RequestEvent,
 )
+from throttllem._gpu.leases import LockLeases
 from throttllem._gpu.remote import serve_gpu
 from throttllem._runtime import Clock
 from throttllem._setup import DEFAULT_SETUP
@@ -79,6 +80,8 @@ class EngineTwinService:
         self.instance = token(instance)
         self.profile = load_profile(setup)
         self.gpu = GpuTwin(self.profile)
+        # Locks taken over the bus hold only while their actuator renews them (wall seconds).
+        self.gpu_leases = LockLeases(self.gpu)
         self.engine = EngineTwin(self.profile, self.instance, self.gpu)
         # Ids accepted and not finished (waiting for their decision time, or in the engine).
         self._held: set[str] = set()
@@ -191,7 +194,7 @@ class EngineTwinService:
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await bus.ensure_request_stream()
-        await serve_gpu(bus, twin_gpu(self.instance), self.gpu)
+        await serve_gpu(bus, twin_gpu(self.instance), self.gpu, self.gpu_leases)
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[_InboxItem](
             max_buffer_size=math.inf)
         with self._inbox_send, self._inbox:
@@ -207,6 +210,7 @@ class EngineTwinService:
                 bus.consume, durable=aborts_durable(self.instance), deliver_new_only=True,
                 subject=REQUEST_ABORTED, codec=REQUEST_CODEC, handler=self._on_aborted))
             tg.start_soon(self._loop, bus, clock)
+            tg.start_soon(self.gpu_leases.enforce)  # a lock dies with its actuator
             log.info("engine.started", instance=self.instance, setup=self.profile.name)
             task_status.started()
 
