@@ -49,10 +49,12 @@ from throttllem._errors import (
 )
 from throttllem._events import RPC_ERROR_CODEC, Codec, RpcError, encode
 from throttllem._subjects import (
+    DEAD_ALL,
     ENERGY_ALL,
     PREFIX,
     REQUEST_ALL,
     REQUEST_STREAM,
+    dead_letter,
     history_consumer,
     token,
 )
@@ -77,8 +79,20 @@ _LISTEN_RE: Final = re.compile(r"Listening for client connections on ([0-9.\[\]:
 # "Permissions Violation for Publish to "subject"" (or Subscription to) from the server.
 _PERMISSION_RE: Final = re.compile(
     r"Permissions Violation for (Publish|Subscription) to \"?([^\"'\s]+)", re.IGNORECASE)
+# A durable message whose handler failed this many deliveries goes to its dead-letter subject
+# (the consumer's own redelivery limit, `_MAX_DELIVER`, stays above it as a backstop).
+DEAD_LETTER_AFTER: Final = 5
+_MAX_DELIVER: Final = 20
 # Warn on the 1st, 10th and 100th occurrence of a repeated condition (then every 100th).
 _LOG_AT: Final = frozenset({1, 10, 100})
+
+
+def _deliveries(msg: Msg) -> int:
+    """How many times JetStream has delivered this message (1 on the first delivery)."""
+    try:
+        return int(msg.metadata.num_delivered)
+    except (nats.errors.Error, ValueError, AttributeError):
+        return 1
 
 
 def _family(subject: str) -> str:
@@ -586,7 +600,8 @@ class Bus:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 
-    async def _handle_one(self, codec: Codec[E], handler: Handler[E], msg: Msg) -> None:
+    async def _handle_one(self, codec: Codec[E], handler: Handler[E], msg: Msg,
+                          dead_after: int = DEAD_LETTER_AFTER) -> None:
         # Shielded so that a stop never lands between a handler's effects and its ack (which
         # would redeliver, i.e. run the handler twice).
         with anyio.CancelScope(shield=True):
@@ -596,12 +611,41 @@ class Bus:
                 return
             try:
                 await handler(event)
-            except Exception:
+            except Exception as e:
                 self.counters[f"handler_errors.{codec.family}"] += 1
                 self._log.exception("handler.failed", subject=msg.subject)
-                await self._settle(msg, "nak")
+                if _deliveries(msg) >= dead_after and await self._dead_letter(msg, e):
+                    await self._settle(msg, "term")
+                else:
+                    await self._settle(msg, "nak")
                 return
             await self._settle(msg, "ack")
+
+    async def _dead_letter(self, msg: Msg, error: Exception) -> bool:
+        """Store a message that keeps failing on its dead-letter subject, as it came, with
+        where it came from and why it failed in headers; True once stored (then it is
+        terminated: a poison message must not loop), False to let it come back and retry."""
+        target = dead_letter(msg.subject)
+        meta = msg.metadata
+        headers = {
+            "Nats-Msg-Id": f"dead-{meta.stream}-{meta.sequence.stream}",  # stored once
+            "Tllm-Dead-Subject": msg.subject,
+            "Tllm-Dead-Consumer": meta.consumer or "",
+            "Tllm-Dead-Deliveries": str(meta.num_delivered),
+            "Tllm-Dead-Error": " ".join(repr(error).split())[:240],
+        }
+        try:
+            await self.js.publish(target, msg.data, headers=headers, timeout=5.0)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
+            self.counters["dead_letter_failed"] += 1
+            self._log.warning("message.dead_letter_failed", subject=msg.subject,
+                              dead_letter=target, error=repr(e))
+            return False
+        self.counters[f"dead_lettered.{_family(msg.subject)}"] += 1
+        self._log.error("message.dead_lettered", subject=msg.subject, dead_letter=target,
+                        consumer=meta.consumer, deliveries=meta.num_delivered,
+                        error=headers["Tllm-Dead-Error"])
+        return True
 
     async def _settle(self, msg: Msg, how: str) -> None:
         """Ack, nak or terminate; if the server is unreachable the message is redelivered
@@ -622,7 +666,7 @@ class Bus:
                                     max_bytes: int = 1 << 30) -> None:
         """Create (or keep) the stream that makes requests and completions durable."""
         config = StreamConfig(
-            name=REQUEST_STREAM, subjects=[REQUEST_ALL, ENERGY_ALL],
+            name=REQUEST_STREAM, subjects=[REQUEST_ALL, ENERGY_ALL, DEAD_ALL],
             retention=RetentionPolicy.LIMITS, max_age=max_age_s, max_bytes=max_bytes,
             duplicate_window=120.0,
         )
@@ -641,7 +685,7 @@ class Bus:
     async def consume(
         self, *, durable: str, subject: str, codec: Codec[E], handler: Handler[E],
         batch: int = 64, deliver_new_only: bool = False, ack_wait_s: float = 10.0,
-        concurrent: bool = False,
+        concurrent: bool = False, dead_letter_after: int = DEAD_LETTER_AFTER,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Pull from a durable JetStream consumer until cancelled; ack after the handler.
@@ -653,10 +697,15 @@ class Bus:
         handlers concurrently (for handlers that batch work themselves, like model inference).
 
         A malformed message is terminated (never redelivered); a handler failure is nak'ed
-        with a delay so that a transient error does not lose the request.
+        with a delay so that a transient error does not lose the request, and once it failed
+        `dead_letter_after` deliveries the message moves to `tllm.v1.dead.<family>` (counted
+        `dead_lettered.<family>`): a poison message neither loops nor vanishes.
         """
+        if not 1 <= dead_letter_after < _MAX_DELIVER:
+            raise ValueError(f"dead_letter_after must be in [1, {_MAX_DELIVER})")
         config = ConsumerConfig(
-            durable_name=durable, ack_wait=ack_wait_s, max_deliver=20, filter_subject=subject,
+            durable_name=durable, ack_wait=ack_wait_s, max_deliver=_MAX_DELIVER,
+            filter_subject=subject,
             deliver_policy=DeliverPolicy.NEW if deliver_new_only else DeliverPolicy.ALL,
         )
         psub = await self._pull_subscribe(subject, durable, config)
@@ -693,11 +742,12 @@ class Bus:
                 if concurrent:  # order does not matter to this handler: run the batch at once
                     async with anyio.create_task_group() as batch_tg:
                         for msg in msgs:
-                            batch_tg.start_soon(self._handle_one, codec, handler, msg)
+                            batch_tg.start_soon(self._handle_one, codec, handler, msg,
+                                                dead_letter_after)
                     continue
                 for n, msg in enumerate(msgs):
                     try:
-                        await self._handle_one(codec, handler, msg)
+                        await self._handle_one(codec, handler, msg, dead_letter_after)
                     except anyio.get_cancelled_exc_class():
                         # Stopping: hand the rest of the batch back at once rather than
                         # letting it wait out ack_wait on the server.
