@@ -41,6 +41,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from throttllem._busauth import BusAuth, redact_url, url_has_secret
 from throttllem._errors import (
     BusError,
+    ConfigError,
     MalformedEventError,
     NatsServerNotFoundError,
     RemoteCallError,
@@ -85,6 +86,18 @@ DEAD_LETTER_AFTER: Final = 5
 _MAX_DELIVER: Final = 20
 # Warn on the 1st, 10th and 100th occurrence of a repeated condition (then every 100th).
 _LOG_AT: Final = frozenset({1, 10, 100})
+
+
+def stream_replicas_from_env() -> int:
+    """THROTTLLEM_STREAM_REPLICAS (1 to 5; 3 on a three-node cluster), default 1."""
+    raw = os.environ.get("THROTTLLEM_STREAM_REPLICAS", "1")
+    try:
+        replicas = int(raw)
+    except ValueError:
+        replicas = 0
+    if not 1 <= replicas <= 5:
+        raise ConfigError(f"THROTTLLEM_STREAM_REPLICAS must be 1 to 5, not {raw!r}")
+    return replicas
 
 
 def _deliveries(msg: Msg) -> int:
@@ -244,7 +257,10 @@ class Bus:
         `hint` ends the unreachable error with what the caller's user can do; the default
         holds in every context (only `throttllem demo` can start an embedded server).
         """
-        shown = redact_url(url)
+        # A cluster: every node's URL, comma-separated; the client moves to another node when
+        # its node goes away (and learns the rest from the cluster).
+        servers = [u.strip() for u in url.split(",") if u.strip()]
+        shown = ",".join(redact_url(u) for u in servers)
         log_ = log.bind(client=name, url=shown)
         if url_has_secret(url):
             log_.warning("nats.credentials_in_url",
@@ -296,7 +312,7 @@ class Bus:
             # deadline makes a refused certificate an error, not a hang.
             with anyio.fail_after(3 * connect_timeout_s + 1):
                 await nc.connect(
-                    url, name=name, allow_reconnect=True,
+                    servers, name=name, allow_reconnect=True,
                     max_reconnect_attempts=2, disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect, error_cb=on_error, **options,
                 )
@@ -663,9 +679,16 @@ class Bus:
                               error=repr(e))
 
     async def ensure_request_stream(self, *, max_age_s: float = 24 * 3600,
-                                    max_bytes: int = 1 << 30) -> None:
-        """Create (or keep) the stream that makes requests and completions durable."""
+                                    max_bytes: int = 1 << 30,
+                                    replicas: int | None = None) -> None:
+        """Create (or keep) the stream that makes requests and completions durable.
+
+        `replicas`: copies kept on a NATS cluster (3 survives the loss of one node; the
+        durable consumers follow); default THROTTLLEM_STREAM_REPLICAS, else 1."""
+        if replicas is None:
+            replicas = stream_replicas_from_env()
         config = StreamConfig(
+            num_replicas=replicas,
             name=REQUEST_STREAM, subjects=[REQUEST_ALL, ENERGY_ALL, DEAD_ALL],
             retention=RetentionPolicy.LIMITS, max_age=max_age_s, max_bytes=max_bytes,
             duplicate_window=120.0,
@@ -676,6 +699,9 @@ class Bus:
             # The stream exists with another configuration. Services may create the stream
             # but not change it (least privilege): an operator updates it as `admin`.
             try:
+                existing = await self.js.stream_info(REQUEST_STREAM)
+                # Never fewer copies than an operator (or a peer) asked for.
+                config.num_replicas = max(replicas, existing.config.num_replicas or 1)
                 await self.js.update_stream(config)
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
                 self.counters["stream_update_refused"] += 1

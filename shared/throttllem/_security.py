@@ -383,7 +383,10 @@ def init_security(out: Path, *, instances: Sequence[str] = ("i0", "i1"),
     server_cert = issue(hosts[0] if hosts else "nats", server_key.public_key(), ca_name, ca_key,
                         ca=False, valid_days=days, extensions=[
                             (x509.SubjectAlternativeName(names), False), (leaf_usage, True),
-                            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+                            # Client use too: in a cluster each server dials its peers'
+                            # routes with this certificate (deploy/nats-cluster.conf).
+                            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                    ExtendedKeyUsageOID.CLIENT_AUTH]), False),
                             (aki, False)])
     _write(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), secret=False)
     _write(layout.server_key, key_pem(server_key), secret=True)
