@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import pynvml
 import pytest
+from nats.aio.msg import Msg
 
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._errors import ConfigError, GpuError
@@ -240,3 +241,21 @@ async def test_an_nvml_actuator_resets_on_start_and_keeps_its_hold_for_the_watch
     assert hold is not None
     assert not hold.locked  # a clean shutdown reset: nothing for the watchdog to do
     assert len(fake.called("nvmlDeviceResetGpuLockedClocks")) == 4
+
+
+@pytest.mark.anyio
+async def test_a_twin_gpu_answer_that_does_not_decode_is_a_failed_read(
+        nats: EmbeddedNatsServer) -> None:
+    """A collector or actuator sees a bad answer as a GpuError it already handles (counted,
+    retried), never as a crash of its service."""
+    bus = await Bus.connect(nats.url, name="gpu-client")
+
+    async def bad_answer(msg: Msg) -> None:
+        await msg.respond(b'{"type": "twin.gpu.answer", "reading": {"gpu_util_pct": 101}}')
+
+    try:
+        await bus.nc.subscribe(f"{twin_gpu('i0')}.read", cb=bad_answer)
+        with pytest.raises(GpuError, match="answered badly"):
+            await RemoteGpu(bus, twin_gpu("i0")).read(0)
+    finally:
+        await bus.close()

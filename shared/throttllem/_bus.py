@@ -10,6 +10,7 @@ an `rpc.error` event.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import random
 import re
@@ -210,6 +211,31 @@ class EmbeddedNatsServer:
 
 
 # --------------------------------------------------------------------------- connection
+
+
+class Delivery:
+    """A JetStream message whose handler took over settling it (`Bus.hold_delivery`)."""
+
+    def __init__(self, bus: Bus, msg: Msg) -> None:
+        self._bus = bus
+        self._msg = msg
+        self.held = False
+
+    async def ack(self) -> None:
+        """Done: the message is not delivered again (counted and logged if the server is
+        unreachable; it then comes back after ack_wait, and handlers are idempotent)."""
+        await self._bus._settle(self._msg, "ack")
+
+    async def keep_alive(self) -> None:
+        """Still working on it: restart the message's ack_wait."""
+        try:
+            await self._msg.in_progress()
+        except (nats.errors.Error, OSError):
+            self._bus.counters["keep_alive_failed"] += 1
+
+
+_CURRENT_DELIVERY: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+    "throttllem_delivery", default=None)
 
 
 class Bus:
@@ -625,6 +651,8 @@ class Bus:
             if event is None:
                 await self._settle(msg, "term")
                 return
+            delivery = Delivery(self, msg)
+            current = _CURRENT_DELIVERY.set(delivery)
             try:
                 await handler(event)
             except Exception as e:
@@ -635,7 +663,20 @@ class Bus:
                 else:
                     await self._settle(msg, "nak")
                 return
-            await self._settle(msg, "ack")
+            finally:
+                _CURRENT_DELIVERY.reset(current)
+            if not delivery.held:
+                await self._settle(msg, "ack")
+
+    def hold_delivery(self) -> Delivery:
+        """Called by a `consume` handler: the message it is handling is not acked when the
+        handler returns; the handler's owner acks it once the work is really done (and keeps
+        it alive meanwhile), so that a crash before then hands it to the next consumer."""
+        delivery = _CURRENT_DELIVERY.get()
+        if delivery is None:
+            raise RuntimeError("hold_delivery is for a handler that Bus.consume is running")
+        delivery.held = True
+        return delivery
 
     async def _dead_letter(self, msg: Msg, error: Exception) -> bool:
         """Store a message that keeps failing on its dead-letter subject, as it came, with

@@ -14,7 +14,13 @@ from typing import Protocol
 import anyio.to_thread
 
 from throttllem._bus import Bus
-from throttllem._errors import BusError, GpuError, GpuNotFoundError, GpuPermissionError
+from throttllem._errors import (
+    BusError,
+    GpuError,
+    GpuNotFoundError,
+    GpuPermissionError,
+    MalformedEventError,
+)
 from throttllem._events import (
     DEFAULT_LOCK_HOLD_S,
     TWIN_GPU_ANSWER_CODEC,
@@ -138,6 +144,8 @@ class RemoteGpu:
                                            timeout_s=self._timeout_s)
         except BusError as e:
             raise GpuNotFoundError(f"no twin GPU answers on {subject}: {e}") from e
+        except MalformedEventError as e:  # a bad answer is a failed read, never a crash
+            raise GpuError(f"twin GPU on {subject} answered badly: {e}") from e
 
     async def gpu_count(self) -> int:
         return (await self._call(TwinGpuCall(op="count"))).count
