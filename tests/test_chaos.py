@@ -109,7 +109,7 @@ async def test_killing_each_service_and_the_server_mid_replay_loses_and_duplicat
             await service.ready()
         start = REAL_TIME.now_s() + 0.5
         requests = [RequestArrived(id=f"c{n}", arrival_s=start + 0.4 * n, prompt_tokens=40 + n,
-                                   true_output_tokens=20 + 3 * (n % 11)) for n in range(total)]
+                                   true_output_tokens=100 + 20 * (n % 11)) for n in range(total)]
         async with anyio.create_task_group() as tg:
             await tg.start(partial(audit.consume, durable="audit", subject=REQUEST_COMPLETED,
                                    codec=REQUEST_CODEC, handler=on_completed))
