@@ -24,3 +24,9 @@ bench:
 # container images, one per service (podman or docker)
 images engine="podman":
     for s in services/*/; do n=$(basename "$s"); {{engine}} build -f "$s/Containerfile" -t "throttllem-$n" .; done
+
+# the reliability suites: chaos (each service and the NATS server killed mid-replay), the
+# clock fail-safe's deaths, and a three-node cluster losing a node (THROTTLLEM_CHAOS_DOWN_S=30
+# for a longer server outage)
+chaos *ARGS:
+    pytest tests/test_chaos.py tests/test_clock_failsafe.py tests/test_nats_cluster.py tests/test_poison.py -s {{ARGS}}

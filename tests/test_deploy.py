@@ -135,6 +135,10 @@ def test_images_in_the_manifests_are_built_by_a_containerfile(
             image = c["image"].split(":")[0]
             if image.startswith("throttllem-"):
                 assert image in built, f"no services/*/Containerfile builds {image}"
+                if c["name"] == "gpu-watchdog":  # the actuator's sidecar: same image, NVML
+                    assert image == "throttllem-actuator"
+                    assert c["command"][:2] == ["throttllem", "gpu-watchdog"]
+                    continue
                 assert c["command"][:3] == ["throttllem", "run", image.removeprefix(
                     "throttllem-")], "the image of one service runs another"
 
@@ -241,3 +245,23 @@ def test_nats_cluster_overlay_makes_three_routed_servers(
                 if d["metadata"]["name"] == "nats-config")["data"]["nats.conf"]
     routes = re.findall(r"nats://(nats-\d)\.nats-headless", conf)
     assert routes == [f"nats-{k}" for k in range(3)]
+    for config in (d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "throttllem"):
+        assert config["data"]["THROTTLLEM_STREAM_REPLICAS"] == "3"  # R3: a node can go
+        urls = config["data"]["THROTTLLEM_NATS_URL"].split(",")
+        assert [re.findall(r"//(nats-\d)\.", u) for u in urls] == [[f"nats-{k}"] for k in range(3)]
+
+
+def test_the_compose_cluster_override_runs_three_routed_nodes_and_r3_streams() -> None:
+    base = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    cluster = yaml.safe_load((ROOT / "deploy" / "compose.cluster.yaml").read_text())
+    nodes = [name for name in cluster["services"] if name.startswith("nats")]
+    assert nodes == ["nats", "nats-1", "nats-2"]
+    conf = (ROOT / "deploy" / "nats-cluster.conf").read_text()
+    assert re.findall(r"nats-route://([\w-]+):6222", conf) == nodes
+    for name in base["services"]:  # every service of the base is told
+        if name == "nats":
+            continue
+        env = cluster["services"][name]["environment"]
+        assert env["THROTTLLEM_STREAM_REPLICAS"] == "3"
+        assert [u.split("//")[1].split(":")[0] for u in env["THROTTLLEM_NATS_URL"].split(",")] \
+            == nodes

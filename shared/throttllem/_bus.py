@@ -10,6 +10,7 @@ an `rpc.error` event.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import random
 import re
@@ -41,6 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from throttllem._busauth import BusAuth, redact_url, url_has_secret
 from throttllem._errors import (
     BusError,
+    ConfigError,
     MalformedEventError,
     NatsServerNotFoundError,
     RemoteCallError,
@@ -49,10 +51,12 @@ from throttllem._errors import (
 )
 from throttllem._events import RPC_ERROR_CODEC, Codec, RpcError, encode
 from throttllem._subjects import (
+    DEAD_ALL,
     ENERGY_ALL,
     PREFIX,
     REQUEST_ALL,
     REQUEST_STREAM,
+    dead_letter,
     history_consumer,
     token,
 )
@@ -77,8 +81,32 @@ _LISTEN_RE: Final = re.compile(r"Listening for client connections on ([0-9.\[\]:
 # "Permissions Violation for Publish to "subject"" (or Subscription to) from the server.
 _PERMISSION_RE: Final = re.compile(
     r"Permissions Violation for (Publish|Subscription) to \"?([^\"'\s]+)", re.IGNORECASE)
+# A durable message whose handler failed this many deliveries goes to its dead-letter subject
+# (the consumer's own redelivery limit, `_MAX_DELIVER`, stays above it as a backstop).
+DEAD_LETTER_AFTER: Final = 5
+_MAX_DELIVER: Final = 20
 # Warn on the 1st, 10th and 100th occurrence of a repeated condition (then every 100th).
 _LOG_AT: Final = frozenset({1, 10, 100})
+
+
+def stream_replicas_from_env() -> int:
+    """THROTTLLEM_STREAM_REPLICAS (1 to 5; 3 on a three-node cluster), default 1."""
+    raw = os.environ.get("THROTTLLEM_STREAM_REPLICAS", "1")
+    try:
+        replicas = int(raw)
+    except ValueError:
+        replicas = 0
+    if not 1 <= replicas <= 5:
+        raise ConfigError(f"THROTTLLEM_STREAM_REPLICAS must be 1 to 5, not {raw!r}")
+    return replicas
+
+
+def _deliveries(msg: Msg) -> int:
+    """How many times JetStream has delivered this message (1 on the first delivery)."""
+    try:
+        return int(msg.metadata.num_delivered)
+    except (nats.errors.Error, ValueError, AttributeError):
+        return 1
 
 
 def _family(subject: str) -> str:
@@ -185,6 +213,31 @@ class EmbeddedNatsServer:
 # --------------------------------------------------------------------------- connection
 
 
+class Delivery:
+    """A JetStream message whose handler took over settling it (`Bus.hold_delivery`)."""
+
+    def __init__(self, bus: Bus, msg: Msg) -> None:
+        self._bus = bus
+        self._msg = msg
+        self.held = False
+
+    async def ack(self) -> None:
+        """Done: the message is not delivered again (counted and logged if the server is
+        unreachable; it then comes back after ack_wait, and handlers are idempotent)."""
+        await self._bus._settle(self._msg, "ack")
+
+    async def keep_alive(self) -> None:
+        """Still working on it: restart the message's ack_wait."""
+        try:
+            await self._msg.in_progress()
+        except (nats.errors.Error, OSError):
+            self._bus.counters["keep_alive_failed"] += 1
+
+
+_CURRENT_DELIVERY: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+    "throttllem_delivery", default=None)
+
+
 class Bus:
     """A NATS connection with typed publish/subscribe and counted rejections.
 
@@ -230,7 +283,10 @@ class Bus:
         `hint` ends the unreachable error with what the caller's user can do; the default
         holds in every context (only `throttllem demo` can start an embedded server).
         """
-        shown = redact_url(url)
+        # A cluster: every node's URL, comma-separated; the client moves to another node when
+        # its node goes away (and learns the rest from the cluster).
+        servers = [u.strip() for u in url.split(",") if u.strip()]
+        shown = ",".join(redact_url(u) for u in servers)
         log_ = log.bind(client=name, url=shown)
         if url_has_secret(url):
             log_.warning("nats.credentials_in_url",
@@ -282,7 +338,7 @@ class Bus:
             # deadline makes a refused certificate an error, not a hang.
             with anyio.fail_after(3 * connect_timeout_s + 1):
                 await nc.connect(
-                    url, name=name, allow_reconnect=True,
+                    servers, name=name, allow_reconnect=True,
                     max_reconnect_attempts=2, disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect, error_cb=on_error, **options,
                 )
@@ -586,7 +642,8 @@ class Bus:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 
-    async def _handle_one(self, codec: Codec[E], handler: Handler[E], msg: Msg) -> None:
+    async def _handle_one(self, codec: Codec[E], handler: Handler[E], msg: Msg,
+                          dead_after: int = DEAD_LETTER_AFTER) -> None:
         # Shielded so that a stop never lands between a handler's effects and its ack (which
         # would redeliver, i.e. run the handler twice).
         with anyio.CancelScope(shield=True):
@@ -594,14 +651,58 @@ class Bus:
             if event is None:
                 await self._settle(msg, "term")
                 return
+            delivery = Delivery(self, msg)
+            current = _CURRENT_DELIVERY.set(delivery)
             try:
                 await handler(event)
-            except Exception:
+            except Exception as e:
                 self.counters[f"handler_errors.{codec.family}"] += 1
                 self._log.exception("handler.failed", subject=msg.subject)
-                await self._settle(msg, "nak")
+                if _deliveries(msg) >= dead_after and await self._dead_letter(msg, e):
+                    await self._settle(msg, "term")
+                else:
+                    await self._settle(msg, "nak")
                 return
-            await self._settle(msg, "ack")
+            finally:
+                _CURRENT_DELIVERY.reset(current)
+            if not delivery.held:
+                await self._settle(msg, "ack")
+
+    def hold_delivery(self) -> Delivery:
+        """Called by a `consume` handler: the message it is handling is not acked when the
+        handler returns; the handler's owner acks it once the work is really done (and keeps
+        it alive meanwhile), so that a crash before then hands it to the next consumer."""
+        delivery = _CURRENT_DELIVERY.get()
+        if delivery is None:
+            raise RuntimeError("hold_delivery is for a handler that Bus.consume is running")
+        delivery.held = True
+        return delivery
+
+    async def _dead_letter(self, msg: Msg, error: Exception) -> bool:
+        """Store a message that keeps failing on its dead-letter subject, as it came, with
+        where it came from and why it failed in headers; True once stored (then it is
+        terminated: a poison message must not loop), False to let it come back and retry."""
+        target = dead_letter(msg.subject)
+        meta = msg.metadata
+        headers = {
+            "Nats-Msg-Id": f"dead-{meta.stream}-{meta.sequence.stream}",  # stored once
+            "Tllm-Dead-Subject": msg.subject,
+            "Tllm-Dead-Consumer": meta.consumer or "",
+            "Tllm-Dead-Deliveries": str(meta.num_delivered),
+            "Tllm-Dead-Error": " ".join(repr(error).split())[:240],
+        }
+        try:
+            await self.js.publish(target, msg.data, headers=headers, timeout=5.0)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
+            self.counters["dead_letter_failed"] += 1
+            self._log.warning("message.dead_letter_failed", subject=msg.subject,
+                              dead_letter=target, error=repr(e))
+            return False
+        self.counters[f"dead_lettered.{_family(msg.subject)}"] += 1
+        self._log.error("message.dead_lettered", subject=msg.subject, dead_letter=target,
+                        consumer=meta.consumer, deliveries=meta.num_delivered,
+                        error=headers["Tllm-Dead-Error"])
+        return True
 
     async def _settle(self, msg: Msg, how: str) -> None:
         """Ack, nak or terminate; if the server is unreachable the message is redelivered
@@ -619,10 +720,17 @@ class Bus:
                               error=repr(e))
 
     async def ensure_request_stream(self, *, max_age_s: float = 24 * 3600,
-                                    max_bytes: int = 1 << 30) -> None:
-        """Create (or keep) the stream that makes requests and completions durable."""
+                                    max_bytes: int = 1 << 30,
+                                    replicas: int | None = None) -> None:
+        """Create (or keep) the stream that makes requests and completions durable.
+
+        `replicas`: copies kept on a NATS cluster (3 survives the loss of one node; the
+        durable consumers follow); default THROTTLLEM_STREAM_REPLICAS, else 1."""
+        if replicas is None:
+            replicas = stream_replicas_from_env()
         config = StreamConfig(
-            name=REQUEST_STREAM, subjects=[REQUEST_ALL, ENERGY_ALL],
+            num_replicas=replicas,
+            name=REQUEST_STREAM, subjects=[REQUEST_ALL, ENERGY_ALL, DEAD_ALL],
             retention=RetentionPolicy.LIMITS, max_age=max_age_s, max_bytes=max_bytes,
             duplicate_window=120.0,
         )
@@ -632,6 +740,9 @@ class Bus:
             # The stream exists with another configuration. Services may create the stream
             # but not change it (least privilege): an operator updates it as `admin`.
             try:
+                existing = await self.js.stream_info(REQUEST_STREAM)
+                # Never fewer copies than an operator (or a peer) asked for.
+                config.num_replicas = max(replicas, existing.config.num_replicas or 1)
                 await self.js.update_stream(config)
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
                 self.counters["stream_update_refused"] += 1
@@ -641,7 +752,7 @@ class Bus:
     async def consume(
         self, *, durable: str, subject: str, codec: Codec[E], handler: Handler[E],
         batch: int = 64, deliver_new_only: bool = False, ack_wait_s: float = 10.0,
-        concurrent: bool = False,
+        concurrent: bool = False, dead_letter_after: int = DEAD_LETTER_AFTER,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Pull from a durable JetStream consumer until cancelled; ack after the handler.
@@ -653,10 +764,15 @@ class Bus:
         handlers concurrently (for handlers that batch work themselves, like model inference).
 
         A malformed message is terminated (never redelivered); a handler failure is nak'ed
-        with a delay so that a transient error does not lose the request.
+        with a delay so that a transient error does not lose the request, and once it failed
+        `dead_letter_after` deliveries the message moves to `tllm.v1.dead.<family>` (counted
+        `dead_lettered.<family>`): a poison message neither loops nor vanishes.
         """
+        if not 1 <= dead_letter_after < _MAX_DELIVER:
+            raise ValueError(f"dead_letter_after must be in [1, {_MAX_DELIVER})")
         config = ConsumerConfig(
-            durable_name=durable, ack_wait=ack_wait_s, max_deliver=20, filter_subject=subject,
+            durable_name=durable, ack_wait=ack_wait_s, max_deliver=_MAX_DELIVER,
+            filter_subject=subject,
             deliver_policy=DeliverPolicy.NEW if deliver_new_only else DeliverPolicy.ALL,
         )
         psub = await self._pull_subscribe(subject, durable, config)
@@ -693,11 +809,12 @@ class Bus:
                 if concurrent:  # order does not matter to this handler: run the batch at once
                     async with anyio.create_task_group() as batch_tg:
                         for msg in msgs:
-                            batch_tg.start_soon(self._handle_one, codec, handler, msg)
+                            batch_tg.start_soon(self._handle_one, codec, handler, msg,
+                                                dead_letter_after)
                     continue
                 for n, msg in enumerate(msgs):
                     try:
-                        await self._handle_one(codec, handler, msg)
+                        await self._handle_one(codec, handler, msg, dead_letter_after)
                     except anyio.get_cancelled_exc_class():
                         # Stopping: hand the rest of the batch back at once rather than
                         # letting it wait out ack_wait on the server.

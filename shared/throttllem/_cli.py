@@ -17,6 +17,7 @@ from throttllem import __version__
 from throttllem._busauth import add_auth_arguments, auth_from_args
 from throttllem._engines import BACKENDS, DEFAULT_BACKEND
 from throttllem._errors import ConfigError, ThrottllemError
+from throttllem._events import DEFAULT_LOCK_HOLD_S
 from throttllem._log import configure_logging
 from throttllem._runtime import REAL_TIME, Clock, Service, run_service
 from throttllem._setup import DEFAULT_SETUP
@@ -96,7 +97,8 @@ def _actuator(args: argparse.Namespace) -> Service:
     from throttllem._services.actuator import ActuatorService  # noqa: PLC0415
 
     return ActuatorService(instance=args.instance, backend=args.gpu, gpus=args.gpus,
-                           dry_run=args.dry_run)
+                           dry_run=args.dry_run, lock_hold_s=args.lock_hold_s,
+                           hold_file=args.hold_file)
 
 
 def _replayer(args: argparse.Namespace) -> Service:
@@ -292,6 +294,13 @@ def _add_run(sub: Any) -> None:
                                help="NVML indices of the instance's GPUs (all locked together)")
                 p.add_argument("--dry-run", action="store_true",
                                help="validate and log the exact NVML calls, change nothing")
+                p.add_argument("--lock-hold-s", type=float, default=DEFAULT_LOCK_HOLD_S,
+                               help="a lock outlives this actuator by at most this many "
+                                    "seconds: it is renewed while held (the twin's GPU drops "
+                                    "it otherwise; on NVML, gpu-watchdog does)")
+                p.add_argument("--hold-file", type=Path, default=None,
+                               help="NVML nodes: file where the actuator keeps its hold for "
+                                    "`throttllem gpu-watchdog` (a path both can reach)")
             case "replayer":
                 p.add_argument("--trace", default="conv")
                 p.add_argument("--minutes", type=float, default=2.0)
@@ -382,6 +391,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     anyio.run(lambda: run_service(service, nats_url=args.nats, clock=clock, auth=auth,
                                   metrics_port=args.metrics_port,
                                   metrics_host=args.metrics_host))
+    return 0
+
+
+# --------------------------------------------------------------------------- gpu watchdog
+
+
+def _add_gpu_watchdog(sub: Any) -> None:
+    p = sub.add_parser(
+        "gpu-watchdog",
+        help="node-level clock fail-safe: reset NVML GPUs whose actuator stopped renewing "
+             "its lock (died, hung); needs only the hold file and NVML, not the bus")
+    p.add_argument("--hold-file", type=Path, required=True,
+                   help="the actuator's --hold-file")
+    p.add_argument("--grace", type=float, default=1.0,
+                   help="seconds past the hold before resetting (absorbs a slow renewal)")
+    p.add_argument("--period", type=float, default=0.5, help="seconds between checks")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_cmd_gpu_watchdog)
+
+
+def _cmd_gpu_watchdog(args: argparse.Namespace) -> int:
+    from throttllem._gpu.leases import GpuWatchdog  # noqa: PLC0415
+    from throttllem._gpu.nvml import NvmlBackend  # noqa: PLC0415 - pynvml only when asked
+
+    configure_logging(json=True, level=args.log_level)
+    if args.grace < 0 or args.period <= 0:
+        raise ConfigError("--grace must be >= 0 and --period > 0")
+    watchdog = GpuWatchdog(NvmlBackend(), args.hold_file, grace_s=args.grace)
+    try:
+        anyio.run(watchdog.run, args.period)
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 
@@ -534,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     _add_report(sub)
     _add_security(sub)
+    _add_gpu_watchdog(sub)
     return parser
 
 

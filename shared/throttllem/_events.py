@@ -35,6 +35,10 @@ MAX_ITEMS: Final = 65_536          # per list or map: batch members, counters
 MAX_PROMPT_CHARS: Final = 4 << 20  # 4 Mi characters, above NATS's default 1 MiB max payload
 MAX_TEXT: Final = 4096             # reasons, error messages
 MAX_LEASE_S: Final = 60.0          # a clock target lives at most this long without renewal
+# A GPU lock ends this long after its locker last renewed it (where the lock lives), so a
+# dead actuator leaves no GPU slow for longer; DEFAULT when the locker names none.
+MAX_LOCK_HOLD_S: Final = 60.0
+DEFAULT_LOCK_HOLD_S: Final = 3.0
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 PosInt = Annotated[int, msgspec.Meta(ge=1, le=2**53)]
@@ -262,6 +266,8 @@ class TwinGpuCall(_Event, frozen=True, kw_only=True, tag="twin.gpu.call"):
     index: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 0
     min_mhz: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
     max_mhz: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    # set_locked: the lock ends unless renewed (sent again) within this many seconds.
+    hold_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_LOCK_HOLD_S)] = DEFAULT_LOCK_HOLD_S
 
 
 class TwinGpuAnswer(_Event, frozen=True, kw_only=True, tag="twin.gpu.answer"):

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from throttllem._busauth import BusAuth
 from throttllem._errors import ConfigError
-from throttllem._subjects import PREFIX, REQUEST_STREAM, history_consumer, token
+from throttllem._subjects import PREFIX, REQUEST_STREAM, dead_letter, history_consumer, token
 
 S: Final = REQUEST_STREAM
 JS_API: Final = "$JS.API"
@@ -49,6 +49,7 @@ class Identity:
         allow = list(self.publish)
         if self.uses_stream or self.durables:
             allow += [f"{JS_API}.STREAM.INFO.{S}", f"{JS_API}.STREAM.CREATE.{S}"]
+        allow += self.dead_letters()
         for durable, filter_subject in self.durables:
             # The create subject carries the filter (nats-server >= 2.9 checks that it is the
             # config's): an identity can read only what its consumers are for.
@@ -60,6 +61,11 @@ class Identity:
                 f"$JS.ACK.{S}.{durable}.>",
             ]
         return allow + list(self.extra_publish)
+
+    def dead_letters(self) -> list[str]:
+        """Where its durable consumers move a message that keeps failing."""
+        return sorted({dead_letter(f) for d, f in self.durables
+                       if d != history_consumer(self.service)})
 
     def subscribe_allow(self) -> list[str]:
         return [*self.subscribe, f"_INBOX.{self.service}.>"]
@@ -80,6 +86,7 @@ def identities(instances: Sequence[str] = ("i0", "i1")) -> dict[str, Identity]:
             durables=(("forecaster-default", f"{p}.request.arrived"),
                       ("forecaster-retail", f"{p}.request.arrived"),
                       ("forecaster-throttllem", f"{p}.request.predicted"),
+                      ("forecaster-dead-letters", f"{p}.dead.request"),
                       (history_consumer("forecaster"), f"{p}.request.>")),
             why="the only one that admits requests and sets clock targets"),
         Identity(
@@ -376,7 +383,10 @@ def init_security(out: Path, *, instances: Sequence[str] = ("i0", "i1"),
     server_cert = issue(hosts[0] if hosts else "nats", server_key.public_key(), ca_name, ca_key,
                         ca=False, valid_days=days, extensions=[
                             (x509.SubjectAlternativeName(names), False), (leaf_usage, True),
-                            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+                            # Client use too: in a cluster each server dials its peers'
+                            # routes with this certificate (deploy/nats-cluster.conf).
+                            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                    ExtendedKeyUsageOID.CLIENT_AUTH]), False),
                             (aki, False)])
     _write(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), secret=False)
     _write(layout.server_key, key_pem(server_key), secret=True)
@@ -420,7 +430,7 @@ def matrix_markdown(matrix: dict[str, Identity]) -> str:
     rows = ["| identity | may publish | may subscribe | durable consumers (filter) |",
             "| --- | --- | --- | --- |"]
     for ident in matrix.values():
-        pub = ", ".join(short(s) for s in ident.publish) or "–"
+        pub = ", ".join(short(s) for s in (*ident.publish, *ident.dead_letters())) or "–"
         if ident.answers_requests:
             pub += " (+ replies to requests it receives)"
         sub = ", ".join(short(s) for s in ident.subscribe) or "–"

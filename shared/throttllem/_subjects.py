@@ -28,6 +28,11 @@ ENERGY_ALL: Final = f"{PREFIX}.energy.>"
 SCALE_TARGET: Final = f"{PREFIX}.scale.target"
 SCALE_APPLIED: Final = f"{PREFIX}.scale.applied"
 
+# Dead letters: a durable message whose handler failed `DEAD_LETTER_AFTER` deliveries is moved
+# to `dead.<family>` (its family: `request`, `energy`), kept in the stream for an operator.
+DEAD_ALL: Final = f"{PREFIX}.dead.>"
+DEAD_REQUEST: Final = f"{PREFIX}.dead.request"
+
 # JetStream: requests, completions and energy records are durable so that a restarted service
 # (or a billing consumer) loses none.
 REQUEST_STREAM: Final = "TLLM_REQUESTS"
@@ -42,6 +47,17 @@ def token(name: str) -> str:
             f"{name!r} cannot be a NATS subject token: use letters, digits, '_' or '-' only"
         )
     return name
+
+
+def subject_family(subject: str) -> str:
+    """The family of a `tllm.v1.<family>.…` subject (`other` outside the prefix)."""
+    rest = subject.removeprefix(PREFIX + ".")
+    return rest.split(".", 1)[0] if rest != subject else "other"
+
+
+def dead_letter(subject: str) -> str:
+    """Where messages of `subject`'s family go when they keep failing."""
+    return f"{PREFIX}.dead.{token(subject_family(subject))}"
 
 
 def request_admitted(instance: str) -> str:

@@ -59,6 +59,63 @@ def nats_server(store_dir: Path | None = None) -> Iterator[EmbeddedNatsServer]:
         server.stop()
 
 
+class NatsCluster:
+    """`size` real nats-servers on loopback routed into one JetStream cluster (each on a free
+    client port; route ports picked free just before the start). `url` lists them all, as
+    services are given a cluster."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        self.root = root
+        self.size = size
+        self.servers: list[EmbeddedNatsServer] = []
+
+    @property
+    def url(self) -> str:
+        return ",".join(s.url for s in self.servers)
+
+    def start(self) -> str:
+        route_ports = [_free_port() for _ in range(self.size)]
+        routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in route_ports)
+        for n, port in enumerate(route_ports):
+            node = self.root / f"n{n}"
+            node.mkdir(parents=True, exist_ok=True)
+            conf = node / "cluster.conf"
+            conf.write_text(f'server_name: "n{n}"\n'
+                            f'cluster {{\n  name: "tllm"\n  listen: "127.0.0.1:{port}"\n'
+                            f"  routes: [{routes}]\n}}\n")
+            server = EmbeddedNatsServer(store_dir=node / "js", config=conf)
+            server.start()
+            self.servers.append(server)
+        return self.url
+
+    def server_named(self, name: str) -> EmbeddedNatsServer:
+        return self.servers[int(name.removeprefix("n"))]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def nats_cluster(root: Path, size: int = 3) -> Iterator[NatsCluster]:
+    """A running `NatsCluster`, stopped on exit."""
+    cluster = NatsCluster(root, size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 async def watch_decisions(bus: Bus) -> dict[str, RequestAdmitted | RequestDeferred]:
     """Subscribe `bus` to every admission and deferral; the dict it fills maps each request
     id to the latest decision seen for it (what a gateway watching the forecaster sees)."""

@@ -23,13 +23,25 @@ def split_energy_mj(energy_mj: float, tokens: npt.ArrayLike) -> npt.NDArray[np.f
     return out
 
 
-class EnergyLedger:
-    """Running per-request energy totals, fed by engine iterations, emptied on completion."""
+# Requests with energy on the books at once, at most: ids that never complete (aborted,
+# refused, or forged) must not grow the ledger for ever.
+MAX_OPEN_REQUESTS = 100_000
 
-    def __init__(self) -> None:
+
+class EnergyLedger:
+    """Running per-request energy totals, fed by engine iterations, emptied on completion.
+
+    Bounded: past `max_requests` open ids the one idle longest is dropped (its energy counted as
+    unattributed, the drop counted in `evicted`)."""
+
+    def __init__(self, max_requests: int = MAX_OPEN_REQUESTS) -> None:
+        if max_requests < 1:
+            raise ValueError("an EnergyLedger needs room for at least one request")
         self._by_request: dict[str, float] = {}
+        self.max_requests = max_requests
         self.attributed_mj = 0.0
         self.unattributed_mj = 0.0
+        self.evicted = 0
 
     def add_iteration(self, request_ids: Sequence[str], request_tokens: Sequence[int],
                       energy_mj: float) -> None:
@@ -42,8 +54,15 @@ class EnergyLedger:
             return
         parts = split_energy_mj(energy_mj, request_tokens)
         for request_id, part in zip(request_ids, parts.tolist(), strict=True):
-            self._by_request[request_id] = self._by_request.get(request_id, 0.0) + part
+            # Re-inserted so that the order is of last activity: the idlest id goes first.
+            self._by_request[request_id] = self._by_request.pop(request_id, 0.0) + part
         self.attributed_mj += energy_mj
+        while len(self._by_request) > self.max_requests:
+            oldest = next(iter(self._by_request))
+            dropped_mj = self._by_request.pop(oldest)
+            self.attributed_mj -= dropped_mj
+            self.unattributed_mj += dropped_mj
+            self.evicted += 1
 
     def pop(self, request_id: str) -> float:
         """The request's total so far (0.0 if it never ran), forgetting it."""

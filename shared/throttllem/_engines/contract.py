@@ -45,9 +45,12 @@ Duplicates: an admission of an id the engine holds, or finished, aborted or refu
 the last `REMEMBERED_IDS`, is dropped and counted (`admissions_duplicate`); it is never
 served twice within one process.
 
-Not guaranteed (yet): a request the engine accepted is lost if its process dies (the ack
-came at acceptance): after a restart it gets no completion, deferral or abort. Iterations are
-fire-and-forget: a slow consumer may miss some.
+Surviving a crash is an adapter's option, not yet the contract's: the twin acks an admission
+only once its request is done and keeps it alive meanwhile (`Bus.hold_delivery`), so a
+restarted twin gets the unfinished ones again and serves them; an adapter that acks at
+acceptance loses them when its process dies (the suite's flag
+`accepted_requests_survive_a_crash` says which). Iterations are fire-and-forget: a slow
+consumer may miss some.
 
 Real engines may split these duties between processes. For vLLM the gateway sits in the
 request path (vLLM has no hook for outside admission) and throttLL'eM's scheduler runs inside

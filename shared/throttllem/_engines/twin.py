@@ -7,6 +7,12 @@ NVML-shaped calls for its twin GPU on `twin.gpu.<instance>.read` (the collector)
 
 Admissions and aborts reach the serving loop through one inbox, so every change to the
 engine's state happens in that loop, between passes.
+
+An admission is acknowledged only once its request is done (completed and stored, refused,
+or aborted); meanwhile it is kept alive. An engine that crashes leaves its unfinished
+admissions unacknowledged, and JetStream hands them to the restarted engine (same durable)
+within `ADMISSION_ACK_WAIT_S`, which serves them from the start: nothing accepted is lost,
+and a completion that was already stored is not stored twice (its message id).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import anyio.abc
 import anyio.lowlevel
 import structlog
 
-from throttllem._bus import Bus
+from throttllem._bus import Bus, Delivery
 from throttllem._engines.contract import (
     ENGINE_SERVICE,
     REMEMBERED_IDS,
@@ -39,6 +45,7 @@ from throttllem._events import (
     RequestDeferred,
     RequestEvent,
 )
+from throttllem._gpu.leases import LockLeases
 from throttllem._gpu.remote import serve_gpu
 from throttllem._runtime import Clock
 from throttllem._setup import DEFAULT_SETUP
@@ -59,6 +66,9 @@ log = structlog.get_logger("throttllem.engine")
 
 # While idle, how often (wall seconds) the loop wakes to let idle energy accrue.
 _IDLE_POLL_WALL_S = 0.25
+# Wall seconds after which an admission held by a dead engine goes to its successor; those
+# being served are kept alive three times as often.
+ADMISSION_ACK_WAIT_S = 6.0
 
 _InboxItem = RequestAdmitted | RequestAborted
 
@@ -79,11 +89,16 @@ class EngineTwinService:
         self.instance = token(instance)
         self.profile = load_profile(setup)
         self.gpu = GpuTwin(self.profile)
+        # Locks taken over the bus hold only while their actuator renews them (wall seconds).
+        self.gpu_leases = LockLeases(self.gpu)
         self.engine = EngineTwin(self.profile, self.instance, self.gpu)
         # Ids accepted and not finished (waiting for their decision time, or in the engine).
         self._held: set[str] = set()
         # Ids finished, aborted or refused lately: a late duplicate admission is dropped.
         self._finished: OrderedDict[str, None] = OrderedDict()
+        # The unacknowledged admission of each accepted id, acked once the id is done.
+        self._deliveries: dict[str, Delivery] = {}
+        self._done: list[str] = []  # ids done since the last acks
 
     def health_metrics(self) -> dict[str, float]:
         """Heartbeat metrics: requests in the batch, accepted ones not in it yet, passes."""
@@ -93,8 +108,11 @@ class EngineTwinService:
 
     # ------------------------------------------------------------------ consumers
 
-    async def _on_admitted(self, event: RequestEvent) -> None:
+    async def _on_admitted(self, bus: Bus, event: RequestEvent) -> None:
         if isinstance(event, RequestAdmitted) and event.instance == self.instance:
+            rid = event.request.id
+            if rid not in self._finished:  # a late duplicate of a done one: ack it now
+                self._deliveries[rid] = bus.hold_delivery()
             await self._inbox_send.send(event)
 
     async def _on_aborted(self, event: RequestEvent) -> None:
@@ -104,6 +122,7 @@ class EngineTwinService:
     # ------------------------------------------------------------------ state changes
 
     def _forget(self, request_id: str) -> None:
+        self._done.append(request_id)
         self._held.discard(request_id)
         self._finished[request_id] = None
         self._finished.move_to_end(request_id)
@@ -144,6 +163,20 @@ class EngineTwinService:
                 id=request.id, decided_s=admitted_s, reason=f"{self.instance}: {e}",
                 final=True), msg_id=refusal_msg_id(request.id))
 
+    async def _ack_done(self) -> None:
+        """Acknowledge the admissions of ids that are done (their outcome is stored)."""
+        done, self._done = self._done, []
+        for rid in done:
+            delivery = self._deliveries.pop(rid, None)
+            if delivery is not None:
+                await delivery.ack()
+
+    async def _keep_admissions_alive(self) -> None:
+        while True:
+            await anyio.sleep(ADMISSION_ACK_WAIT_S / 3)
+            for delivery in list(self._deliveries.values()):
+                await delivery.keep_alive()
+
     # ------------------------------------------------------------------ serving loop
 
     async def _loop(self, bus: Bus, clock: Clock) -> None:
@@ -165,6 +198,7 @@ class EngineTwinService:
                 pending = pending[len(due):]
                 for admission in due:
                     await self._admit(bus, admission, max(now_s, admission.decided_s))
+            await self._ack_done()  # refusals and aborts (their outcome is out)
             outcome = self.engine.step(now_s)
             if outcome is None:
                 if pending:  # nothing runnable until the next admission is due
@@ -183,6 +217,7 @@ class EngineTwinService:
                 self._forget(done.id)
                 await bus.publish_durable(REQUEST_COMPLETED, done,
                                           msg_id=completion_msg_id(done.id))
+            await self._ack_done()  # completions stored: their admissions are done
             await clock.sleep_until(now_s + slack_s)
             # An engine running behind the clock does not sleep: let the consumers hand over
             # admissions and aborts anyway.
@@ -191,7 +226,7 @@ class EngineTwinService:
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await bus.ensure_request_stream()
-        await serve_gpu(bus, twin_gpu(self.instance), self.gpu)
+        await serve_gpu(bus, twin_gpu(self.instance), self.gpu, self.gpu_leases)
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[_InboxItem](
             max_buffer_size=math.inf)
         with self._inbox_send, self._inbox:
@@ -202,11 +237,13 @@ class EngineTwinService:
             await tg.start(partial(
                 bus.consume, durable=admissions_durable(self.instance), deliver_new_only=True,
                 subject=request_admitted(self.instance), codec=REQUEST_CODEC,
-                handler=self._on_admitted))
+                ack_wait_s=ADMISSION_ACK_WAIT_S, handler=partial(self._on_admitted, bus)))
             await tg.start(partial(
                 bus.consume, durable=aborts_durable(self.instance), deliver_new_only=True,
                 subject=REQUEST_ABORTED, codec=REQUEST_CODEC, handler=self._on_aborted))
             tg.start_soon(self._loop, bus, clock)
+            tg.start_soon(self._keep_admissions_alive)
+            tg.start_soon(self.gpu_leases.enforce)  # a lock dies with its actuator
             log.info("engine.started", instance=self.instance, setup=self.profile.name)
             task_status.started()
 

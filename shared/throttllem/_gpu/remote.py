@@ -14,8 +14,15 @@ from typing import Protocol
 import anyio.to_thread
 
 from throttllem._bus import Bus
-from throttllem._errors import BusError, GpuError, GpuNotFoundError, GpuPermissionError
+from throttllem._errors import (
+    BusError,
+    GpuError,
+    GpuNotFoundError,
+    GpuPermissionError,
+    MalformedEventError,
+)
 from throttllem._events import (
+    DEFAULT_LOCK_HOLD_S,
     TWIN_GPU_ANSWER_CODEC,
     TWIN_GPU_CALL_CODEC,
     GpuReading,
@@ -23,12 +30,15 @@ from throttllem._events import (
     TwinGpuCall,
 )
 from throttllem._gpu.backend import GpuBackend
+from throttllem._gpu.leases import LockLeases, check_hold
 
 
 class AsyncGpu(Protocol):
-    """What services use: the GpuBackend calls, awaitable."""
+    """What services use: the GpuBackend calls, awaitable. `lock_hold_s` is how long a lock
+    holds where the GPU lives unless it is set again (None: until reset, as NVML does)."""
 
     name: str
+    lock_hold_s: float | None
 
     async def gpu_count(self) -> int: ...
     async def read(self, index: int) -> GpuReading: ...
@@ -39,6 +49,8 @@ class AsyncGpu(Protocol):
 
 class ThreadedGpu:
     """A blocking backend (NVML) called from a worker thread so the event loop never stalls."""
+
+    lock_hold_s: float | None = None  # NVML keeps a lock until reset (see gpu-watchdog)
 
     def __init__(self, backend: GpuBackend) -> None:
         self.backend = backend
@@ -66,9 +78,17 @@ class ThreadedGpu:
 CONTROL_OPS: frozenset[str] = frozenset({"set_locked", "reset"})
 
 
-def answer_gpu_call(backend: GpuBackend, call: TwinGpuCall) -> TwinGpuAnswer:
+def answer_gpu_call(backend: GpuBackend, call: TwinGpuCall,
+                    leases: LockLeases | None = None) -> TwinGpuAnswer:
     """Run one call against a local backend; its errors (GpuError, ClockOutOfRangeError)
-    propagate, and `Bus.serve` answers them as `rpc.error` replies naming their class."""
+    propagate, and `Bus.serve` answers them as `rpc.error` replies naming their class. With
+    `leases`, a lock holds for the call's `hold_s` unless set again."""
+    if leases is not None and call.op == "set_locked":
+        leases.lock(call.index, call.min_mhz, call.max_mhz, call.hold_s)
+        return TwinGpuAnswer()
+    if leases is not None and call.op == "reset":
+        leases.reset(call.index)
+        return TwinGpuAnswer()
     match call.op:
         case "count":
             return TwinGpuAnswer(count=backend.gpu_count())
@@ -83,10 +103,12 @@ def answer_gpu_call(backend: GpuBackend, call: TwinGpuCall) -> TwinGpuAnswer:
     return TwinGpuAnswer()
 
 
-async def serve_gpu(bus: Bus, subject: str, backend: GpuBackend) -> object:
+async def serve_gpu(bus: Bus, subject: str, backend: GpuBackend,
+                    leases: LockLeases | None = None) -> object:
     """Answer NVML-shaped calls for `backend` on `<subject>.read` and `<subject>.control`
     (used by the engine twin); returns once the server knows we answer, before anyone is
-    told we are ready."""
+    told we are ready. With `leases` (on `backend`), locks hold only for their `hold_s`; the
+    caller runs `leases.enforce()`."""
 
     async def read(call: TwinGpuCall) -> TwinGpuAnswer:
         if call.op in CONTROL_OPS:
@@ -95,7 +117,7 @@ async def serve_gpu(bus: Bus, subject: str, backend: GpuBackend) -> object:
         return answer_gpu_call(backend, call)
 
     async def control(call: TwinGpuCall) -> TwinGpuAnswer:
-        return answer_gpu_call(backend, call)
+        return answer_gpu_call(backend, call, leases)
 
     return (await bus.serve(f"{subject}.read", TWIN_GPU_CALL_CODEC, read, what="twin GPU read"),
             await bus.serve(f"{subject}.control", TWIN_GPU_CALL_CODEC, control,
@@ -108,10 +130,12 @@ class RemoteGpu:
 
     name = "twin"
 
-    def __init__(self, bus: Bus, subject: str, *, timeout_s: float = 2.0) -> None:
+    def __init__(self, bus: Bus, subject: str, *, timeout_s: float = 2.0,
+                 lock_hold_s: float = DEFAULT_LOCK_HOLD_S) -> None:
         self._bus = bus
         self.subject = subject
         self._timeout_s = timeout_s
+        self.lock_hold_s: float | None = check_hold(lock_hold_s)
 
     async def _call(self, call: TwinGpuCall) -> TwinGpuAnswer:
         subject = f"{self.subject}.{'control' if call.op in CONTROL_OPS else 'read'}"
@@ -120,6 +144,8 @@ class RemoteGpu:
                                            timeout_s=self._timeout_s)
         except BusError as e:
             raise GpuNotFoundError(f"no twin GPU answers on {subject}: {e}") from e
+        except MalformedEventError as e:  # a bad answer is a failed read, never a crash
+            raise GpuError(f"twin GPU on {subject} answered badly: {e}") from e
 
     async def gpu_count(self) -> int:
         return (await self._call(TwinGpuCall(op="count"))).count
@@ -135,7 +161,8 @@ class RemoteGpu:
 
     async def set_locked_clocks(self, index: int, min_mhz: int, max_mhz: int) -> None:
         await self._call(TwinGpuCall(op="set_locked", index=index, min_mhz=min_mhz,
-                                     max_mhz=max_mhz))
+                                     max_mhz=max_mhz,
+                                     hold_s=self.lock_hold_s or DEFAULT_LOCK_HOLD_S))
 
     async def reset_locked_clocks(self, index: int) -> None:
         await self._call(TwinGpuCall(op="reset", index=index))

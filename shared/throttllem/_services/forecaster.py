@@ -8,6 +8,9 @@ bus. It decodes events, calls the controller, and publishes its decisions; it de
   and `request.aborted` (gateway: client gone, engine failed, queue timeout) update the
   controller's view; `scale.target` tells it which instances serve.
 - Every `tick_wall_s` the controller retunes clocks and retries deferred requests.
+- A request event that failed processing too often anywhere (dead-lettered on `dead.request`,
+  durable consumer `forecaster-dead-letters`) gets a final `request.deferred` if it was not
+  served yet: a request never ends in silence.
 - Decisions go out as durable `request.admitted.<instance>` and `request.deferred` (message
   ids make a redelivered input decide once) and as `freq.target.<instance>` leases.
 """
@@ -57,6 +60,7 @@ from throttllem._events import (
 from throttllem._runtime import Clock
 from throttllem._setup import Setup
 from throttllem._subjects import (
+    DEAD_REQUEST,
     ENGINE_ITERATION_ALL,
     REQUEST_ABORTED,
     REQUEST_ALL,
@@ -71,6 +75,9 @@ from throttllem._subjects import (
 )
 
 log = structlog.get_logger("throttllem.forecaster")
+
+# The durable consumer of dead-lettered request events (shared by forecaster replicas).
+DEAD_LETTERS_DURABLE = "forecaster-dead-letters"
 
 
 class ForecasterService:
@@ -182,6 +189,25 @@ class ForecasterService:
                 return
         await self._publish(bus, now_s, decisions)
 
+    async def _on_dead_letter(self, bus: Bus, clock: Clock, event: RequestEvent) -> None:
+        """A request event some service failed to process `DEAD_LETTER_AFTER` times: a
+        request not served yet gets a final deferral (its client learns it failed, and every
+        service forgets it); completions and endings are kept for an operator, counted."""
+        match event:
+            case RequestArrived(id=request_id) | RequestPredicted(
+                    request=RequestArrived(id=request_id)) | RequestAdmitted(
+                    request=RequestArrived(id=request_id)):
+                bus.counters["dead_requests_deferred"] += 1
+                self._refusals.labels("dead_letter").inc()
+                log.error("forecaster.dead_request_deferred", id=request_id,
+                          kind=type(event).__name__)
+                await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
+                    id=request_id, decided_s=clock.now_s(), final=True,
+                    reason=f"{type(event).__name__} failed processing repeatedly "
+                           "(dead-lettered); not served"), msg_id=f"dead-{request_id}")
+            case _:
+                bus.counters["dead_events_kept"] += 1
+
     async def _on_iteration(self, bus: Bus, it: EngineIteration) -> None:
         self.controller.iteration(it.instance, it.request_ids,
                                   it.start_s + it.duration_ms / 1e3, it.duration_ms, engine=it)
@@ -237,6 +263,9 @@ class ForecasterService:
                 subject=REQUEST_PREDICTED if predicted else REQUEST_ARRIVED,
                 deliver_new_only=True, codec=REQUEST_CODEC,
                 handler=partial(self._on_request, bus, clock)))
+            await tg.start(partial(
+                bus.consume, durable=DEAD_LETTERS_DURABLE, subject=DEAD_REQUEST,
+                codec=REQUEST_CODEC, handler=partial(self._on_dead_letter, bus, clock)))
             tg.start_soon(self._tick_forever, bus, clock)
             log.info("forecaster.started", policy=self.policy_name, instances=self.instances)
             task_status.started()

@@ -37,18 +37,22 @@ from throttllem._events import (
     ENGINE_CODEC,
     REQUEST_CODEC,
     EngineIteration,
+    RequestAborted,
     RequestAdmitted,
     RequestArrived,
     RequestCompleted,
+    RequestDeferred,
     RequestEvent,
     ScaleTarget,
 )
 from throttllem._runtime import Clock
 from throttllem._subjects import (
     ENGINE_ITERATION_ALL,
+    REQUEST_ABORTED,
     REQUEST_ADMITTED_ALL,
     REQUEST_ARRIVED,
     REQUEST_COMPLETED,
+    REQUEST_DEFERRED,
     SCALE_TARGET,
     token,
 )
@@ -65,9 +69,11 @@ class ScalerService:
                  unit: LoadUnit = "requests", window_s: float = LOAD_WINDOW_S,
                  tick_s: float = SCALE_TICK_S,
                  reannounce_s: float = 30.0, name_prefix: str = "i",
-                 remember_completed: int = 100_000) -> None:
+                 remember_completed: int = 100_000, max_outstanding: int = 100_000) -> None:
         """`policy.capacity_per_instance` is in `unit` per second (requests/s, or prompt
-        tokens/s); `instances` are those running when the scaler starts (all serving)."""
+        tokens/s); `instances` are those running when the scaler starts (all serving).
+        `max_outstanding`: ids tracked per instance at most (an id that never completes,
+        e.g. one named only by an iteration, is forgotten first once the bound is hit)."""
         if unit not in ("requests", "prompt_tokens"):
             raise ConfigError(f"unit must be 'requests' or 'prompt_tokens', not {unit!r}")
         if tick_s <= 0 or reannounce_s <= 0:
@@ -82,7 +88,10 @@ class ScalerService:
         self.estimator = LoadEstimator(window_s)
         self.state = ScalerState(name_prefix=self.name_prefix)
         # instance -> ids admitted there and not completed
-        self.outstanding: dict[str, set[str]] = {}
+        # (a dict as an ordered set: the oldest id goes first when the bound is hit)
+        self.outstanding: dict[str, dict[str, None]] = {}
+        self.max_outstanding = max_outstanding
+        self.forgotten = 0  # ids dropped by that bound
         self._completed: set[str] = set()
         self._completed_order: deque[str] = deque()
         self._remember = remember_completed
@@ -98,12 +107,17 @@ class ScalerService:
     # ------------------------------------------------------------------ observations
 
     def _hold(self, instance: str, request_id: str) -> None:
-        if request_id not in self._completed:
-            self.outstanding.setdefault(instance, set()).add(request_id)
+        if request_id in self._completed:
+            return
+        ids = self.outstanding.setdefault(instance, {})
+        ids[request_id] = None
+        while len(ids) > self.max_outstanding:
+            del ids[next(iter(ids))]
+            self.forgotten += 1
 
     def _done(self, request_id: str) -> None:
         for ids in self.outstanding.values():
-            ids.discard(request_id)
+            ids.pop(request_id, None)
         if request_id not in self._completed:
             self._completed.add(request_id)
             self._completed_order.append(request_id)
@@ -116,8 +130,9 @@ class ScalerService:
             self.estimator.observe(event.arrival_s, weight)
         elif isinstance(event, RequestAdmitted):
             self._hold(event.instance, event.request.id)
-        elif isinstance(event, RequestCompleted):
-            self._done(event.id)
+        elif isinstance(event, RequestCompleted | RequestAborted) or (
+                isinstance(event, RequestDeferred) and event.final):
+            self._done(event.id)  # a request ended without completing holds nothing either
 
     async def _on_iteration(self, event: EngineIteration) -> None:
         for request_id in event.request_ids:
@@ -130,7 +145,8 @@ class ScalerService:
         return {"load": self.load, "instances": float(self.state.provisioned),
                 "serving": float(self.state.serving),
                 "warming": float(self.state.count(Phase.WARMING)),
-                "draining": float(self.state.count(Phase.DRAINING))}
+                "draining": float(self.state.count(Phase.DRAINING)),
+                "ids_forgotten": float(self.forgotten)}
 
     # ------------------------------------------------------------------ deciding
 
@@ -179,6 +195,8 @@ class ScalerService:
         await bus.subscribe(REQUEST_ARRIVED, REQUEST_CODEC, self._on_request)
         await bus.subscribe(REQUEST_ADMITTED_ALL, REQUEST_CODEC, self._on_request)
         await bus.subscribe(REQUEST_COMPLETED, REQUEST_CODEC, self._on_request)
+        await bus.subscribe(REQUEST_ABORTED, REQUEST_CODEC, self._on_request)
+        await bus.subscribe(REQUEST_DEFERRED, REQUEST_CODEC, self._on_request)
         await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
         log.info("scaler.started", setup=self.setup, instances=self.initial_instances,
                  capacity=self.policy.capacity_per_instance, unit=self.unit)

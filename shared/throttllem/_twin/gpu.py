@@ -231,8 +231,9 @@ class GpuTwin:
             s.now_s = start_s + duration
             s.power_w = energy / 1e3 / duration
             s.clock_mhz = float(clock)
-            s.util_pct = 100.0 * it.time_s / duration
-            s.mem_util_pct = 100.0 * it.hbm_share * it.time_s / duration
+            # Clamped: the slowest GPU's share is 1 up to float noise, and a reading says ≤ 100.
+            s.util_pct = min(100.0, 100.0 * it.time_s / duration)
+            s.mem_util_pct = min(100.0, 100.0 * it.hbm_share * it.time_s / duration)
             total_mj += energy
         return GpuIterationResult(duration_s=duration, energy_mj=total_mj,
                                   clock_mhz=float(min(c for _, c, _ in runs)),
