@@ -51,6 +51,8 @@ FloatArray = npt.NDArray[np.float64]
 
 _EMPTY_I: IntArray = np.zeros(0, dtype=np.int64)
 _EMPTY_F: FloatArray = np.zeros(0, dtype=np.float64)
+# Which series (row of `_decode_series`'s difference arrays) each of its 8 point rows feeds.
+_SERIES_ROW: IntArray = np.asarray([0, 0, 1, 1, 2, 2, 3, 3], dtype=np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,20 +168,28 @@ def _decode_series(start: IntArray, count: IntArray, ctx: IntArray, block: int,
     several times faster than float64's.
     """
     w_len = -(-(n_passes + 1 + block) // block) * block  # row length, a multiple of B
+    n = start.size
     end = start + count
     first_step = (-ctx) % block + 1  # passes after `start` of the first block step, 1 … B
-    step_at = start + first_step
-    # The comb's −1 goes to its first point ≥ end (== step_at when no step happens).
-    step_stop = step_at + block * ((count - first_step + (block - 1)) // block)
-    ones = np.ones(start.size)
-    base = ctx - start
     # Difference arrays, one row each: + at start / − at end for (sequences, ctx − start,
-    # blocks), and row 3 the block-step combs, all in one bincount.
-    idx = np.concatenate((start, end, start + w_len, end + w_len, start + 2 * w_len,
-                          end + 2 * w_len, step_at + 3 * w_len, step_stop + 3 * w_len))
-    weights = np.concatenate((ones, -ones, base, -base, (ctx + (block - 1)) // block,
-                              -((ctx + count + (block - 2)) // block), ones, -ones))
-    delta = (np.bincount(idx, weights=weights, minlength=4 * w_len)
+    # blocks), and row 3 the block-step combs, all in one bincount: points (8, n) and
+    # their weights, pairs of rows per series, offset by the series' place in the row.
+    idx = np.empty((8, n), dtype=np.int64)
+    idx[0:6:2] = start
+    idx[1:6:2] = end
+    step_at = np.add(start, first_step, out=idx[6])
+    # The comb's −1 goes to its first point ≥ end (== step_at when no step happens).
+    np.add(step_at, block * ((count - first_step + (block - 1)) // block), out=idx[7])
+    idx += _SERIES_ROW[:, None] * w_len
+    weights = np.empty((8, n))
+    weights[0::6] = 1.0
+    weights[1::6] = -1.0
+    np.subtract(ctx, start, out=weights[2])
+    np.negative(weights[2], out=weights[3])
+    weights[4] = (ctx + (block - 1)) // block
+    weights[5] = (ctx + count + (block - 2)) // block
+    np.negative(weights[5], out=weights[5])
+    delta = (np.bincount(idx.reshape(-1), weights=weights.reshape(-1), minlength=4 * w_len)
              .astype(np.int64).reshape(4, w_len))
     delta[2] += delta[3].reshape(-1, block).cumsum(axis=0).reshape(-1)
     series: IntArray = np.cumsum(delta[:3, :n_passes], axis=1)
