@@ -248,6 +248,9 @@ def project(state: InstanceState, *, use_upper: bool = False,
     adm_n = adm_blocks = adm_tokens = 0  # admissions already in pass k_prev
 
     def build(n_passes: int) -> IntArray:
+        if not p_start:  # only the running requests decode
+            return _decode_series(np.zeros(n_run, dtype=np.int64), r_remaining, r_ctx, block,
+                                  n_passes)
         return _decode_series(
             np.concatenate((np.zeros(n_run, dtype=np.int64), np.array(p_start, np.int64))),
             np.concatenate((r_remaining, np.array(p_count, dtype=np.int64))),
@@ -304,10 +307,18 @@ def project(state: InstanceState, *, use_upper: bool = False,
         adm[2, k] += ctx
     dec_n = dec[0]
     dec_blocks = dec[2]
-    over = dec_blocks > total_blocks
-    first = np.concatenate((np.zeros(n_run, dtype=np.int64), np.array(admitted_at, np.int64)))
-    remaining = np.concatenate((r_remaining, np.array(q_remaining, dtype=np.int64)))
-    generated = np.concatenate((r_gen, np.array(q_gen, dtype=np.int64)))
+    overflow = -1
+    if n_iter and int(dec_blocks.max()) > total_blocks:
+        overflow = int(np.argmax(dec_blocks > total_blocks))
+    first = np.zeros(n_run + n_q, dtype=np.int64)
+    remaining = np.empty(n_run + n_q, dtype=np.int64)
+    generated = np.empty(n_run + n_q, dtype=np.int64)
+    remaining[:n_run] = r_remaining
+    generated[:n_run] = r_gen
+    if n_q:
+        first[n_run:] = admitted_at
+        remaining[n_run:] = q_remaining
+        generated[n_run:] = q_gen
     return Projection(
         decode_batch=dec_n,
         batch_size=dec_n + adm[0],
@@ -321,6 +332,6 @@ def project(state: InstanceState, *, use_upper: bool = False,
         n_running=int(n_run),
         n_queued=n_q - (candidate is not None),
         has_candidate=candidate is not None,
-        kv_overflow_iter=int(np.argmax(over)) if n_iter and over.any() else -1,
+        kv_overflow_iter=overflow,
         kv_blocks_total=total_blocks,
     )
