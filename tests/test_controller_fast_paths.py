@@ -10,24 +10,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_controller_core import (
-    AFFINE,
-    H100_CLOCKS,
-    NOW_S,
-    PROPS,
-    STEPPED,
-    _big_state,
-    brute_force_lowest,
-    candidates,
-    instance_states,
-    request_slos,
-)
 
 from throttllem._core.clock_search import search_below
 from throttllem._core.forecast import Candidate, InstanceState, project
@@ -36,6 +27,32 @@ from throttllem._core.placement import EngineShape, InstanceTracker
 from throttllem._core.slo import SloClass
 from throttllem._core.slo_check import RequestSlo, pass_times_s, prepare
 from throttllem._errors import ClockOutOfRangeError
+
+
+def _core_tests() -> Any:
+    """The forecast/SLO/search test module, for its state generators and brute force (tests
+    are imported by path here, not as a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "_controller_core_helpers", Path(__file__).with_name("test_controller_core.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_core = _core_tests()
+AFFINE = _core.AFFINE
+H100_CLOCKS = _core.H100_CLOCKS
+NOW_S = _core.NOW_S
+PROPS = _core.PROPS
+STEPPED = _core.STEPPED
+_big_state = _core._big_state
+brute_force_lowest = _core.brute_force_lowest
+candidates = _core.candidates
+instance_states = _core.instance_states
+request_slos = _core.request_slos
 
 
 @PROPS
