@@ -149,7 +149,9 @@ def grid_model() -> tuple[PerfModel, tuple[float, float, float]] | None:
         return None
     runtime = PerfRuntime.load(DEFAULT_SETUP)
     assert runtime.grid is not None
-    return FunctionPerfModel(runtime.iteration_time_s, name="onnx grid"), runtime.grid.edge
+    # as `load_perf_model` gives it to the controller: each problem's passes prepared once
+    return (FunctionPerfModel(runtime.iteration_time_s, name="onnx grid", prepared=runtime),
+            runtime.grid.edge)
 
 
 def beyond_edge_share(cases: list[Case], edge: tuple[float, float, float]) -> float:

@@ -195,9 +195,6 @@ def _secant(problem: SloProblem, perf: PerfModel, table: SupportedClocks, lo: in
     the bracket starts narrower. It changes how many rounds are run, never the answer.
     """
     clocks = table.as_f64
-    inv = table.inv_f64
-    deadline = problem.deadline_s
-    limit = problem.span_limit_s
     if hi == lo + 1:
         cands = [hi]
     elif hint is None or not lo + 1 < hint < hi:
@@ -213,8 +210,25 @@ def _secant(problem: SloProblem, perf: PerfModel, table: SupportedClocks, lo: in
         return cands[0], evaluated
     # Bracket: the highest infeasible probe below the lowest feasible one.
     k = next(k for k, gv in enumerate(g.tolist()) if gv >= 0.0)
-    lo, hi = cands[k - 1], cands[k]
-    e_lo, s_lo, e_hi, s_hi = ends[k - 1], spans[k - 1], ends[k], spans[k]
+    found, more = _secant_rounds(problem, perf, table, bracket=(cands[k - 1], cands[k]),
+                                 at_lo=(ends[k - 1], spans[k - 1]), at_hi=(ends[k], spans[k]),
+                                 window=window, fanout=fanout)
+    return found, evaluated + more
+
+
+def _secant_rounds(problem: SloProblem, perf: PerfModel, table: SupportedClocks, *,
+                   bracket: tuple[int, int], at_lo: tuple[FloatArray, FloatArray],
+                   at_hi: tuple[FloatArray, FloatArray], window: int,
+                   fanout: int) -> tuple[int, int]:
+    """`_secant` from a bracket on: lo infeasible, hi feasible, with the constrained times
+    (checkpoint ends, spans) at both. Returns (lowest feasible index, clocks probed)."""
+    clocks = table.as_f64
+    inv = table.inv_f64
+    deadline = problem.deadline_s
+    limit = problem.span_limit_s
+    lo, hi = bracket
+    (e_lo, s_lo), (e_hi, s_hi) = at_lo, at_hi
+    evaluated = 0
     rounds = 0
     while hi - lo > 1:
         if rounds == SECANT_ROUNDS:
@@ -242,6 +256,47 @@ def _secant(problem: SloProblem, perf: PerfModel, table: SupportedClocks, lo: in
                 break
             lo, e_lo, s_lo = cands[k], ends[k], spans[k]
     return hi, evaluated
+
+
+def search_below(problem: SloProblem, perf: PerfModel, clocks: SupportedClocks, *,
+                 floor_mhz: int, below_mhz: int,
+                 hint_mhz: int | None = None) -> tuple[int | None, bool]:
+    """Only an answer below `below_mhz` matters (a placement that another instance already
+    takes at that clock): the lowest feasible clock in [floor, below) or None, and whether
+    the top clock is feasible. When it is not, some request misses even there, and the
+    caller's rule for such lost causes decides (the answer here says nothing then).
+
+    The model must be monotone in the clock (the secant search's bracket logic, hence the
+    same answer as `search_clock` wherever that answer is below `below_mhz`). One probe
+    round (floor, the clock just below `below_mhz`, the top, and a warm start in between)
+    settles most placements that cannot win; the rest is the secant search in that range.
+    """
+    lo = clocks.index(floor_mhz) - 1
+    cap = clocks.index(below_mhz) - 1
+    hi = len(clocks) - 1
+    if cap <= lo:
+        raise ClockOutOfRangeError(f"{below_mhz} MHz is not above the floor {floor_mhz} MHz")
+    if problem.segment_starts.size == 0:
+        return clocks.mhz[lo + 1], True
+    probes = {lo + 1, cap, hi}
+    if hint_mhz is not None:
+        hint = bisect.bisect_left(clocks.mhz, hint_mhz)
+        if lo + 1 < hint < cap:
+            probes.update((hint - 1, hint))
+    cands = sorted(probes)
+    ends, spans = constrained_s(problem, perf, clocks.as_f64[cands])
+    g = margin_from(problem, ends, spans).tolist()
+    if not g[-1] >= 0.0:
+        return None, False
+    k = next(k for k, gv in enumerate(g) if gv >= 0.0)
+    if cands[k] > cap:
+        return None, True
+    if k == 0:
+        return clocks.mhz[cands[0]], True
+    found, _ = _secant_rounds(problem, perf, clocks, bracket=(cands[k - 1], cands[k]),
+                              at_lo=(ends[k - 1], spans[k - 1]), at_hi=(ends[k], spans[k]),
+                              window=SECANT_WINDOW, fanout=DEFAULT_FANOUT)
+    return clocks.mhz[found], True
 
 
 def _scan(problem: SloProblem, perf: PerfModel, clocks: FloatArray, lo: int,

@@ -51,6 +51,8 @@ FloatArray = npt.NDArray[np.float64]
 
 _EMPTY_I: IntArray = np.zeros(0, dtype=np.int64)
 _EMPTY_F: FloatArray = np.zeros(0, dtype=np.float64)
+# Which series (row of `_decode_series`'s difference arrays) each of its 8 point rows feeds.
+_SERIES_ROW: IntArray = np.asarray([0, 0, 1, 1, 2, 2, 3, 3], dtype=np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,20 +168,28 @@ def _decode_series(start: IntArray, count: IntArray, ctx: IntArray, block: int,
     several times faster than float64's.
     """
     w_len = -(-(n_passes + 1 + block) // block) * block  # row length, a multiple of B
+    n = start.size
     end = start + count
     first_step = (-ctx) % block + 1  # passes after `start` of the first block step, 1 … B
-    step_at = start + first_step
-    # The comb's −1 goes to its first point ≥ end (== step_at when no step happens).
-    step_stop = step_at + block * ((count - first_step + (block - 1)) // block)
-    ones = np.ones(start.size)
-    base = ctx - start
     # Difference arrays, one row each: + at start / − at end for (sequences, ctx − start,
-    # blocks), and row 3 the block-step combs, all in one bincount.
-    idx = np.concatenate((start, end, start + w_len, end + w_len, start + 2 * w_len,
-                          end + 2 * w_len, step_at + 3 * w_len, step_stop + 3 * w_len))
-    weights = np.concatenate((ones, -ones, base, -base, (ctx + (block - 1)) // block,
-                              -((ctx + count + (block - 2)) // block), ones, -ones))
-    delta = (np.bincount(idx, weights=weights, minlength=4 * w_len)
+    # blocks), and row 3 the block-step combs, all in one bincount: points (8, n) and
+    # their weights, pairs of rows per series, offset by the series' place in the row.
+    idx = np.empty((8, n), dtype=np.int64)
+    idx[0:6:2] = start
+    idx[1:6:2] = end
+    step_at = np.add(start, first_step, out=idx[6])
+    # The comb's −1 goes to its first point ≥ end (== step_at when no step happens).
+    np.add(step_at, block * ((count - first_step + (block - 1)) // block), out=idx[7])
+    idx += _SERIES_ROW[:, None] * w_len
+    weights = np.empty((8, n))
+    weights[0::6] = 1.0
+    weights[1::6] = -1.0
+    np.subtract(ctx, start, out=weights[2])
+    np.negative(weights[2], out=weights[3])
+    weights[4] = (ctx + (block - 1)) // block
+    weights[5] = (ctx + count + (block - 2)) // block
+    np.negative(weights[5], out=weights[5])
+    delta = (np.bincount(idx.reshape(-1), weights=weights.reshape(-1), minlength=4 * w_len)
              .astype(np.int64).reshape(4, w_len))
     delta[2] += delta[3].reshape(-1, block).cumsum(axis=0).reshape(-1)
     series: IntArray = np.cumsum(delta[:3, :n_passes], axis=1)
@@ -238,6 +248,9 @@ def project(state: InstanceState, *, use_upper: bool = False,
     adm_n = adm_blocks = adm_tokens = 0  # admissions already in pass k_prev
 
     def build(n_passes: int) -> IntArray:
+        if not p_start:  # only the running requests decode
+            return _decode_series(np.zeros(n_run, dtype=np.int64), r_remaining, r_ctx, block,
+                                  n_passes)
         return _decode_series(
             np.concatenate((np.zeros(n_run, dtype=np.int64), np.array(p_start, np.int64))),
             np.concatenate((r_remaining, np.array(p_count, dtype=np.int64))),
@@ -294,10 +307,18 @@ def project(state: InstanceState, *, use_upper: bool = False,
         adm[2, k] += ctx
     dec_n = dec[0]
     dec_blocks = dec[2]
-    over = dec_blocks > total_blocks
-    first = np.concatenate((np.zeros(n_run, dtype=np.int64), np.array(admitted_at, np.int64)))
-    remaining = np.concatenate((r_remaining, np.array(q_remaining, dtype=np.int64)))
-    generated = np.concatenate((r_gen, np.array(q_gen, dtype=np.int64)))
+    overflow = -1
+    if n_iter and int(dec_blocks.max()) > total_blocks:
+        overflow = int(np.argmax(dec_blocks > total_blocks))
+    first = np.zeros(n_run + n_q, dtype=np.int64)
+    remaining = np.empty(n_run + n_q, dtype=np.int64)
+    generated = np.empty(n_run + n_q, dtype=np.int64)
+    remaining[:n_run] = r_remaining
+    generated[:n_run] = r_gen
+    if n_q:
+        first[n_run:] = admitted_at
+        remaining[n_run:] = q_remaining
+        generated[n_run:] = q_gen
     return Projection(
         decode_batch=dec_n,
         batch_size=dec_n + adm[0],
@@ -311,6 +332,6 @@ def project(state: InstanceState, *, use_upper: bool = False,
         n_running=int(n_run),
         n_queued=n_q - (candidate is not None),
         has_candidate=candidate is not None,
-        kv_overflow_iter=int(np.argmax(over)) if n_iter and over.any() else -1,
+        kv_overflow_iter=overflow,
         kv_blocks_total=total_blocks,
     )

@@ -40,6 +40,24 @@ class PerfModel(Protocol):
         ...
 
 
+@runtime_checkable
+class PreparedPerfModel(Protocol):
+    """A `PerfModel` whose query splits into a clock-independent part, done once per set of
+    passes, and a per-clock part. A clock search asks for the same passes round after round
+    at other clocks: the SLO check prepares a problem's passes once and then asks only for
+    clocks. Both methods give exactly `iteration_time_s`'s values."""
+
+    def prepare_passes(self, rows: FloatArray) -> Any | None:
+        """Prepare passes given as a (3, T) float64 array (rows: decoding sequences, KV
+        tokens, prefill tokens); None when this model has nothing to prepare (then the
+        caller uses `iteration_time_s`). The rows must not change while it is in use."""
+        ...
+
+    def prepared_time_s(self, prepared: Any, clocks_mhz: FloatArray) -> FloatArray:
+        """(C, T) seconds of the prepared passes at `clocks_mhz` (1-D)."""
+        ...
+
+
 PerfFunction = Callable[[AnyArray, AnyArray, AnyArray, AnyArray], AnyArray]
 
 
@@ -50,13 +68,25 @@ class FunctionPerfModel:
     cache.
     """
 
-    def __init__(self, fn: PerfFunction, *, name: str = "") -> None:
+    def __init__(self, fn: PerfFunction, *, name: str = "",
+                 prepared: PreparedPerfModel | None = None) -> None:
         self._fn = fn
         self.name = name or getattr(fn, "__name__", "function")
+        # A model giving `fn`'s values through `PreparedPerfModel` (e.g. the runtime whose
+        # method `fn` is), used for prepared queries; None: every query goes to `fn`.
+        self._prepared = prepared
 
     def iteration_time_s(self, batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
                          clock_mhz: AnyArray) -> AnyArray:
         return self._fn(batch, kv_tokens, prefill_tokens, clock_mhz)
+
+    def prepare_passes(self, rows: FloatArray) -> Any | None:
+        """`PreparedPerfModel`, when a model was given for it (else None: use `fn`)."""
+        return None if self._prepared is None else self._prepared.prepare_passes(rows)
+
+    def prepared_time_s(self, prepared: Any, clocks_mhz: FloatArray) -> FloatArray:
+        assert self._prepared is not None  # prepare_passes gave something to query
+        return self._prepared.prepared_time_s(prepared, clocks_mhz)
 
     def __repr__(self) -> str:
         return f"FunctionPerfModel({self.name})"
@@ -99,6 +129,12 @@ _MONOTONE_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], bool]] = (
     weakref.WeakKeyDictionary())
 
 
+# The last answer of `is_monotone_in_clock` (model, clock tuple, answer): every clock search
+# asks again for the same pair, and hashing a 110-clock tuple costs more than the search's
+# arithmetic on a small instance.
+_LAST_MONOTONE: list[tuple[weakref.ref[Any], tuple[int, ...], bool] | None] = [None]
+
+
 def _probe_monotone(model: PerfModel, clocks_mhz: tuple[int, ...]) -> bool:
     b, kv, pf = np.meshgrid(_PROBE_BATCH, _PROBE_KV, _PROBE_PREFILL, indexing="ij")
     clocks = np.asarray(clocks_mhz, dtype=np.float64)[None, :]
@@ -120,6 +156,9 @@ def is_monotone_in_clock(model: PerfModel, clocks_mhz: tuple[int, ...]) -> bool:
     base = getattr(model, "monotone_as", None)
     if base is not None:  # a wrapper that preserves its base model's monotonicity
         return is_monotone_in_clock(base, clocks_mhz)
+    last = _LAST_MONOTONE[0]
+    if last is not None and last[1] is clocks_mhz and last[0]() is model:
+        return last[2]  # the same model and the very same clock tuple as last time
     try:
         per_model = _MONOTONE_CACHE.get(model)
     except TypeError:  # not weak-referenceable
@@ -131,6 +170,7 @@ def is_monotone_in_clock(model: PerfModel, clocks_mhz: tuple[int, ...]) -> bool:
     if known is None:
         known = _probe_monotone(model, clocks_mhz)
         per_model[clocks_mhz] = known
+    _LAST_MONOTONE[0] = (weakref.ref(model), clocks_mhz, known)
     return known
 
 
@@ -189,6 +229,7 @@ class ArrivalPrefillPerf:
         self._clocks = np.asarray(clocks_mhz, dtype=np.float64)
         share = prefill_tokens_per_s * prefill_s_per_token(base, clocks_mhz)
         self._factor = np.where(share < MAX_PREFILL_SHARE, 1.0 / (1.0 - share), 10.0)
+        self._stretch_at: dict[bytes, AnyArray] = {}  # clock vector bytes -> (C, 1) factors
 
     def stretch(self, clock_mhz: AnyArray) -> AnyArray:
         """The factor at `clock_mhz` (supported clocks; others are interpolated)."""
@@ -198,3 +239,19 @@ class ArrivalPrefillPerf:
                          clock_mhz: AnyArray) -> AnyArray:
         base = self.base.iteration_time_s(batch, kv_tokens, prefill_tokens, clock_mhz)
         return np.asarray(base * self.stretch(np.asarray(clock_mhz, dtype=np.float64)))
+
+    def prepare_passes(self, rows: FloatArray) -> Any | None:
+        """`PreparedPerfModel`: the base model's preparation (the stretch is per clock)."""
+        prepare = getattr(self.base, "prepare_passes", None)
+        return None if prepare is None else prepare(rows)
+
+    def prepared_time_s(self, prepared: Any, clocks_mhz: FloatArray) -> FloatArray:
+        base = self.base.prepared_time_s(prepared, clocks_mhz)  # type: ignore[attr-defined]
+        key = clocks_mhz.tobytes()
+        factor = self._stretch_at.get(key)
+        if factor is None:  # a search asks for a few clock sets again and again
+            factor = self.stretch(clocks_mhz.reshape(-1, 1))
+            if len(self._stretch_at) >= 256:
+                self._stretch_at.clear()
+            self._stretch_at[key] = factor
+        return np.asarray(base * factor)

@@ -42,11 +42,13 @@ from throttllem._core.clock_search import (
     Strategy,
     SupportedClocks,
     min_feasible_clock,
+    search_below,
+    search_clock,
 )
 from throttllem._core.forecast import Candidate, InstanceState, project
-from throttllem._core.perf import ArrivalPrefillPerf, PerfModel
+from throttllem._core.perf import ArrivalPrefillPerf, PerfModel, is_monotone_in_clock
 from throttllem._core.slo import SloClass
-from throttllem._core.slo_check import RequestSlo
+from throttllem._core.slo_check import RequestSlo, prepare
 from throttllem._setup import Setup
 
 BoolArray = npt.NDArray[np.bool_]
@@ -104,18 +106,25 @@ def planned_lengths(shape: EngineShape, *, prompt_tokens: int, max_tokens: int,
     return min(predicted_tokens, upper), upper
 
 
-# Per-request columns of `InstanceTracker`, (name, dtype, empty value).
+# Per-request columns of `InstanceTracker`, (name, dtype, empty value). The float ones are
+# rows of one matrix, ordered so that a snapshot's SLO arrays are consecutive rows of one
+# take; the integer ones rows of another.
 _COLUMNS: tuple[tuple[str, type, float], ...] = (
-    ("prompt_tokens", np.int64, 0), ("predicted_tokens", np.float64, 0.0),
-    ("upper_tokens", np.float64, 0.0), ("arrival_s", np.float64, 0.0),
-    ("ttft_bound_ms", np.float64, 0.0), ("tbt_bound_ms", np.float64, 0.0),
-    ("generated", np.int64, 0), ("first_token_s", np.float64, math.nan),
-    ("last_token_s", np.float64, math.nan))
+    ("predicted_tokens", np.float64, 0.0), ("upper_tokens", np.float64, 0.0),
+    ("arrival_s", np.float64, 0.0), ("first_token_s", np.float64, math.nan),
+    ("last_token_s", np.float64, math.nan), ("ttft_bound_ms", np.float64, 0.0),
+    ("tbt_bound_ms", np.float64, 0.0),
+    ("prompt_tokens", np.int64, 0), ("generated", np.int64, 0))
+_FLOAT_COLUMNS = tuple(c for c, dtype, _ in _COLUMNS if dtype is np.float64)
+_INT_COLUMNS = tuple(c for c, dtype, _ in _COLUMNS if dtype is np.int64)
+_FLOAT_EMPTY = np.asarray([empty for _, dtype, empty in _COLUMNS if dtype is np.float64])
+# First row of the SLO arrays (arrival, first token, last token, TTFT bound, TBT bound).
+_SLO_ROW = _FLOAT_COLUMNS.index("arrival_s")
 
 
 class InstanceTracker:
     """The requests admitted to one instance and not completed, as columns (one row per
-    request, rows in admission order), so that a decision's snapshot is a few array takes
+    request, rows in admission order), so that a decision's snapshot is two array takes
     rather than a walk over Python objects. Completed rows are marked dead and compacted
     away once they outnumber the live ones."""
 
@@ -130,11 +139,20 @@ class InstanceTracker:
         self.recent: deque[tuple[float, int]] = deque()
         self._recent_tokens = 0
         self._latest_arrival_s = -math.inf
+        # (base model, clocks, prefill rate, the model stretched by it): see `perf_for`.
+        self.stretched: tuple[PerfModel, SupportedClocks, float, ArrivalPrefillPerf] | None = None
         self._row: dict[str, int] = {}  # request id -> row
         self._n = 0  # rows in use, live or dead
         self._alive = np.zeros(capacity, dtype=np.bool_)
-        self._cols: dict[str, npt.NDArray[Any]] = {
-            col: np.full(capacity, empty, dtype=dtype) for col, dtype, empty in _COLUMNS}
+        self._floats = np.repeat(_FLOAT_EMPTY[:, None], capacity, axis=1)
+        self._ints = np.zeros((len(_INT_COLUMNS), capacity), dtype=np.int64)
+        self._cols: dict[str, npt.NDArray[Any]] = {}
+        self._bind_columns()
+
+    def _bind_columns(self) -> None:
+        """`_cols[name]`: the column's row of its matrix (a view)."""
+        self._cols = {**{c: self._floats[i] for i, c in enumerate(_FLOAT_COLUMNS)},
+                      **{c: self._ints[i] for i, c in enumerate(_INT_COLUMNS)}}
 
     @property
     def requests(self) -> list[str]:
@@ -147,12 +165,15 @@ class InstanceTracker:
 
     def _grow(self) -> None:
         cap = 2 * len(self._alive)
+        n = self._n
         self._alive = np.resize(self._alive, cap)
-        self._alive[self._n:] = False
-        for col, _, empty in _COLUMNS:
-            grown = np.resize(self._cols[col], cap)
-            grown[self._n:] = empty
-            self._cols[col] = grown
+        self._alive[n:] = False
+        floats = np.repeat(_FLOAT_EMPTY[:, None], cap, axis=1)
+        floats[:, :n] = self._floats[:, :n]
+        ints = np.zeros((len(_INT_COLUMNS), cap), dtype=np.int64)
+        ints[:, :n] = self._ints[:, :n]
+        self._floats, self._ints = floats, ints
+        self._bind_columns()
 
     def _compact(self) -> None:
         live = np.flatnonzero(self._alive[: self._n])
@@ -202,7 +223,9 @@ class InstanceTracker:
         c = self._cols
         c["generated"][idx] += 1
         first = c["first_token_s"]
-        first[idx] = np.where(np.isnan(first[idx]), end_s, first[idx])
+        new = idx[np.isnan(first[idx])]
+        if new.size:
+            first[new] = end_s
         c["last_token_s"][idx] = end_s
 
     def completed(self, request_id: str) -> None:
@@ -227,25 +250,38 @@ class InstanceTracker:
         # Some arrival is stamped after `now_s` (clocks of two processes): leave it out.
         return sum(tokens for t, tokens in recent if t <= now_s) / window_s
 
-    def snapshot(self) -> tuple[InstanceState, RequestSlo]:
-        """Running (has a token) then queued, in admission order, with their SLO arrays."""
+    def snapshot(self, candidate_slo: RequestSlo | None = None,
+                 ) -> tuple[InstanceState, RequestSlo]:
+        """Running (has a token) then queued, in admission order, with their SLO arrays;
+        `candidate_slo` (one row) is appended to those as the last request."""
         n = self._n
-        c = self._cols
         live = np.flatnonzero(self._alive[:n])
-        started = c["generated"][live] > 0
-        running, queued = live[started], live[~started]
-        ordered = np.concatenate([running, queued])
+        started = self._ints[1, live] > 0
+        n_run = int(np.count_nonzero(started))
+        ordered = live if n_run == live.size else np.concatenate((live[started],
+                                                                   live[~started]))
+        ints = self._ints.take(ordered, axis=1)
+        m = ordered.size
+        if candidate_slo is None:
+            floats = self._floats.take(ordered, axis=1)
+        else:
+            floats = np.empty((len(_FLOAT_COLUMNS), m + 1))
+            self._floats.take(ordered, axis=1, out=floats[:, :m])
+            floats[_SLO_ROW:, m] = (candidate_slo.arrival_s[0], candidate_slo.first_token_s[0],
+                                    candidate_slo.last_token_s[0],
+                                    candidate_slo.ttft_bound_ms[0],
+                                    candidate_slo.tbt_bound_ms[0])
+        prompt, generated = ints[0], ints[1]
+        predicted, upper = floats[0], floats[1]
         s = self.shape
-        prompt, predicted, upper = c["prompt_tokens"], c["predicted_tokens"], c["upper_tokens"]
         state = InstanceState(
-            prompt[running], c["generated"][running], predicted[running], upper[running],
-            prompt[queued], predicted[queued], upper[queued],
+            prompt[:n_run], generated[:n_run], predicted[:n_run], upper[:n_run],
+            prompt[n_run:], predicted[n_run:m], upper[n_run:m],
             kv_block_tokens=s.kv_block_tokens, kv_blocks_total=s.kv_blocks_total,
             max_batch=s.max_batch, max_batched_tokens=s.max_batched_tokens,
             kv_watermark_blocks=s.kv_watermark_blocks)
-        slo = RequestSlo(c["arrival_s"][ordered], c["first_token_s"][ordered],
-                         c["last_token_s"][ordered], c["ttft_bound_ms"][ordered],
-                         c["tbt_bound_ms"][ordered])
+        r = _SLO_ROW
+        slo = RequestSlo(floats[r], floats[r + 1], floats[r + 2], floats[r + 3], floats[r + 4])
         return state, slo
 
 
@@ -296,37 +332,52 @@ def perf_for(tracker: InstanceTracker, policy: Policy, now_s: float) -> PerfMode
     rate = tracker.prefill_rate(now_s, policy.arrival_window_s)
     if rate <= 0:
         return policy.perf
-    return ArrivalPrefillPerf(policy.perf, rate, policy.clocks.mhz)
+    # The same rate gives the same model: keep the last one (its stretch factors are
+    # computed once), as the rate changes only when an admission enters or leaves the window.
+    last = tracker.stretched
+    if last is not None and last[0] is policy.perf and last[1] is policy.clocks \
+            and last[2] == rate:
+        return last[3]
+    model = ArrivalPrefillPerf(policy.perf, rate, policy.clocks.mhz)
+    tracker.stretched = (policy.perf, policy.clocks, rate, model)
+    return model
 
 
 def _search(tracker: InstanceTracker, policy: Policy, now_s: float,
-            candidate: tuple[Candidate, RequestSlo] | None = None,
-            ) -> tuple[int | None, BoolArray | None]:
+            candidate: tuple[Candidate, RequestSlo] | None = None, *,
+            below_mhz: int | None = None) -> tuple[int | None, BoolArray | None]:
     """Lowest feasible clock for the tracker's requests (and the candidate, with its SLO
     row), ignoring requests that miss even at the top clock; returns (clock or None, which
-    requests are lost causes). Records the answer as the tracker's next warm start."""
-    clock, lost = _lowest_clock(tracker, policy, now_s, candidate)
+    requests are lost causes). Records the answer as the tracker's next warm start.
+    `below_mhz`: only an answer below it matters; (None, None) when it is not."""
+    clock, lost = _lowest_clock(tracker, policy, now_s, candidate, below_mhz=below_mhz)
     if clock is not None:
         tracker.last_clock_mhz = clock
     return clock, lost
 
 
 def _lowest_clock(tracker: InstanceTracker, policy: Policy, now_s: float,
-                 with_candidate: tuple[Candidate, RequestSlo] | None,
-                 ) -> tuple[int | None, BoolArray | None]:
-    state, slo = tracker.snapshot()
+                  with_candidate: tuple[Candidate, RequestSlo] | None, *,
+                  below_mhz: int | None = None) -> tuple[int | None, BoolArray | None]:
     candidate = None
     if with_candidate is not None:
         candidate, candidate_slo = with_candidate
-        slo = RequestSlo.concat([slo, candidate_slo])
+        state, slo = tracker.snapshot(candidate_slo)
+    else:
+        state, slo = tracker.snapshot()
     perf = perf_for(tracker, policy, now_s)
     hint = tracker.last_clock_mhz if policy.warm_start else None
     projection = project(state, use_upper=policy.use_upper, candidate=candidate)
     if candidate is not None and projection.kv_overflow_iter >= 0:
         return None, None
-    result = min_feasible_clock(projection, perf, policy.clocks, slo, now_s=now_s,
-                                floor_mhz=policy.floor_mhz, strategy=policy.strategy,
-                                hint_mhz=hint)
+    problem = prepare(projection, slo, now_s=now_s)
+    if below_mhz is not None and _secant_applies(policy, perf):
+        clock, top_ok = search_below(problem, perf, policy.clocks, floor_mhz=policy.floor_mhz,
+                                     below_mhz=below_mhz, hint_mhz=hint)
+        if top_ok:  # every request can make it: the answer is `clock` or not below
+            return clock, None
+    result = search_clock(problem, perf, policy.clocks, floor_mhz=policy.floor_mhz,
+                          strategy=policy.strategy, hint_mhz=hint)
     if isinstance(result, FeasibleClock):
         return result.clock_mhz, None
     lost = result.report.miss[:, 0].copy()
@@ -340,6 +391,13 @@ def _lowest_clock(tracker: InstanceTracker, policy: Policy, now_s: float,
     return retry.clock_mhz, lost
 
 
+def _secant_applies(policy: Policy, perf: PerfModel) -> bool:
+    """Whether the policy's search is the secant one (`search_below` needs its premise)."""
+    if policy.strategy == "auto":
+        return is_monotone_in_clock(perf, policy.clocks.mhz)
+    return policy.strategy == "secant"
+
+
 def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
           candidate_slo: RequestSlo, policy: Policy, *, now_s: float) -> Placement | None:
     """Where to admit a request and the clock that instance then needs; None: defer.
@@ -350,7 +408,9 @@ def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
     hopeless = 0
     for name in sorted(trackers, key=lambda n: (len(trackers[n]), n)):
         tracker = trackers[name]
-        clock, lost = _search(tracker, policy, now_s, (candidate, candidate_slo))
+        # Later instances come later in the tie-break: only a lower clock beats the best.
+        clock, lost = _search(tracker, policy, now_s, (candidate, candidate_slo),
+                              below_mhz=None if best is None else best[0])
         if clock is None:
             hopeless += lost is not None and bool(lost[-1])
             continue

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -143,6 +144,11 @@ class SloProblem:
     span_first: IntArray  # (P,) must-meet pending requests with a TBT span
     span_last: IntArray  # (P,)
     span_limit_s: FloatArray  # (P,)
+    pass_rows: FloatArray  # (3, T) batch, kv_tokens, prefill_tokens (those are its rows)
+    # The model's preparation of the pass rows (`PreparedPerfModel`), made on the first
+    # probe round and reused by the later ones: id(model) -> (model, prepared or None).
+    prepared: dict[int, tuple[PerfModel, Any]] = field(default_factory=dict, compare=False,
+                                                       repr=False)
 
 
 def prepare(projection: Projection, slo: RequestSlo, *, now_s: float,
@@ -155,14 +161,19 @@ def prepare(projection: Projection, slo: RequestSlo, *, now_s: float,
     m = projection.n_requests
     if len(slo) != m:
         raise ValueError(f"RequestSlo has {len(slo)} requests, the projection {m}")
-    mask = np.ones(m, dtype=np.bool_) if must_meet is None else np.asarray(must_meet, np.bool_)
-    if mask.shape != (m,):
-        raise ValueError("must_meet needs one flag per request")
+    if must_meet is None:
+        mask = np.ones(m, dtype=np.bool_)
+    else:
+        mask = np.asarray(must_meet, np.bool_)
+        if mask.shape != (m,):
+            raise ValueError("must_meet needs one flag per request")
     pending = projection.generated_tokens == 0
     n = projection.total_tokens.astype(np.float64)
     since_arrival = slo.arrival_s - now_s
     ttft_dl = np.where(pending, since_arrival + slo.ttft_bound_ms / 1e3, np.inf)
-    e2e_dl = since_arrival + e2e_bound_ms(slo.ttft_bound_ms, slo.tbt_bound_ms, n) / 1e3
+    # `e2e_bound_ms`, inlined (the same operations)
+    e2e_dl = since_arrival + (slo.ttft_bound_ms
+                              + slo.tbt_bound_ms * np.maximum(n - 1.0, 0.0)) / 1e3
     tbt_total_s = slo.tbt_bound_ms * (n - 1.0) / 1e3
     # A request with a token has n ≥ 2, so it always has a TBT deadline.
     tbt_dl = np.where(pending, np.inf, slo.first_token_s - now_s + tbt_total_s)
@@ -177,9 +188,9 @@ def prepare(projection: Projection, slo: RequestSlo, *, now_s: float,
     marked[first] = True
     marked[last] = True
     ckpts = np.flatnonzero(marked)
-    ckpt_of_pass = np.cumsum(marked) - 1
-    first_ckpt = ckpt_of_pass[first]
-    last_ckpt = ckpt_of_pass[last]
+    # checkpoint of a marked pass: how many checkpoints come before it
+    first_ckpt = ckpts.searchsorted(first)
+    last_ckpt = ckpts.searchsorted(last)
     # Earliest deadline per checkpoint: last tokens (E2E, TBT) and first tokens (TTFT).
     on_ckpt = np.concatenate((np.minimum(e2e_dl, tbt_dl), ttft_dl))
     if must_meet is not None:
@@ -192,8 +203,10 @@ def prepare(projection: Projection, slo: RequestSlo, *, now_s: float,
     if ckpts.size:
         starts[0] = 0
         starts[1:] = ckpts[:-1] + 1
-    rows = np.stack((projection.decode_batch, projection.kv_tokens,
-                     projection.prefill_tokens)).astype(np.float64)
+    rows = np.empty((3, projection.n_iterations))
+    rows[0] = projection.decode_batch
+    rows[1] = projection.kv_tokens
+    rows[2] = projection.prefill_tokens
 
     return SloProblem(
         projection=projection, slo=slo, now_s=now_s, must_meet=mask,
@@ -201,7 +214,7 @@ def prepare(projection: Projection, slo: RequestSlo, *, now_s: float,
         ttft_deadline_s=ttft_dl, e2e_deadline_s=e2e_dl, tbt_deadline_s=tbt_dl, span_s=span,
         segment_starts=starts, first_ckpt=first_ckpt, last_ckpt=last_ckpt,
         deadline_s=deadline, span_first=first_ckpt[span_idx], span_last=last_ckpt[span_idx],
-        span_limit_s=span[span_idx],
+        span_limit_s=span[span_idx], pass_rows=rows,
     )
 
 
@@ -212,6 +225,17 @@ def pass_times_s(problem: SloProblem, perf: PerfModel, clocks_mhz: FloatArray) -
     runs long inner loops over passes rather than short ones over a few clocks (≈2× faster
     for an element-wise model than (T, 1) × (1, C)).
     """
+    prepare = getattr(perf, "prepare_passes", None)
+    if prepare is not None:
+        memo = problem.prepared
+        hit = memo.get(id(perf))
+        if hit is None or hit[0] is not perf:
+            hit = (perf, prepare(problem.pass_rows))
+            memo[id(perf)] = hit
+        if hit[1] is not None:
+            prepared: FloatArray = perf.prepared_time_s(  # type: ignore[attr-defined]
+                hit[1], clocks_mhz)
+            return prepared
     t = np.asarray(perf.iteration_time_s(problem.batch, problem.kv_tokens,
                                          problem.prefill_tokens, clocks_mhz.reshape(-1, 1)))
     shape = (clocks_mhz.size, problem.batch.shape[1])

@@ -310,8 +310,10 @@ class PerfGrid:
     mixed_ext: npt.NDArray[np.float32] | None = None
     decode_by_clock: npt.NDArray[np.float32] = field(init=False, repr=False)
     _corners: IntArray = field(init=False, repr=False)
-    # (mixed batch axis, prefill axis, mixed KV step) as Python floats, for a few points
-    _scalar_axes: tuple[list[float], list[float], float] = field(init=False, repr=False)
+    # (mixed batch axis, prefill axis, mixed KV step, corner offsets) as Python numbers,
+    # for a few points
+    _scalar_axes: tuple[list[float], list[float], float, list[int]] = field(init=False,
+                                                                            repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decode_by_clock",
@@ -322,7 +324,8 @@ class PerfGrid:
             dtype=np.int64))
         object.__setattr__(self, "_scalar_axes", (self.mixed_batch.tolist(),
                                                   self.prefill.tolist(),
-                                                  float(self.mixed_kv[1])))
+                                                  float(self.mixed_kv[1]),
+                                                  self._corners.tolist()))
 
     @property
     def nbytes(self) -> int:
@@ -530,25 +533,28 @@ class PerfGrid:
         a queued request): the same arithmetic on Python floats, in the same order, so the
         same cells and weights bit for bit, without numpy's per-call overhead."""
         _, nk, npf, _ = self.mixed.shape
-        axes = self._scalar_axes
-        mb, pf = axes[0], axes[1]
-        k_inv = 1.0 / axes[2]
-        corners = self._corners.tolist()
-        rows: list[list[int]] = []
-        ws: list[list[float]] = []
+        mb, pf, kv_step, corners = self._scalar_axes
+        k_inv = 1.0 / kv_step
+        rows: list[int] = []
+        ws: list[float] = []
+        last_b, last_p = len(mb) - 2, len(pf) - 2
         for x_b, x_k, x_p in zip(b.tolist(), kv.tolist(), p.tolist(), strict=True):
-            ib = min(max(bisect.bisect_right(mb, x_b) - 1, 0), len(mb) - 2)
+            ib = min(max(bisect.bisect_right(mb, x_b) - 1, 0), last_b)
             wb = (x_b - mb[ib]) / (mb[ib + 1] - mb[ib])
             u = x_k * k_inv
             ik = min(int(u), nk - 2)
             wk = u - ik
-            ip = min(max(bisect.bisect_right(pf, x_p) - 1, 0), len(pf) - 2)
+            ip = min(max(bisect.bisect_right(pf, x_p) - 1, 0), last_p)
             wp = (x_p - pf[ip]) / (pf[ip + 1] - pf[ip])
             first = (ib * nk + ik) * npf + ip
-            rows.append([first + c for c in corners])
-            ws.append([(gb * gk) * gp for gb in (1.0 - wb, wb) for gk in (1.0 - wk, wk)
-                       for gp in (1.0 - wp, wp)])
-        return (np.asarray(rows, dtype=np.int64),
+            rows.extend([first + c for c in corners])
+            # (gb·gk)·gp over gb ∈ (1 − wb, wb), gk ∈ (1 − wk, wk), gp ∈ (1 − wp, wp), in
+            # the corners' lexicographic order
+            b0, k0, p0 = 1.0 - wb, 1.0 - wk, 1.0 - wp
+            g00, g01, g10, g11 = b0 * k0, b0 * wk, wb * k0, wb * wk
+            ws.extend((g00 * p0, g00 * wp, g01 * p0, g01 * wp, g10 * p0, g10 * wp, g11 * p0,
+                       g11 * wp))
+        return (np.asarray(rows, dtype=np.int64).reshape(-1, 8),
                 np.asarray(ws, dtype=np.float64).reshape(-1, 8, 1).astype(np.float32))
 
     @staticmethod
@@ -621,6 +627,8 @@ class PerfRuntime:
         # (grid, copies of the last points asked for, their PreparedPoints): see _prepared
         self._last_points: tuple[PerfGrid, tuple[FloatArray, FloatArray, FloatArray],
                                  PreparedPoints] | None = None
+        # the last `prepare_passes` (its rows a copy): reused while the same rows come again
+        self._last_passes: _PreparedPasses | None = None
 
     def __repr__(self) -> str:
         mode = "grid" if self.grid is not None else "onnx"
@@ -774,11 +782,48 @@ class PerfRuntime:
         return self._pointwise(grid, bb.ravel(), kk.ravel(), pp.ravel(),
                                ff.ravel()).reshape(shape)
 
-    def _clock_rows(self, grid: PerfGrid, b: FloatArray, kv: FloatArray, p: FloatArray,
-                    clocks: FloatArray, *, clock_major: bool = False) -> FloatArray:
-        """[n, len(clocks)] (or its transpose, contiguous, with `clock_major`) for n points,
-        every point at every clock (the forecaster's query shape). Validates the inputs as
-        `_validated` does."""
+    def prepare_passes(self, rows: FloatArray) -> _PreparedPasses | None:
+        """`PreparedPerfModel`: the grid cells of (3, T) pass rows (batch, KV tokens,
+        prefill tokens), validated as `iteration_time_s` validates them; None without a grid
+        that extrapolates (then `iteration_time_s` decides per query)."""
+        grid = self.grid
+        if grid is None or not grid.extrapolates:
+            return None
+        last = self._last_passes
+        if (last is not None and last.grid is grid and last.rows.shape == rows.shape
+                and bool((last.rows == rows).all())):
+            return last  # the same passes again (a decision repeated on the same state)
+        b, kv, p = rows[0], rows[1], rows[2]
+        if rows.shape[1]:
+            lo = rows.min(axis=1).tolist()
+            hi = rows.max(axis=1).tolist()
+        else:
+            lo = hi = [0.0, 0.0, 0.0]
+        for name, mn, mx in zip(FEATURES, lo, hi, strict=False):
+            if not (math.isfinite(mn) and math.isfinite(mx)):
+                raise ValueError(f"{name} has NaN or infinite values")
+        if min(lo) < 0:  # some count is negative: 0, as in the ONNX graph
+            b, kv, p = _nonnegative(b), _nonnegative(kv), _nonnegative(p)
+            hi = [float(b.max(initial=0.0)), float(kv.max(initial=0.0)),
+                  float(p.max(initial=0.0))]
+        prepared = _PreparedPasses(grid, grid.prepare(b, kv, p, maxima=(hi[0], hi[1], hi[2])),
+                                   rows.copy())
+        self._last_passes = prepared
+        return prepared
+
+    def prepared_time_s(self, prepared: _PreparedPasses, clocks_mhz: FloatArray) -> FloatArray:
+        """(C, T) seconds of prepared passes at `clocks_mhz`: only the gathers, for grid
+        clocks; any other clock vector goes through `iteration_time_s`."""
+        grid, prep, rows = prepared
+        cols, all_cols = self._grid_columns(grid, clocks_mhz)
+        if cols is None or grid is not self.grid:
+            return np.asarray(self.iteration_time_s(rows[0:1], rows[1:2], rows[2:3],
+                                                    clocks_mhz.reshape(-1, 1)))
+        return grid.evaluate(prep, None if all_cols else cols, clock_major=True)
+
+    def _grid_columns(self, grid: PerfGrid, clocks: FloatArray) -> tuple[IntArray | None, bool]:
+        """(grid columns of the clocks or None, whether they are all columns in order),
+        remembered per clock vector."""
         key = clocks.tobytes()
         hit = self._columns.get(key)
         if hit is None:
@@ -787,7 +832,14 @@ class PerfRuntime:
             if len(self._columns) >= 512:
                 self._columns.clear()
             self._columns[key] = hit
-        cols, all_cols = hit
+        return hit
+
+    def _clock_rows(self, grid: PerfGrid, b: FloatArray, kv: FloatArray, p: FloatArray,
+                    clocks: FloatArray, *, clock_major: bool = False) -> FloatArray:
+        """[n, len(clocks)] (or its transpose, contiguous, with `clock_major`) for n points,
+        every point at every clock (the forecaster's query shape). Validates the inputs as
+        `_validated` does."""
+        cols, all_cols = self._grid_columns(grid, clocks)
         sel = None if all_cols else cols
         if cols is not None and grid.extrapolates:  # the hot path: never ONNX
             return grid.evaluate(self._prepared(grid, b, kv, p), sel, clock_major=clock_major)
@@ -861,6 +913,14 @@ class PerfRuntime:
             x = np.stack([b[o], kv[o], p[o], f[o]], axis=1)
             out[o] = self._run(x)
         return out
+
+
+class _PreparedPasses(NamedTuple):
+    """`PerfRuntime.prepare_passes`: the grid, the prepared points and the rows."""
+
+    grid: PerfGrid
+    points: PreparedPoints
+    rows: FloatArray
 
 
 def _checked_maxima(b: FloatArray, kv: FloatArray, p: FloatArray,
@@ -995,4 +1055,5 @@ def load_perf_model(spec: str) -> PerfModel:
     """The controller's performance model from a model folder or shipped model name: the ONNX
     model compiled to its grid (queries never call ONNX on the decision path)."""
     runtime = PerfRuntime.load(spec)
-    return FunctionPerfModel(runtime.iteration_time_s, name=f"onnx-grid:{spec}")
+    return FunctionPerfModel(runtime.iteration_time_s, name=f"onnx-grid:{spec}",
+                             prepared=runtime)
