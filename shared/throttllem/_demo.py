@@ -372,7 +372,9 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
         from throttllem._eval.plots import PlotsUnavailableError, write_plots  # noqa: PLC0415
 
         try:
-            written = write_plots(runs, opts.plots_dir,
+            note = ("simulated (serving twin), not measured" if opts.engine == "twin" else
+                    "real vLLM: latencies measured, energy not measured")
+            written = write_plots(runs, opts.plots_dir, note=note,
                                   time_axis="trace time (min, replayed live)")
         except PlotsUnavailableError as e:
             print(f"throttllem: note: {e}", file=sys.stderr)
