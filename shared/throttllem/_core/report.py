@@ -119,7 +119,7 @@ def format_table(reports: Sequence[RunReport]) -> str:
     rows: list[tuple[str, list[str]]] = [
         ("policy", [r.policy for r in reports]),
         ("requests served", [f"{r.requests_served}/{r.requests_submitted}" for r in reports]),
-        ("  rejected (never fit)", [f"{r.requests_rejected}" for r in reports]),
+        ("  refused or failed", [f"{r.requests_rejected}" for r in reports]),
         ("prompt tokens", [f"{r.prompt_tokens:,}" for r in reports]),
         ("generated tokens", [f"{r.generated_tokens:,}" for r in reports]),
         ("energy (J)", [_or_unmeasured(r.energy_j, f"{r.energy_j:,.0f}") for r in reports]),
