@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -61,10 +60,8 @@ from throttllem._core.scaling import (
 from throttllem._core.slo import SloClass
 from throttllem._core.switching import IdlePower
 from throttllem._errors import ConfigError
+from throttllem._eval.sim import SimPolicy, Simulation
 from throttllem._events import EngineIteration, RequestArrived, RequestCompleted
-
-if TYPE_CHECKING:
-    from throttllem._eval.sim import Simulation
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,26 +85,6 @@ POLICY_SPECS: Mapping[str, PolicySpec] = {
 POLICIES = tuple(POLICY_SPECS)
 # Policies whose decisions use length predictions (and so depend on the length error).
 PREDICTIVE = tuple(n for n, s in POLICY_SPECS.items() if s.admission == "place")
-
-
-class SimPolicy:
-    """Hooks the simulation calls; the base does nothing and wants no ticks."""
-
-    name = "base"
-    tick_s: float | None = None
-    deferred = 0
-
-    def on_arrival(self, sim: Simulation, request: RequestArrived) -> None:
-        raise NotImplementedError
-
-    def on_iteration(self, sim: Simulation, it: EngineIteration) -> None:
-        return None
-
-    def on_completed(self, sim: Simulation, done: RequestCompleted) -> None:
-        return None
-
-    def on_tick(self, sim: Simulation) -> None:
-        return None
 
 
 class ControlledPolicy(SimPolicy):

@@ -30,17 +30,13 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from throttllem._core.report import ClockAccumulator
 from throttllem._errors import ConfigError, RequestRejectedError
-from throttllem._events import RequestArrived, RequestCompleted
+from throttllem._events import EngineIteration, RequestArrived, RequestCompleted
 from throttllem._twin.engine import EngineTwin, IterationOutcome
 from throttllem._twin.gpu import GpuTwin
 from throttllem._twin.profile import SetupProfile
-
-if TYPE_CHECKING:
-    from throttllem._eval.policies import SimPolicy
 
 # Seconds of simulated time per timeline bin (the plots' resolution).
 DEFAULT_SAMPLE_S = 5.0
@@ -105,6 +101,27 @@ class SimResult:
     end_s: float = 0.0  # the last event of the run (a completion, usually)
     iterations: int = 0
     ticks: int = 0
+
+
+class SimPolicy:
+    """What drives a simulation: the hooks it calls (the evaluator's policies implement
+    them); the base does nothing and wants no ticks."""
+
+    name = "base"
+    tick_s: float | None = None
+    deferred = 0
+
+    def on_arrival(self, sim: Simulation, request: RequestArrived) -> None:
+        raise NotImplementedError
+
+    def on_iteration(self, sim: Simulation, it: EngineIteration) -> None:
+        return None
+
+    def on_completed(self, sim: Simulation, done: RequestCompleted) -> None:
+        return None
+
+    def on_tick(self, sim: Simulation) -> None:
+        return None
 
 
 class Simulation:
