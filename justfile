@@ -1,5 +1,7 @@
 # throttLL'eM tasks. `just --list` shows them.
 
+LOCK_FLAGS := "--quiet --generate-hashes --python-version 3.11 --python-platform linux --custom-compile-command 'just lock'"
+
 # run the test suite (the same command CI runs)
 test *ARGS:
     pytest {{ARGS}}
@@ -20,6 +22,14 @@ lint:
 # benchmarks: each prints one table and writes JSON under runs/
 bench:
     for b in benchmarks/bench_*.py; do python "$b"; done
+
+# the images' dependencies, locked with hashes for the images' Python (3.11, Linux):
+# runtime.lock (every service), gateway.lock (the gateway extra), build.lock (build stage);
+# keeps the pins it can, `just lock --upgrade` moves them to the newest releases allowed
+lock *ARGS:
+    uv pip compile pyproject.toml {{LOCK_FLAGS}} {{ARGS}} -o deploy/requirements/runtime.lock
+    uv pip compile pyproject.toml --extra gateway {{LOCK_FLAGS}} {{ARGS}} -o deploy/requirements/gateway.lock
+    uv pip compile deploy/requirements/build.in {{LOCK_FLAGS}} {{ARGS}} -o deploy/requirements/build.lock
 
 # container images, one per service (podman or docker)
 images engine="podman":
