@@ -216,6 +216,25 @@ def test_crd_objects_point_at_what_exists(rendered: dict[str, list[dict[str, Any
             float(trigger["metadata"]["threshold"])
 
 
+def test_every_service_container_is_probed_by_throttllem_health(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    probed = 0
+    for name, docs in rendered.items():
+        for doc in docs:
+            for c in containers(doc):
+                if c.get("command", [])[:2] != ["throttllem", "run"]:
+                    continue
+                args = c["args"]
+                port = int(args[args.index("--metrics-port") + 1])
+                want = ["throttllem", "health", "--url", f"http://127.0.0.1:{port}/metrics"]
+                for probe in ("startupProbe", "livenessProbe"):
+                    where = f"{name}/{doc['metadata']['name']}/{c['name']} {probe}"
+                    assert c[probe]["exec"]["command"] == want, where
+                    check_command(want[1:], where)
+                probed += 1
+    assert probed >= 2 * 8
+
+
 def test_the_actuator_alone_holds_a_capability_and_only_sys_admin(
         rendered: dict[str, list[dict[str, Any]]]) -> None:
     for docs in rendered.values():
