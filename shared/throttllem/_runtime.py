@@ -12,6 +12,7 @@ so every process agrees on "now" without talking to each other.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -70,7 +71,7 @@ class Service(Protocol):
 
 
 async def _heartbeats(bus: Bus, service: Service, clock: Clock, instance_id: str,
-                      period_s: float) -> None:
+                      period_s: float, *, exported: ServiceMetrics | None = None) -> None:
     started = time.monotonic()
     subject = health(service.name)
     while True:
@@ -82,6 +83,8 @@ async def _heartbeats(bus: Bus, service: Service, clock: Clock, instance_id: str
                          now_s=clock.now_s(), uptime_s=time.monotonic() - started,
                          counters=dict(bus.counters), metrics=metrics)
         await bus.publish(subject, beat)
+        if exported is not None:  # the age that `throttllem health` checks
+            exported.heartbeat()
         await anyio.sleep(period_s)
 
 
@@ -108,10 +111,11 @@ async def run_service(service: Service, *, nats_url: str, clock: Clock = REAL_TI
     bus = await Bus.connect(nats_url, name=f"{service.name}-{instance_id}", auth=auth,
                             service=service.name)
     server: MetricsServer | None = None
+    metrics: ServiceMetrics | None = None
     try:
         if metrics_port is not None:
             metrics = service_metrics(service)
-            metrics.watch_bus(bus.counters)
+            metrics.watch_bus(bus.counters, connected=lambda: bus.nc.is_connected)
             server = metrics.serve(metrics_port, metrics_host)
         async with anyio.create_task_group() as tg:
             async def stop_on_signal() -> None:
@@ -124,7 +128,8 @@ async def run_service(service: Service, *, nats_url: str, clock: Clock = REAL_TI
             tg.start_soon(stop_on_signal)
             await tg.start(service.run, bus, clock)
             bound.info("service.ready", nats=redact_url(nats_url))
-            tg.start_soon(_heartbeats, bus, service, clock, instance_id, heartbeat_s)
+            tg.start_soon(functools.partial(_heartbeats, bus, service, clock, instance_id,
+                                            heartbeat_s, exported=metrics))
     finally:
         with anyio.CancelScope(shield=True):
             await bus.close()
