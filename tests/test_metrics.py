@@ -72,7 +72,8 @@ def test_specs_follow_the_naming_conventions() -> None:
     names = [s.name for s in m.METRICS]
     assert len(names) == len(set(names)), "a metric name is defined twice"
     units = ("_total", "_seconds", "_joules", "_watts", "_mhz", "_tokens", "_ratio", "_info",
-             "_instances", "_requests", "_per_second", "_per_token", "_dry_run")
+             "_instances", "_requests", "_per_second", "_per_token", "_dry_run",
+             "_up")
     for spec in m.METRICS:
         assert spec.name.endswith(units), f"{spec.name}: no unit in the name"
         assert "id" not in spec.labels, "a request id would be one series per request"
