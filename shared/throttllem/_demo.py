@@ -426,6 +426,7 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
             kept = [f"NATS at {nats_url} (throttllem report energy --nats {nats_url})"]
             if metrics_server is not None:
                 kept.append(f"metrics at {metrics_server.url}")
+            sys.stdout.flush()  # the table, before the wait (stdout may be a pipe)
             anyio.run(_until_signalled,
                       f"the runs are over; serving {' and '.join(kept)} until Ctrl-C")
     finally:
