@@ -182,3 +182,11 @@ def test_report_energy_on_the_demos_bus_matches_the_demos_tenants(
     assert main(["report", "energy", "--nats", demo.nats_url, "--json",
                  "--id-prefix", "throttllem-"]) == 0
     assert json.loads(capsys.readouterr().out)["total"]["requests"] == 0
+
+
+def test_bad_metrics_options_are_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--metrics-port", "70000", "--no-progress", "--no-plots"]) == 2
+    assert "--metrics-port must be 0-65535, not 70000" in capsys.readouterr().err
+    assert main(["demo", "--engine", "vllm", "--metrics-port", "0", "--no-progress",
+                 "--no-plots"]) == 2
+    assert "--metrics-port serves the twin demo's services" in capsys.readouterr().err
