@@ -73,7 +73,7 @@ def test_specs_follow_the_naming_conventions() -> None:
     assert len(names) == len(set(names)), "a metric name is defined twice"
     units = ("_total", "_seconds", "_joules", "_watts", "_mhz", "_tokens", "_ratio", "_info",
              "_instances", "_requests", "_per_second", "_per_token", "_dry_run",
-             "_connected")
+             "_connected", "_up")
     for spec in m.METRICS:
         assert spec.name.endswith(units), f"{spec.name}: no unit in the name"
         assert "id" not in spec.labels, "a request id would be one series per request"

@@ -575,6 +575,15 @@ def _add_demo(sub: Any) -> None:
                    help="lock the embedded NATS down as deploy/ does: TLS with client "
                         "certificates and one identity per service (generated in the log "
                         "folder)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve one Prometheus /metrics for the whole demo: every service's "
+                        "metrics, labelled policy and process, a finished run's kept (0 "
+                        "picks a free port; the URL is printed)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the demo's metrics server binds")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="after the runs, keep the embedded NATS server (for `throttllem "
+                        "report energy --nats URL`) and the metrics up until Ctrl-C")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -594,7 +603,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         setup=args.setup, json_path=args.json,
         length_error=args.length_error,
         peak_rps=args.peak_rps, slo_config=args.slo_config, slo_class=args.slo_class,
-        log_dir=args.log_dir, progress=not args.no_progress))
+        log_dir=args.log_dir, progress=not args.no_progress,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        keep_serving=args.keep_serving))
     return 0
 
 
@@ -639,6 +650,9 @@ def _add_report(sub: Any) -> None:
     p.add_argument("--since", default=None,
                    help="completed at or after: event-time seconds or ISO 8601 (UTC if naive)")
     p.add_argument("--until", default=None, help="completed before (same forms as --since)")
+    p.add_argument("--id-prefix", default=None, metavar="PREFIX",
+                   help="only requests whose id starts with PREFIX (a demo's ids start with "
+                        "their policy: default-, throttllem-)")
     p.add_argument("--json", nargs="?", type=Path, const=Path("-"), default=None,
                    metavar="FILE", help="print JSON instead of the table (or write it to FILE)")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG",
@@ -659,7 +673,8 @@ def _cmd_report_energy(args: argparse.Namespace) -> int:
     else:
         records = anyio.run(er.read_stream, args.nats)
         source = args.nats
-    report = er.summarize(records, source=source, since_s=since, until_s=until)
+    report = er.summarize(records, source=source, since_s=since, until_s=until,
+                          id_prefix=args.id_prefix)
     if args.plot is not None:
         er.plot(report, args.plot)
     if args.json is None:

@@ -27,6 +27,7 @@ import structlog
 from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._core.report import ClockAccumulator, RunReport, format_table, summarize
 from throttllem._core.slo import SloClass, load_slo_classes, require_slo_class
+from throttllem._energy_report import Totals
 from throttllem._errors import ConfigError, ThrottllemError
 from throttllem._eval.sim import Timeline
 from throttllem._events import (
@@ -54,6 +55,7 @@ from throttllem._subjects import (
 from throttllem._trace import WindowSpec, window_requests
 
 if TYPE_CHECKING:
+    from throttllem._demo_metrics import DemoMetrics
     from throttllem._security import SecurityLayout
 
 log = structlog.get_logger("throttllem.demo")
@@ -86,6 +88,12 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     engine: str = "twin"
     model_dir: Path | None = None  # vLLM: the model to serve (default: a tiny one, written)
     sample_s: float = 5.0  # event seconds per bin of the plots' timelines
+    # One Prometheus endpoint for the whole demo (see `_demo_metrics`); None: none.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    # After the last run, keep the embedded NATS server (its stream: `throttllem report
+    # energy`) and the metrics endpoint up until SIGINT/SIGTERM.
+    keep_serving: bool = False
 
     @property
     def window(self) -> WindowSpec:
@@ -161,11 +169,31 @@ class DemoRun(msgspec.Struct, frozen=True, kw_only=True):
     timeline: Timeline
     tbt_ms: list[float]
     e2e_ms: list[float]
+    # Requests, engine-attributed energy and tokens per tenant (what `report energy` bills).
+    tenants: dict[str, Totals] = msgspec.field(default_factory=dict)
+
+
+def tenant_totals(completions: list[RequestCompleted]) -> dict[str, Totals]:
+    """Per-tenant totals of the completions, each id once, from the energy the engines
+    attributed (a completion without one counts its tokens, not its energy)."""
+    seen: set[str] = set()
+    out: dict[str, Totals] = {}
+    for c in completions:
+        if c.id in seen:
+            continue
+        seen.add(c.id)
+        totals = out.setdefault(c.tenant, Totals())
+        totals.requests += 1
+        totals.energy_j += (c.energy_mj or 0.0) / 1e3
+        totals.prompt_tokens += c.prompt_tokens
+        totals.generated_tokens += c.generated_tokens
+    return out
 
 
 async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
                slo_classes: Mapping[str, SloClass], *,
-               secrets: SecurityLayout | None = None) -> DemoRun:
+               secrets: SecurityLayout | None = None,
+               metrics: DemoMetrics | None = None) -> DemoRun:
     instances = [f"i{n}" for n in range(opts.instances)]
     # Ids carry the policy: runs on one server must not de-duplicate each other's requests.
     requests = list(trace_requests(opts, offset_s=0.0, run_tag=f"{policy}-"))
@@ -174,6 +202,18 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
                           f"{opts.minutes} min) holds no requests")
     clock = Clock(epoch_wall_s=time.time(), speed=opts.speed)
     procs: list[subprocess.Popen[bytes]] = []
+    # (process, log file, where this run's lines start): where each logged its metrics URL.
+    spawned: list[tuple[str, Path, int]] = []
+
+    def start(args: list[str], process: str, identity: str | None = None) -> None:
+        log_path = log_dir / f"{process}.log"
+        if metrics is not None:
+            args = [*args, "--metrics-port", "0"]
+            spawned.append((process, log_path,
+                            log_path.stat().st_size if log_path.exists() else 0))
+        procs.append(_spawn(args, log_path, clock, nats_url, secrets=secrets,
+                            identity=identity))
+
     bus = await Bus.connect(nats_url, name="demo",
                             auth=None if secrets is None else secrets.auth("demo"),
                             service=None if secrets is None else "demo")
@@ -186,25 +226,20 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
 
         await bus.subscribe(HEALTH_ALL, HEALTH_CODEC, on_health)
         for inst in instances:
-            procs.append(_spawn(["engine", "--instance", inst, "--setup", opts.setup],
-                                log_dir / f"engine-{inst}.log", clock, nats_url,
-                                secrets=secrets, identity=f"engine-{inst}"))
+            start(["engine", "--instance", inst, "--setup", opts.setup], f"engine-{inst}",
+                  identity=f"engine-{inst}")
         slo_args = [] if opts.slo_config is None else ["--slo-config", str(opts.slo_config)]
-        procs.append(_spawn(["forecaster", "--instances", ",".join(instances),
-                             "--policy", policy, "--setup", opts.setup, *slo_args],
-                            log_dir / "forecaster.log", clock, nats_url, secrets=secrets))
-        procs.append(_spawn(["telemetry", "--gpu", "twin", "--instances", ",".join(instances)],
-                            log_dir / "telemetry.log", clock, nats_url, secrets=secrets))
+        start(["forecaster", "--instances", ",".join(instances), "--policy", policy,
+               "--setup", opts.setup, *slo_args], "forecaster")
+        start(["telemetry", "--gpu", "twin", "--instances", ",".join(instances)], "telemetry")
         expected = {"engine": len(instances), "forecaster": 1, "telemetry": 1}
         if policy == "throttllem":
             # Trace prompts have no text: the predictor runs as a labelled oracle.
-            procs.append(_spawn(["length-predictor", "--oracle", opts.length_error,
-                                 "--seed", str(opts.seed)],
-                                log_dir / "length-predictor.log", clock, nats_url, secrets=secrets))
+            start(["length-predictor", "--oracle", opts.length_error, "--seed", str(opts.seed)],
+                  "length-predictor")
             for inst in instances:
-                procs.append(_spawn(["actuator", "--instance", inst, "--gpu", "twin"],
-                                    log_dir / f"actuator-{inst}.log", clock, nats_url,
-                                    secrets=secrets, identity=f"actuator-{inst}"))
+                start(["actuator", "--instance", inst, "--gpu", "twin"], f"actuator-{inst}",
+                      identity=f"actuator-{inst}")
             expected |= {"length-predictor": 1, "actuator": len(instances)}
         with anyio.move_on_after(opts.startup_timeout_s):
             while any(len(ready.get(s, ())) < n for s, n in expected.items()):
@@ -218,6 +253,16 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
         if missing:
             raise ThrottllemError(f"services not ready after {opts.startup_timeout_s} s: "
                                   f"{missing}; see logs in {log_dir}")
+        if metrics is not None:
+            from throttllem._demo_metrics import metrics_url_from_log  # noqa: PLC0415
+
+            # A service serves /metrics before it joins the bus: ready means it logged it.
+            for process, log_path, offset in spawned:
+                url = metrics_url_from_log(log_path, offset)
+                if url is None:
+                    raise ThrottllemError(f"{process} logged no metrics.serving line; see "
+                                          f"{log_path}")
+                metrics.add_target(policy, process, url)
 
         # Shift the window so that it starts just after now, in event time.
         offset_s = clock.now_s() + 0.5
@@ -288,6 +333,13 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
         await anyio.sleep(0.3)
         energy_j = (await energy_mj() - energy_start_mj) / 1e3
         timeline.close_bin(clock.now_s() - offset_s, energy_j, len(instances))
+        if metrics is not None:
+            # The final scrape must hold every completion: wait for the telemetry's count.
+            counted = await anyio.to_thread.run_sync(partial(
+                metrics.wait_for_completions, policy, len(completions)))
+            if counted < len(completions):
+                log.warning("demo.metrics_incomplete", counted=counted,
+                            completions=len(completions))
         if rejected:
             log.warning("demo.requests_rejected", count=len(rejected),
                         example=next(iter(rejected.values())))
@@ -298,10 +350,13 @@ async def _run(opts: DemoOptions, policy: str, nats_url: str, log_dir: Path,
                            duration_s=clock.now_s() - offset_s)
         return DemoRun(report=report, timeline=timeline,
                        tbt_ms=[c.tbt_mean_ms for c in completions if c.generated_tokens > 1],
-                       e2e_ms=[c.e2e_ms for c in completions])
+                       e2e_ms=[c.e2e_ms for c in completions],
+                       tenants=tenant_totals(completions))
     finally:
         with anyio.CancelScope(shield=True):
             await bus.close()
+            if metrics is not None:  # what the services counted outlives them
+                await anyio.to_thread.run_sync(metrics.finish, policy)
         _stop(procs)
 
 
@@ -338,11 +393,25 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
         secrets = init_security(log_dir / "nats-secrets",
                                 instances=[f"i{n}" for n in range(opts.instances)],
                                 force=True)
+    if opts.metrics_port is not None and opts.engine != "twin":
+        raise ConfigError("--metrics-port serves the twin demo's services; the vLLM demo "
+                          "starts no telemetry (vLLM serves its own /metrics)")
+    metrics: DemoMetrics | None = None
+    metrics_server = None
     try:
+        if opts.metrics_port is not None:
+            from throttllem._demo_metrics import DemoMetrics  # noqa: PLC0415
+
+            metrics = DemoMetrics()
+            metrics_server = metrics.serve(opts.metrics_port, opts.metrics_host)
+            _notice(f"metrics of every service of this demo at {metrics_server.url} "
+                    "(labelled policy and process)")
         if nats_url is None:
             server = (EmbeddedNatsServer() if secrets is None else
                       EmbeddedNatsServer(config=secrets.secure_conf, tls=True))
             nats_url = server.start()
+            if opts.keep_serving:
+                _notice(f"NATS at {nats_url}")
         runs: dict[str, DemoRun] = {}
         extras: dict[str, object] = {"engine": "twin"}
         if opts.engine == "vllm":
@@ -351,10 +420,37 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
             policy_logs = log_dir / policy
             policy_logs.mkdir(exist_ok=True)
             runs[policy] = anyio.run(partial(_run, opts, policy, nats_url, policy_logs,
-                                             slo_classes, secrets=secrets))
+                                             slo_classes, secrets=secrets, metrics=metrics))
+        reports = _present(opts, runs, extras, log_dir)
+        if opts.keep_serving:
+            kept = [f"NATS at {nats_url} (throttllem report energy --nats {nats_url})"]
+            if metrics_server is not None:
+                kept.append(f"metrics at {metrics_server.url}")
+            sys.stdout.flush()  # the table, before the wait (stdout may be a pipe)
+            anyio.run(_until_signalled,
+                      f"the runs are over; serving {' and '.join(kept)} until Ctrl-C")
     finally:
         if server is not None:
             server.stop()
+        if metrics_server is not None:
+            metrics_server.close()
+    return reports
+
+
+def _notice(text: str) -> None:
+    print(f"throttllem: {text}", file=sys.stderr, flush=True)
+
+
+async def _until_signalled(notice: str) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        _notice(notice)  # said once Ctrl-C is caught here, so it ends the wait cleanly
+        async for _ in signals:
+            return
+
+
+def _present(opts: DemoOptions, runs: Mapping[str, DemoRun], extras: Mapping[str, object],
+             log_dir: Path) -> list[RunReport]:
+    """Print the table and the saving, write the plots and the JSON."""
     reports = [run.report for run in runs.values()]
     print(format_table(reports))
     if opts.engine == "twin":
@@ -385,10 +481,13 @@ def run_demo(opts: DemoOptions) -> list[RunReport]:
         # Top level: the first policy's figures; "policies": every run, keyed by policy (the
         # layout `throttllem evaluate` shares), with the saving against `default`.
         base = next((r for r in reports if r.policy == "default"), None)
-        policies = {r.policy: {**msgspec.structs.asdict(r), "saving_vs_default":
-                               1 - r.energy_j / base.energy_j if base else None}
-                    for r in reports}
-        document = {**msgspec.structs.asdict(reports[0]), "policies": policies,
+        policies = {run.report.policy: {
+            **msgspec.structs.asdict(run.report),
+            "saving_vs_default": 1 - run.report.energy_j / base.energy_j if base else None,
+            "tenants": {k: v.as_dict() for k, v in sorted(run.tenants.items())}}
+            for run in runs.values()}
+        document = {**msgspec.structs.asdict(reports[0]),
+                    "tenants": policies[reports[0].policy]["tenants"], "policies": policies,
                     "options": _jsonable(opts), **extras}
         opts.json_path.write_bytes(msgspec.json.format(msgspec.json.encode(document)))
     return reports

@@ -56,10 +56,12 @@ class EnergyReport(msgspec.Struct, kw_only=True):
     duplicates: int
     first_completed_s: float | None
     last_completed_s: float | None
+    id_prefix: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.source, "since_s": self.since_s, "until_s": self.until_s,
+            "id_prefix": self.id_prefix,
             "first_completed_s": self.first_completed_s,
             "last_completed_s": self.last_completed_s, "duplicates": self.duplicates,
             "total": self.total.as_dict(),
@@ -69,8 +71,9 @@ class EnergyReport(msgspec.Struct, kw_only=True):
 
 
 def summarize(records: Iterable[RequestEnergy], *, source: str, since_s: float | None = None,
-              until_s: float | None = None) -> EnergyReport:
-    """Totals of the records completed in [since_s, until_s), each request id once."""
+              until_s: float | None = None, id_prefix: str | None = None) -> EnergyReport:
+    """Totals of the records completed in [since_s, until_s) whose id starts with
+    `id_prefix`, each request id once."""
     seen: set[str] = set()
     tenants: dict[str, Totals] = {}
     instances: dict[str, Totals] = {}
@@ -83,6 +86,8 @@ def summarize(records: Iterable[RequestEnergy], *, source: str, since_s: float |
             continue
         if until_s is not None and r.completed_s >= until_s:
             continue
+        if id_prefix is not None and not r.id.startswith(id_prefix):
+            continue
         if r.id in seen:
             duplicates += 1
             continue
@@ -94,7 +99,7 @@ def summarize(records: Iterable[RequestEnergy], *, source: str, since_s: float |
         last = r.completed_s if last is None else max(last, r.completed_s)
     return EnergyReport(source=source, since_s=since_s, until_s=until_s, tenants=tenants,
                         instances=instances, total=total, duplicates=duplicates,
-                        first_completed_s=first, last_completed_s=last)
+                        first_completed_s=first, last_completed_s=last, id_prefix=id_prefix)
 
 
 def parse_instant(value: str) -> float:

@@ -285,6 +285,14 @@ CONSUMER_RECORDS: Final = CounterSpec(
     help="Records a plug-in consumer received, by plug-in and outcome (new, duplicate).",
     labels=("plugin", "outcome"), service="consumer")
 
+# --------------------------------------------------------------------------- demo
+
+DEMO_TARGET_UP: Final = GaugeSpec(
+    "throttllem_demo_target_up",
+    help="1 when the demo's latest scrape of a service's /metrics worked, else 0 "
+         "(`throttllem demo --metrics-port`: its samples carry policy and process labels).",
+    labels=("policy", "process"), service="demo")
+
 
 METRICS: Final[tuple[MetricSpec, ...]] = tuple(
     v for v in list(globals().values()) if isinstance(v, MetricSpec))
@@ -410,15 +418,22 @@ class ServiceMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
         """Serve `/metrics` on host:port (port 0 picks a free one; see `.port`)."""
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"--metrics-port must be 0-65535, not {port}")
-        try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as e:
-            raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
-        served = MetricsServer(server, thread)
-        log.info("metrics.serving", service=self.service, url=served.url)
-        return served
+        return serve_registry(self.registry, port, host, service=self.service)
+
+
+def serve_registry(registry: CollectorRegistry, port: int, host: str = "127.0.0.1", *,
+                   service: str) -> MetricsServer:
+    """Serve a registry on `/metrics` at host:port (0 picks a free port), logged as
+    `metrics.serving` with its URL."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-port must be 0-65535, not {port}")
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
+    served = MetricsServer(server, thread)
+    log.info("metrics.serving", service=service, url=served.url)
+    return served
 
 
 # --------------------------------------------------------------------------- health
