@@ -753,9 +753,9 @@ def model_card(m: dict[str, Any], description: str) -> str:
         "batch × ctx, 0), prefill → (0, 0, batch × tokens), mixed → (batch, kv_tokens, "
         "prefill_tokens) (see `throttllem._perf.table`)." + (
             " The fifth input, prefill_attn_tokens2, is Σ L² over the prompts L the pass "
-            "prefills (causal prefill attention costs that; the table's "
-            "`attention_tokens2`); a caller that does not know it gets prefill_tokens² (one "
-            "prompt per pass, an upper bound). Why this model has it: "
+            "prefills (causal prefill attention costs that; the profile column of that "
+            "name, see `ProfileTable.attention_tokens2`); a caller that does not give it gets "
+            "prefill_tokens² (one prompt per pass, an upper bound). Why this model has it: "
             f"{m.get('attention_input', '')}." if attention else
             " No Σ prompt² input (" + m.get("attention_input", "trained before it existed")
             + "): the model assumes every pass prefills one prompt."),
