@@ -174,6 +174,13 @@ def test_prepared_passes_carry_it_and_give_the_same_times(
     got = rt.prepared_time_s(prepared, clocks)
     want = rt.iteration_time_s(rows[0:1], rows[1:2], rows[2:3], clocks[:, None], rows[3:4])
     np.testing.assert_array_equal(got, want)
+    few = rows[:, np.flatnonzero(p)[:5]].copy()  # ≤ 8 prefill passes: the scalar cell path
+    np.testing.assert_array_equal(
+        rt.prepared_time_s(rt.prepare_passes(few), clocks),
+        rt.iteration_time_s(few[0:1], few[1:2], few[2:3], clocks[:, None], few[3:4]))
+    np.testing.assert_allclose(rt.iteration_time_s(few[0], few[1], few[2], clocks[1], few[3]),
+                               rt.predict_onnx(few[0], few[1], few[2], clocks[1], few[3]),
+                               rtol=0.05)
     three = rt.prepared_time_s(rt.prepare_passes(rows[:3].copy()), clocks)
     np.testing.assert_array_equal(three, rt.iteration_time_s(rows[0:1], rows[1:2], rows[2:3],
                                                              clocks[:, None]))
