@@ -140,14 +140,14 @@ def twin_model() -> PerfModel | None:
     return FunctionPerfModel(fn, name="twin clockmodel")
 
 
-def grid_model() -> tuple[PerfModel, tuple[float, float, float]] | None:
-    """The forecaster's default: the shipped ONNX model compiled to its grid; and the
-    grid's edge (batch, KV tokens, prefill tokens)."""
+def grid_model(name: str = DEFAULT_SETUP) -> tuple[PerfModel, tuple[float, float, float]] | None:
+    """The forecaster's default: the shipped ONNX model (or model `name`) compiled to its
+    grid; and the grid's edge (batch, KV tokens, prefill tokens)."""
     try:
         from throttllem._perf.runtime import PerfRuntime  # noqa: PLC0415
     except ImportError:
         return None
-    runtime = PerfRuntime.load(DEFAULT_SETUP)
+    runtime = PerfRuntime.load(name)
     assert runtime.grid is not None
     # as `load_perf_model` gives it to the controller: each problem's passes prepared once
     return (FunctionPerfModel(runtime.iteration_time_s, name="onnx grid", prepared=runtime),
@@ -186,13 +186,15 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", type=Path, default=Path("runs/bench_controller.json"))
+    ap.add_argument("--perf-model", default=DEFAULT_SETUP,
+                    help="the ONNX model of the 'onnx grid' rows (folder or shipped name)")
     args = ap.parse_args()
 
     models: list[tuple[str, PerfModel]] = [("affine", AffinePerfModel())]
     twin = twin_model()
     if twin is not None:
         models.append(("twin", twin))
-    grid = grid_model()
+    grid = grid_model(args.perf_model)
     if grid is not None:
         models.append(("onnx grid", grid[0]))
     # (label, strategy, fanout, warm start: None, or the hint's offset in clock steps from

@@ -257,7 +257,8 @@ def cmd_device(args: argparse.Namespace) -> int:
         clocks = [r.sm_clock_mhz for r in rows]
         pmeta = {**meta, "rows": len(rows), "elapsed_s": time.perf_counter() - t0,
                  "reps": args.reps, "warmup": 1, "sweep": "loop.sweep_shapes seed "
-                 f"{args.seed}", "sm_clock_mhz_min_median_max": [
+                 f"{args.seed}", "sweep_kv_cap_tokens": int(cap * 0.9),
+                 "sm_clock_mhz_min_median_max": [
                      min(clocks), statistics.median(clocks), max(clocks)] if clocks else None}
         (out / "profile.csv.meta.json").write_text(json.dumps(pmeta, indent=1) + "\n")
         say(f"profile: {len(rows)} rows in {pmeta['elapsed_s']:.0f} s, clocks "
@@ -323,20 +324,23 @@ def analyze(passes_csv: str | Path, serve_path: str | Path, model: str | Path) -
     run = json.loads(Path(serve_path).read_text(encoding="utf-8"))
     perf = PerfRuntime.load(model)
     b, kv, pf, meas = p["batch"], p["kv_tokens"], p["prefill_tokens"], p["gpu_ms"]
+    # Σ prompt² of each pass's prefills: a model with that input uses it, others ignore it
+    a2 = p["prefill_attn_tokens2"]
     clock_obs = p["clock_mhz"]
     clock_mode = float(statistics.mode(clock_obs.tolist()))
     clock_med = float(np.median(clock_obs))
     variants = {
-        "observed_clock": perf.iteration_time_s(b, kv, pf, clock_obs) * 1e3,
-        "fixed_clock": perf.iteration_time_s(b, kv, pf, np.full_like(b, clock_mode)) * 1e3,
+        "observed_clock": perf.iteration_time_s(b, kv, pf, clock_obs, a2) * 1e3,
+        "fixed_clock": perf.iteration_time_s(b, kv, pf, np.full_like(b, clock_mode), a2) * 1e3,
         # the ONNX model itself, not the grid the forecaster compiles from it
-        "observed_clock_onnx": perf.predict_onnx(b, kv, pf, clock_obs) * 1e3,
+        "observed_clock_onnx": perf.predict_onnx(b, kv, pf, clock_obs, a2) * 1e3,
     }
     decode = pf == 0
     done = [r for r in run["requests"] if "completed_s" in r]
     segs = [[tuple(s) for s in r["segments"]] for r in done]
     report: dict[str, Any] = {
         "model": str(model), "model_setup": perf.setup,
+        "model_features": perf.metadata.get("features", "").split(","),
         "trained_clock_range_mhz": list(perf.trained_clock_range_mhz),
         "device": run["meta"].get("device", {}),
         "passes": int(meas.size), "decode_only_passes": int(decode.sum()),
@@ -402,8 +406,8 @@ def projections(run: dict[str, Any], profile: Any, perf: Any, *, clock: float,
                                "queued": len(s.queued_ids), "prompt_tokens_per_s": rate}
         for name, model in models.items():
 
-            def time_s(b: Any, kv: Any, pf: Any, model: Any = model) -> Any:
-                return model.iteration_time_s(b, kv, pf, np.full_like(b, clock))
+            def time_s(b: Any, kv: Any, pf: Any, a2: Any, model: Any = model) -> Any:
+                return model.iteration_time_s(b, kv, pf, np.full_like(b, clock), a2)
 
             ids, ends, last_rel, proj = projected_ends_s(s, profile, time_s)
             err, rel, rep, it = [], [], [], []
@@ -514,6 +518,44 @@ def cmd_loop_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile_a2(args: argparse.Namespace) -> int:
+    """A profile written before tables had the Σ prompt² column, with that column filled in:
+    the profile's pass shapes are the seeded sweep (`sweep_shapes`), regenerated here and
+    checked row by row (decode batch or prompt count, KV tokens and prefill tokens must all
+    match, in order); any mismatch stops it, writing nothing."""
+    from throttllem._perf.table import ALL_COLUMNS  # noqa: PLC0415
+
+    src = Path(args.profile)
+    with src.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    shapes = sweep_shapes(args.sweep_n, seed=args.seed, kv_cap_tokens=args.sweep_kv_cap_tokens)
+    if len(rows) > len(shapes):
+        say(f"{src}: {len(rows)} rows but the sweep has {len(shapes)} shapes")
+        return 2
+    out_rows = []
+    for i, (row, shape) in enumerate(zip(rows, shapes, strict=False)):
+        n_dec, n_pre = len(shape.decode_ctx), len(shape.prefill_len)
+        want = (n_dec if n_dec else n_pre, sum(shape.decode_ctx), sum(shape.prefill_len))
+        got = (int(row["batch"]), int(float(row["kv_tokens"])), int(float(row["prefill_tokens"])))
+        if want != got:
+            say(f"{src}, row {i + 2}: (batch, kv_tokens, prefill_tokens) {got} but sweep shape "
+                f"{i} gives {want}: not this sweep (seed {args.seed}, KV cap "
+                f"{args.sweep_kv_cap_tokens}); nothing written")
+            return 3
+        out_rows.append({**row, "prefill_attn_tokens2": str(sum(x * x for x in
+                                                                shape.prefill_len))})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(ALL_COLUMNS), lineterminator="\n")
+        w.writeheader()
+        w.writerows({c: r.get(c, "") for c in ALL_COLUMNS} for r in out_rows)
+    multi = sum(1 for s in shapes[:len(rows)] if len(s.prefill_len) > 1)
+    say(f"wrote {len(out_rows)} rows to {out}: every row matched its sweep shape; "
+        f"{multi} rows prefill several prompts (Σ prompt² < prefill_tokens² there)")
+    return 0
+
+
 # int or float per PassRecord field (a zero of the field's type)
 _RECORD_KINDS = (0, 0.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0.0, 0.0, False, 0, 0)
 
@@ -556,6 +598,14 @@ def main(argv: list[str] | None = None) -> int:
     lt.add_argument("--out", required=True)
     lt.add_argument("--kv-bytes-per-token", type=int, default=131072)
     lt.set_defaults(fn=cmd_loop_table)
+    pa = sub.add_parser("profile-a2", help="fill in Σ prompt² of a profile from its sweep")
+    pa.add_argument("--profile", required=True, help="profile.csv written by `device`")
+    pa.add_argument("--out", required=True)
+    pa.add_argument("--seed", type=int, default=0, help="the sweep's seed (device --seed)")
+    pa.add_argument("--sweep-n", type=int, default=20_000, help="shapes the sweep drew")
+    pa.add_argument("--sweep-kv-cap-tokens", type=int, default=432_000,
+                    help="int(0.9 × the runner's KV capacity), as `device` passes it")
+    pa.set_defaults(fn=cmd_profile_a2)
     args = ap.parse_args(argv)
     rc: int = args.fn(args)
     return rc

@@ -300,8 +300,8 @@ def test_projection_matches_the_loop_when_no_one_arrives_later() -> None:
     snap = Snapshot.from_json(res.snapshots[0].to_json())
     assert snap.queued_ids  # the just-admitted request waits in the queue
 
-    def time_s(b: np.ndarray, kv: np.ndarray, p: np.ndarray) -> np.ndarray:
-        return np.asarray(affine_ms(b, kv, p) / 1e3)  # type: ignore[arg-type]
+    def time_s(b: np.ndarray, kv: np.ndarray, p: np.ndarray, a2: np.ndarray) -> np.ndarray:
+        return np.asarray(affine_ms(b, kv, p, a2) / 1e3)  # type: ignore[arg-type]
 
     ids, ends, last_rel, proj = projected_ends_s(snap, profile, time_s)
     done = {c.id: c for c in res.completed}

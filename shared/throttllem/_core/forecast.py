@@ -8,6 +8,9 @@ for every future iteration (pass) k = 0, 1, … T−1 of the instance:
 - `kv_blocks[k]`: KV blocks in use, decoding sequences' ceil(ctx/block) plus admissions'
   ceil((ctx+1)/block) (the engine's `kv_blocks_used`);
 - `prefill_tokens[k]`: prompt tokens prefilled by admissions in pass k;
+- `prefill_attn_tokens2[k]`: Σ L² over the prompts L prefilled in pass k (causal prefill
+  attention costs that: a performance model with that input tells one 4k prompt from four
+  1k ones, which `prefill_tokens` alone cannot);
 and per request (running, then queued, then the candidate) the pass whose end emits its
 next token (`first_token_iter`; a new request's first token, 0 for running ones) and its
 last one (`last_token_iter`).
@@ -139,6 +142,7 @@ class Projection:
     has_candidate: bool
     kv_overflow_iter: int
     kv_blocks_total: int
+    prefill_attn_tokens2: IntArray  # (T,) Σ prompt² per pass; see the module docstring
 
     @property
     def n_iterations(self) -> int:
@@ -300,11 +304,12 @@ def project(state: InstanceState, *, use_upper: bool = False,
         dec = series[:, :n_iter]
     else:
         dec = build(n_iter)
-    adm = np.zeros((3, n_iter), dtype=np.int64)
+    adm = np.zeros((4, n_iter), dtype=np.int64)
     for k, need, ctx in adm_events:
         adm[0, k] += 1
         adm[1, k] += need
         adm[2, k] += ctx
+        adm[3, k] += ctx * ctx
     dec_n = dec[0]
     dec_blocks = dec[2]
     overflow = -1
@@ -334,4 +339,5 @@ def project(state: InstanceState, *, use_upper: bool = False,
         has_candidate=candidate is not None,
         kv_overflow_iter=overflow,
         kv_blocks_total=total_blocks,
+        prefill_attn_tokens2=adm[3],
     )

@@ -48,9 +48,10 @@ class PreparedPerfModel(Protocol):
     clocks. Both methods give exactly `iteration_time_s`'s values."""
 
     def prepare_passes(self, rows: FloatArray) -> Any | None:
-        """Prepare passes given as a (3, T) float64 array (rows: decoding sequences, KV
-        tokens, prefill tokens); None when this model has nothing to prepare (then the
-        caller uses `iteration_time_s`). The rows must not change while it is in use."""
+        """Prepare passes given as a (3, T) or (4, T) float64 array (rows: decoding
+        sequences, KV tokens, prefill tokens, and Σ prompt² of the pass's prefills, which a
+        model without that input ignores); None when this model has nothing to prepare (then
+        the caller uses `iteration_time_s`). The rows must not change while it is in use."""
         ...
 
     def prepared_time_s(self, prepared: Any, clocks_mhz: FloatArray) -> FloatArray:
@@ -236,8 +237,15 @@ class ArrivalPrefillPerf:
         return np.interp(clock_mhz, self._clocks, self._factor)
 
     def iteration_time_s(self, batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
-                         clock_mhz: AnyArray) -> AnyArray:
-        base = self.base.iteration_time_s(batch, kv_tokens, prefill_tokens, clock_mhz)
+                         clock_mhz: AnyArray,
+                         prefill_attn_tokens2: AnyArray | None = None) -> AnyArray:
+        """`base`'s seconds, stretched; `prefill_attn_tokens2` (Σ prompt²) goes to `base`
+        when given (then `base` must take it, as `PerfRuntime` does)."""
+        if prefill_attn_tokens2 is None:
+            base = self.base.iteration_time_s(batch, kv_tokens, prefill_tokens, clock_mhz)
+        else:
+            base = self.base.iteration_time_s(  # type: ignore[call-arg]
+                batch, kv_tokens, prefill_tokens, clock_mhz, prefill_attn_tokens2)
         return np.asarray(base * self.stretch(np.asarray(clock_mhz, dtype=np.float64)))
 
     def prepare_passes(self, rows: FloatArray) -> Any | None:

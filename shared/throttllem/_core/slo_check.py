@@ -144,7 +144,8 @@ class SloProblem:
     span_first: IntArray  # (P,) must-meet pending requests with a TBT span
     span_last: IntArray  # (P,)
     span_limit_s: FloatArray  # (P,)
-    pass_rows: FloatArray  # (3, T) batch, kv_tokens, prefill_tokens (those are its rows)
+    # (4, T) batch, kv_tokens, prefill_tokens (those are its rows) and Σ prompt² per pass
+    pass_rows: FloatArray
     # The model's preparation of the pass rows (`PreparedPerfModel`), made on the first
     # probe round and reused by the later ones: id(model) -> (model, prepared or None).
     prepared: dict[int, tuple[PerfModel, Any]] = field(default_factory=dict, compare=False,
@@ -203,10 +204,11 @@ def prepare(projection: Projection, slo: RequestSlo, *, now_s: float,
     if ckpts.size:
         starts[0] = 0
         starts[1:] = ckpts[:-1] + 1
-    rows = np.empty((3, projection.n_iterations))
+    rows = np.empty((4, projection.n_iterations))
     rows[0] = projection.decode_batch
     rows[1] = projection.kv_tokens
     rows[2] = projection.prefill_tokens
+    rows[3] = projection.prefill_attn_tokens2
 
     return SloProblem(
         projection=projection, slo=slo, now_s=now_s, must_meet=mask,

@@ -238,7 +238,8 @@ def bucket_row(bucket: GpuBucket, shape: DecoderShape, *, times_ms: Sequence[flo
         sm_clock_mhz=clock, kv_gib=kv_tokens * shape.kv_bytes_per_token / GIB,
         requested_clock_mhz=None,  # nothing was requested: clocks are never changed
         prefill_tokens=0 if decode else kv_tokens, kv_tokens=kv_tokens if decode else 0,
-        kv_blocks=None, target="gpu", clock_locked=False)
+        kv_blocks=None, target="gpu", clock_locked=False,
+        prefill_attn_tokens2=0 if decode else bucket.batch * bucket.ctx * bucket.ctx)
 
 
 # --------------------------------------------------------------------------- torch model

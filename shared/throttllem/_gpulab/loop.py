@@ -355,7 +355,7 @@ def pass_row(spec: PassSpec, *, times_ms: Sequence[float], clocks_mhz: Sequence[
         sm_clock_mhz=statistics.median(clocks_mhz) if clocks_mhz else math.nan,
         kv_gib=(spec.kv_tokens + p) * kv_bytes_per_token / GIB, requested_clock_mhz=None,
         prefill_tokens=p, kv_tokens=spec.kv_tokens, kv_blocks=None, target="gpu",
-        clock_locked=False)
+        clock_locked=False, prefill_attn_tokens2=spec.prefill_attn_tokens2)
 
 
 class SweepShape(NamedTuple):
@@ -494,7 +494,7 @@ def record_row(rec: PassRecord, *, kv_bytes_per_token: int) -> ProfileRow:
         avg_power_w=e / (rec.gpu_ms / 1e3) if rec.gpu_ms > 0 and math.isfinite(e) else math.nan,
         sm_clock_mhz=rec.clock_mhz, kv_gib=(rec.kv_tokens + p) * kv_bytes_per_token / GIB,
         requested_clock_mhz=None, prefill_tokens=p, kv_tokens=rec.kv_tokens, kv_blocks=None,
-        target="gpu", clock_locked=False)
+        target="gpu", clock_locked=False, prefill_attn_tokens2=rec.prefill_attn_tokens2)
 
 
 class SegmentTracker:
@@ -828,17 +828,19 @@ def snapshot_state(s: Snapshot, profile: SetupProfile) -> Any:
 
 
 def projected_ends_s(s: Snapshot, profile: SetupProfile,
-                     time_s: Callable[[FloatArray, FloatArray, FloatArray], FloatArray]
+                     time_s: Callable[[FloatArray, FloatArray, FloatArray, FloatArray],
+                                      FloatArray]
                      ) -> tuple[tuple[str, ...], FloatArray, IntArray, Any]:
     """`project` the snapshot (true lengths) and time its passes with `time_s(batch, kv,
-    prefill)`; returns (request ids, predicted end times, predicted last pass index relative
-    to the snapshot, the projection)."""
+    prefill, Σ prompt²)`; returns (request ids, predicted end times, predicted last pass
+    index relative to the snapshot, the projection)."""
     from throttllem._core.forecast import project  # noqa: PLC0415
 
     proj = project(snapshot_state(s, profile))
     t = np.asarray(time_s(proj.decode_batch.astype(np.float64),
                           proj.kv_tokens.astype(np.float64),
-                          proj.prefill_tokens.astype(np.float64)), dtype=np.float64)
+                          proj.prefill_tokens.astype(np.float64),
+                          proj.prefill_attn_tokens2.astype(np.float64)), dtype=np.float64)
     ends = s.time_s + np.cumsum(t)
     ids = s.running_ids + s.queued_ids
     return ids, ends[proj.last_token_iter], proj.last_token_iter.astype(np.int64), proj

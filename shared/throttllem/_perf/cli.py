@@ -110,6 +110,9 @@ def add_train_perf_parser(train_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None,
                    help="random splits per fraction (default 1 for ≥1000 rows, else 5 "
                         "10-fold CVs at 90%% and 20 draws at 10%%)")
+    p.add_argument("--attention", choices=("auto", "on", "off"), default="auto",
+                   help="the Σ prompt² input (prefill attention): auto uses it when every "
+                        "row's Σ prompt² is known (column prefill_attn_tokens2, or derivable)")
     p.set_defaults(func=cmd_train_perf)
     return p
 
@@ -124,6 +127,8 @@ def _retrain_command(args: argparse.Namespace) -> str:
     parts += ["--seed", str(args.seed)]
     if args.repeats is not None:
         parts += ["--repeats", str(args.repeats)]
+    if args.attention != "auto":
+        parts += ["--attention", args.attention]
     if args.out is not None:
         parts += ["--out", str(args.out)]
     return shlex.join(parts)
@@ -133,7 +138,8 @@ def cmd_train_perf(args: argparse.Namespace) -> int:
     from throttllem._perf.train import train_perf_model  # noqa: PLC0415
 
     train_perf_model(args.data, args.setup, args.out, samples=args.samples, seed=args.seed,
-                     repeats=args.repeats, command=_retrain_command(args))
+                     repeats=args.repeats, command=_retrain_command(args),
+                     attention=args.attention)
     return 0
 
 

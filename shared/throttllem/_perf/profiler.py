@@ -212,7 +212,8 @@ def profile_twin(setup: str | Path, *, samples: int = DEFAULT_SAMPLES, seed: int
             energy_j_per_iter=res.energy_mj / 1e3 * factor, avg_power_w=res.power_w,
             sm_clock_mhz=res.clock_mhz, kv_gib=kv_tok * kv_bytes / 2**30,
             requested_clock_mhz=float(point.clock_mhz), prefill_tokens=point.prefill_tokens,
-            kv_tokens=point.kv_tokens, kv_blocks=blocks, target="twin", clock_locked=True)
+            kv_tokens=point.kv_tokens, kv_blocks=blocks, target="twin", clock_locked=True,
+            prefill_attn_tokens2=point.prefill_attn_tokens2)
 
 
 def run_profile(*, setup: str, out: str | Path, samples: int = DEFAULT_SAMPLES,

@@ -95,11 +95,22 @@ CARD_FILE: Final = "MODEL_CARD.md"
 METRICS_FILE: Final = "metrics.json"
 FORMAT_VERSION: Final = "1"
 FEATURES: Final = ("batch", "kv_tokens", "prefill_tokens", "clock_mhz")
+# The optional fifth input: Σ L² over the prompts L a pass prefills (causal prefill attention
+# costs that). A model trained with it lists it last in its features; one trained without
+# it assumes every pass prefills one prompt (Σ L² = prefill_tokens²).
+ATTENTION_FEATURE: Final = "prefill_attn_tokens2"
+ATTENTION_FEATURES: Final = (*FEATURES, ATTENTION_FEATURE)
 INPUT_NAME: Final = "X"
 OUTPUT_NAME: Final = "iteration_time_s"
 DEFAULT_MODEL_ROOT: Final = models_dir() / "perf"
 # The baseline's terms, in the order of its coefficients (= throttllem._perf.train.BASIS_TERMS).
-BASELINE_TERMS: Final = ("1", "kv", "b", "p", "r", "r*kv", "r*b", "r*p", "r*p^2")
+# "r*p^2" is the attention term of a model without the attention input, "r*a2" (a2 = Σ L²)
+# that of a model with it; each model uses one of the two (the other's coefficient is 0).
+BASELINE_TERMS: Final = ("1", "kv", "b", "p", "r", "r*kv", "r*b", "r*p", "r*p^2", "r*a2")
+_ATTENTION_TERMS: Final = frozenset({"r*p^2", "r*a2"})
+_PASS_ROW_NAMES: Final = (*FEATURES[:3], ATTENTION_FEATURE)
+# Σ prompt² at which the grid reads a model's attention slope off ONNX (t is linear in it).
+_ATTENTION_PROBE_TOKENS2: Final = 1e8
 _REQUIRED_METADATA: Final = (
     "throttllem.perf.format", "setup", "features", "trained_clock_min_mhz",
     "trained_clock_max_mhz", "grid_batch_max", "grid_kv_max", "grid_prefill_max",
@@ -236,17 +247,20 @@ def _locate_uniform(axis: FloatArray, x: FloatArray) -> tuple[IntArray, FloatArr
 class Baseline(NamedTuple):
     """The model's roofline baseline (`throttllem._perf.train`): seconds
     ``A + B·r``, r = ref/f, with ``A = c0 + c1·kv + c2·b + c3·p`` (clock-free work) and
-    ``B = c4 + c5·kv + c6·b + c7·p + c8·p²`` (work ∝ 1/f); all cᵢ ≥ 0."""
+    ``B = c4 + c5·kv + c6·b + c7·p + c8·p² + c9·a2`` (work ∝ 1/f; a2 = Σ prompt², p² when
+    not given); all cᵢ ≥ 0, and c8 or c9 is 0 (`BASELINE_TERMS`)."""
 
-    coef: tuple[float, ...]  # c0 … c8 for the unscaled basis, train.BASIS_TERMS order
+    coef: tuple[float, ...]  # c0 … c9 for the unscaled basis, train.BASIS_TERMS order
     ref_clock_mhz: float
 
     @classmethod
     def from_terms(cls, terms: Mapping[str, float], ref_clock_mhz: float) -> Baseline | None:
         """From metrics.json's ``baseline_coef`` ({term: value}); None if it is not usable."""
         try:
-            coef = tuple(float(terms[k]) for k in BASELINE_TERMS)
-        except (KeyError, TypeError, ValueError):
+            # a model has one of the two attention terms (older ones only "r*p^2")
+            coef = tuple(float(terms[k] if k not in _ATTENTION_TERMS else terms.get(k, 0.0))
+                         for k in BASELINE_TERMS)
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
         if not all(math.isfinite(c) and c >= 0 for c in coef) or not ref_clock_mhz > 0:
             return None
@@ -255,11 +269,14 @@ class Baseline(NamedTuple):
     def r(self, clocks_mhz: FloatArray) -> FloatArray:
         return np.asarray(self.ref_clock_mhz / np.maximum(clocks_mhz, 1.0), dtype=np.float64)
 
-    def parts(self, b: FloatArray, kv: FloatArray, p: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """(A, B) per point."""
+    def parts(self, b: FloatArray, kv: FloatArray, p: FloatArray,
+              a2: FloatArray | None = None) -> tuple[FloatArray, FloatArray]:
+        """(A, B) per point (`a2`: Σ prompt², p² when None)."""
         c = self.coef
         a = c[0] + c[1] * kv + c[2] * b + c[3] * p
-        return a, c[4] + c[5] * kv + c[6] * b + c[7] * p + c[8] * (p * p)
+        p2 = p * p
+        return a, (c[4] + c[5] * kv + c[6] * b + c[7] * p + c[8] * p2
+                   + c[9] * (p2 if a2 is None else a2))
 
 
 # (row index, weight of the lower KV node, weight of the upper one) of decode points, row
@@ -277,6 +294,8 @@ class PreparedPoints(NamedTuple):
     mixed_cell: _MixedCell | None
     # points beyond the edge and their seconds at every grid clock [m, C], monotone
     beyond: tuple[IntArray | slice, FloatArray] | None = None
+    # Σ prompt² of the points answered by the mixed grid (a model with the attention input)
+    attn: FloatArray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -308,6 +327,10 @@ class PerfGrid:
     baseline: Baseline | None = None
     decode_ext: npt.NDArray[np.float32] | None = None
     mixed_ext: npt.NDArray[np.float32] | None = None
+    # A model with the attention input: ``mixed`` holds its times at Σ prompt² = 0 and this
+    # table, shaped like it, the seconds each token² of Σ prompt² adds (the model is linear
+    # in it); both non-increasing along C. None for a model without that input.
+    mixed_attn: npt.NDArray[np.float32] | None = None
     decode_by_clock: npt.NDArray[np.float32] = field(init=False, repr=False)
     _corners: IntArray = field(init=False, repr=False)
     # (mixed batch axis, prefill axis, mixed KV step, corner offsets) as Python numbers,
@@ -329,7 +352,8 @@ class PerfGrid:
 
     @property
     def nbytes(self) -> int:
-        ext = sum(int(a.nbytes) for a in (self.decode_ext, self.mixed_ext) if a is not None)
+        ext = sum(int(a.nbytes) for a in (self.decode_ext, self.mixed_ext, self.mixed_attn)
+                  if a is not None)
         return int(self.decode.nbytes * 2 + self.mixed.nbytes) + ext
 
     @property
@@ -368,7 +392,7 @@ class PerfGrid:
 
     def rows(self, b: FloatArray, kv: FloatArray, p: FloatArray, cols: IntArray | None, *,
              maxima: tuple[float, float, float] | None = None,
-             clock_major: bool = False) -> FloatArray:
+             clock_major: bool = False, a2: FloatArray | None = None) -> FloatArray:
         """Seconds at clock columns `cols` (None: all) for n points with b, kv, p ≥ 0:
         [n, C'], or [C', n] with `clock_major` (`maxima`: the points' largest b, kv, p, when
         the caller has them already). `prepare` + `evaluate`.
@@ -384,14 +408,16 @@ class PerfGrid:
         baseline grows. Computed once per point for all clocks (`prepare`), so a point's
         value at a clock never depends on which other clocks or points a query asks for.
         """
-        return self.evaluate(self.prepare(b, kv, p, maxima=maxima), cols,
+        return self.evaluate(self.prepare(b, kv, p, maxima=maxima, a2=a2), cols,
                              clock_major=clock_major)
 
     def prepare(self, b: FloatArray, kv: FloatArray, p: FloatArray, *,
-                maxima: tuple[float, float, float] | None = None) -> PreparedPoints:
+                maxima: tuple[float, float, float] | None = None,
+                a2: FloatArray | None = None) -> PreparedPoints:
         """Everything about n points (b, kv, p ≥ 0) that does not depend on the clock: grid
         cells and interpolation weights, and the points beyond the edge with their seconds
-        at every grid clock (see `rows`)."""
+        at every grid clock (see `rows`). `a2`: the points' Σ prompt², used by a grid with
+        the attention table (``mixed_attn``), clipped to [0, p²]; None: p² (one prompt)."""
         bm, km, pm = self.edge
         if maxima is None:
             maxima = (float(b.max(initial=0.0)), float(kv.max(initial=0.0)),
@@ -411,7 +437,14 @@ class PerfGrid:
         if mi is not None and mi.size == 0:
             mi = None
         mcell = None if mi is None else self._mixed_cell(bc[mi], kc[mi], pc[mi])
-        prep = PreparedPoints(len(b), dcell, mi, mcell)
+        attn = None
+        if self.mixed_attn is not None:
+            a2 = p * p if a2 is None else np.minimum(np.maximum(a2, 0.0), p * p)
+            if mi is not None:
+                attn = a2[mi]
+        else:
+            a2 = None  # a model without the attention input: its baseline takes p²
+        prep = PreparedPoints(len(b), dcell, mi, mcell, attn=attn)
         if not any_out:
             return prep
         base, d_ext, m_ext = self.baseline, self.decode_ext, self.mixed_ext
@@ -426,7 +459,7 @@ class PerfGrid:
             if om.size:  # outside points answered by the mixed grid: their K from there
                 pos = mi[om] if isinstance(sel, slice) else np.searchsorted(od, mi[om])
                 k[pos] = self._gather_mixed(m_ext, (mcell[0][om], mcell[1][om]), None)
-        a_part, b_part = base.parts(b[sel], kv[sel], p[sel])
+        a_part, b_part = base.parts(b[sel], kv[sel], p[sel], None if a2 is None else a2[sel])
         t_base = np.multiply.outer(b_part, base.r(self.clocks))
         t_base += a_part[:, None]
         k *= t_base
@@ -449,7 +482,14 @@ class PerfGrid:
             if clock_major:
                 out = out.T
         if prep.mixed is not None and prep.mixed_cell is not None:
-            rv[prep.mixed] = self._gather_mixed(self.mixed, prep.mixed_cell, cols)
+            vals = self._gather_mixed(self.mixed, prep.mixed_cell, cols)
+            if prep.attn is not None and self.mixed_attn is not None:
+                # t = t(Σ prompt² = 0) + Σ prompt² · slope: both non-increasing in the clock,
+                # non-negative factor, so the sum stays monotone under rounding
+                extra = self._gather_mixed(self.mixed_attn, prep.mixed_cell, cols)
+                extra *= prep.attn[:, None]
+                vals += extra
+            rv[prep.mixed] = vals
         if prep.beyond is not None:
             sel, t_out = prep.beyond
             vals = t_out if cols is None else t_out[:, cols]
@@ -575,11 +615,12 @@ class PerfGrid:
 
 
 def extension_table(raw: FloatArray, nodes: tuple[FloatArray, FloatArray, FloatArray],
-                    baseline: Baseline, clocks: FloatArray) -> npt.NDArray[np.float32] | None:
+                    baseline: Baseline, clocks: FloatArray, *,
+                    a2: FloatArray | None = None) -> npt.NDArray[np.float32] | None:
     """[n, C] float32: the tree correction K = raw / baseline at n nodes × C clocks (raw:
-    the ONNX times, before any monotone fix); None when the baseline is not positive at
-    every node (it then cannot carry an extrapolation)."""
-    a, bb = baseline.parts(*nodes)
+    the ONNX times at Σ prompt² `a2`, before any monotone fix); None when the baseline is
+    not positive at every node (it then cannot carry an extrapolation)."""
+    a, bb = baseline.parts(*nodes, a2)
     base = a[:, None] + bb[:, None] * baseline.r(clocks)[None, :]
     if not np.all(base > 0):
         return None
@@ -614,6 +655,8 @@ class PerfRuntime:
         self.metadata = dict(metadata)
         self.model_sha256 = model_sha256
         self.setup: str = metadata["setup"]
+        # Whether the model takes Σ prompt² (its fifth input); see ATTENTION_FEATURE.
+        self.attention = metadata.get("features") == ",".join(ATTENTION_FEATURES)
         self.trained_clock_range_mhz = (float(metadata["trained_clock_min_mhz"]),
                                         float(metadata["trained_clock_max_mhz"]))
         c_lo = float(metadata["grid_clock_min_mhz"])
@@ -625,8 +668,7 @@ class PerfRuntime:
         # clock vector bytes -> (grid columns or None, whether they are all columns in order)
         self._columns: dict[bytes, tuple[IntArray | None, bool]] = {}
         # (grid, copies of the last points asked for, their PreparedPoints): see _prepared
-        self._last_points: tuple[PerfGrid, tuple[FloatArray, FloatArray, FloatArray],
-                                 PreparedPoints] | None = None
+        self._last_points: tuple[PerfGrid, tuple[FloatArray, ...], PreparedPoints] | None = None
         # the last `prepare_passes` (its rows a copy): reused while the same rows come again
         self._last_passes: _PreparedPasses | None = None
 
@@ -659,9 +701,9 @@ class PerfRuntime:
         if meta["throttllem.perf.format"] != FORMAT_VERSION:
             raise ModelError(f"{onnx_path}: model format {meta['throttllem.perf.format']!r}, "
                              f"this runtime reads {FORMAT_VERSION!r}; retrain it")
-        if meta["features"] != ",".join(FEATURES):
+        if meta["features"] not in (",".join(FEATURES), ",".join(ATTENTION_FEATURES)):
             raise ModelError(f"{onnx_path}: features {meta['features']!r}, expected "
-                             f"{','.join(FEATURES)!r}")
+                             f"{','.join(FEATURES)!r} or {','.join(ATTENTION_FEATURES)!r}")
         inputs = session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
             raise ModelError(f"{onnx_path}: expected one input named {INPUT_NAME!r}")
@@ -691,22 +733,42 @@ class PerfRuntime:
         return np.asarray(out, dtype=np.float64).reshape(-1)
 
     def predict_onnx(self, batch: npt.ArrayLike, kv_tokens: npt.ArrayLike,
-                     prefill_tokens: npt.ArrayLike, clock_mhz: npt.ArrayLike) -> FloatArray:
-        """Seconds straight from the ONNX model (broadcast shape); the reference answer."""
+                     prefill_tokens: npt.ArrayLike, clock_mhz: npt.ArrayLike,
+                     prefill_attn_tokens2: npt.ArrayLike | None = None) -> FloatArray:
+        """Seconds straight from the ONNX model (broadcast shape); the reference answer.
+        `prefill_attn_tokens2` (Σ prompt²) is used by a model with that input (None:
+        prefill_tokens², one prompt per pass) and ignored by one without."""
         b, kv, p, f = _broadcast(batch, kv_tokens, prefill_tokens, clock_mhz)
-        shape = b.shape
-        x = np.stack([b.ravel(), kv.ravel(), p.ravel(), f.ravel()], axis=1)
-        return self._run(x).reshape(shape)
+        arrs: list[FloatArray] = [b, kv, p, f]
+        if self.attention:
+            arrs = list(np.broadcast_arrays(
+                *arrs, self._attention_tokens2(prefill_attn_tokens2, p)))
+        shape = arrs[0].shape
+        return self._run(np.stack([a.ravel() for a in arrs], axis=1)).reshape(shape)
+
+    @staticmethod
+    def _attention_tokens2(a2: npt.ArrayLike | None, p: FloatArray) -> FloatArray:
+        """Σ prompt² broadcast to `p`'s shape, checked finite; p² where not given."""
+        if a2 is None:
+            return p * p
+        a = np.asarray(a2, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{ATTENTION_FEATURE} has NaN or infinite values")
+        return np.asarray(np.broadcast_to(a, np.broadcast_shapes(a.shape, p.shape)),
+                          dtype=np.float64)
 
     def _onnx_rows(self, b: FloatArray, kv: FloatArray, p: FloatArray,
-                   clocks: FloatArray) -> FloatArray:
-        """[n, len(clocks)] seconds for points × clocks through ONNX."""
+                   clocks: FloatArray, a2: FloatArray | None = None) -> FloatArray:
+        """[n, len(clocks)] seconds for points × clocks through ONNX (`a2`: Σ prompt², for a
+        model with that input; None: p²)."""
         n, c = len(b), len(clocks)
-        x = np.empty((n * c, 4), dtype=np.float64)
+        x = np.empty((n * c, 5 if self.attention else 4), dtype=np.float64)
         x[:, 0] = np.repeat(b, c)
         x[:, 1] = np.repeat(kv, c)
         x[:, 2] = np.repeat(p, c)
         x[:, 3] = np.tile(clocks, n)
+        if self.attention:
+            x[:, 4] = np.repeat(p * p if a2 is None else a2, c)
         return self._run(x).reshape(n, c)
 
     # ------------------------------------------------------------------ grid
@@ -730,14 +792,23 @@ class PerfRuntime:
         decode = self._onnx_rows(*d_nodes, clocks)
         bb, kk, pp = np.meshgrid(m_batch, m_kv, p_axis, indexing="ij")
         m_nodes = (bb.ravel(), kk.ravel(), pp.ravel())
-        mixed = self._onnx_rows(*m_nodes, clocks)
+        zeros = np.zeros(bb.size) if self.attention else None
+        # with the attention input: the times at Σ prompt² = 0, and the slope per token² of
+        # Σ prompt² read off ONNX (the model is linear in it: its trees never see it)
+        mixed = self._onnx_rows(*m_nodes, clocks, zeros)
+        attn = None
+        if self.attention:
+            probe = np.full(bb.size, _ATTENTION_PROBE_TOKENS2)
+            slope = (self._onnx_rows(*m_nodes, clocks, probe) - mixed) / _ATTENTION_PROBE_TOKENS2
+            attn = np.maximum(slope, 0.0)
         d_shape = (len(d_batch), len(d_kv), len(clocks))
         m_shape = (len(m_batch), len(m_kv), len(p_axis), len(clocks))
         base = self.baseline
         d_ext = m_ext = None
         if base is not None:
-            d_ext = extension_table(decode, d_nodes, base, clocks)
-            m_ext = extension_table(mixed, m_nodes, base, clocks)
+            d_ext = extension_table(decode, d_nodes, base, clocks,
+                                    a2=np.zeros(len(d_nodes[0])) if self.attention else None)
+            m_ext = extension_table(mixed, m_nodes, base, clocks, a2=zeros)
         ok = d_ext is not None and m_ext is not None
         self.grid = PerfGrid(
             clocks=clocks, decode_batch=d_batch, decode_kv=d_kv,
@@ -746,46 +817,62 @@ class PerfRuntime:
             mixed=monotone_in_clock(mixed).astype(np.float32).reshape(m_shape),
             baseline=base if ok else None,
             decode_ext=d_ext.reshape(d_shape) if ok and d_ext is not None else None,
-            mixed_ext=m_ext.reshape(m_shape) if ok and m_ext is not None else None)
+            mixed_ext=m_ext.reshape(m_shape) if ok and m_ext is not None else None,
+            mixed_attn=None if attn is None else
+            monotone_in_clock(attn).astype(np.float32).reshape(m_shape))
         self.grid_build_s = time.perf_counter() - t0
         return self.grid
 
     # ------------------------------------------------------------------ PerfModel
 
     def iteration_time_s(self, batch: AnyArray, kv_tokens: AnyArray, prefill_tokens: AnyArray,
-                         clock_mhz: AnyArray) -> AnyArray:
+                         clock_mhz: AnyArray,
+                         prefill_attn_tokens2: AnyArray | None = None) -> AnyArray:
         """Seconds per iteration, numpy broadcasting (`throttllem._core.perf.PerfModel`).
 
-        Grid when compiled (monotone in the clock), else ONNX. Raises ValueError on NaN or
-        infinite inputs and on clocks ≤ 0.
+        Grid when compiled (monotone in the clock), else ONNX. `prefill_attn_tokens2` (Σ
+        prompt² of each pass's prefills, broadcast like `prefill_tokens`) is used by a model
+        with that input (None: prefill_tokens², one prompt per pass) and ignored by one
+        without. Raises ValueError on NaN or infinite inputs and on clocks ≤ 0.
         """
         grid = self.grid
         if grid is None:
-            return self.predict_onnx(batch, kv_tokens, prefill_tokens, clock_mhz)
+            return self.predict_onnx(batch, kv_tokens, prefill_tokens, clock_mhz,
+                                     prefill_attn_tokens2)
         b, kv, p, f = (np.asarray(a, dtype=np.float64)
                        for a in (batch, kv_tokens, prefill_tokens, clock_mhz))
-        shape = np.broadcast_shapes(b.shape, kv.shape, p.shape, f.shape)
-        clocks = _clock_row(b, kv, p, f, shape)
+        pts: tuple[FloatArray, ...] = (b, kv, p)
+        if self.attention and prefill_attn_tokens2 is not None:
+            pts = (b, kv, p, np.asarray(prefill_attn_tokens2, dtype=np.float64))
+        shape = np.broadcast_shapes(*(a.shape for a in pts), f.shape)
+        clocks = _clock_row(pts, f, shape)
         if clocks is not None:
             lead = (*shape[:-1], 1)
-            pb, pkv, pp = (np.broadcast_to(a.reshape((1,) * (len(shape) - a.ndim) + a.shape),
-                                           lead).reshape(-1) for a in (b, kv, p))
-            return self._clock_rows(grid, pb, pkv, pp, clocks).reshape(shape)
-        if _clock_column(b, kv, p, f, shape):
+            flat = tuple(np.broadcast_to(a.reshape((1,) * (len(shape) - a.ndim) + a.shape),
+                                         lead).reshape(-1) for a in pts)
+            return self._clock_rows(grid, flat[0], flat[1], flat[2], clocks,
+                                    a2=flat[3] if len(flat) > 3 else None).reshape(shape)
+        if _clock_column(pts, f, shape):
             # The controller's layout: clocks down axis 0 (C, 1), passes along axis 1 (1, T);
             # answered clock-major, (C, T) contiguous.
-            pb, pkv, pp = (a.reshape(-1) if a.size == shape[1] else
-                           np.broadcast_to(a.reshape(1, -1) if a.ndim else a,
-                                           (1, shape[1])).reshape(-1) for a in (b, kv, p))
-            return self._clock_rows(grid, pb, pkv, pp, f.reshape(-1), clock_major=True)
+            flat = tuple(a.reshape(-1) if a.size == shape[1] else
+                         np.broadcast_to(a.reshape(1, -1) if a.ndim else a,
+                                         (1, shape[1])).reshape(-1) for a in pts)
+            return self._clock_rows(grid, flat[0], flat[1], flat[2], f.reshape(-1),
+                                    clock_major=True, a2=flat[3] if len(flat) > 3 else None)
         bb, kk, pp, ff = _broadcast(b, kv, p, f)
-        return self._pointwise(grid, bb.ravel(), kk.ravel(), pp.ravel(),
-                               ff.ravel()).reshape(shape)
+        a2 = None
+        if len(pts) > 3:
+            a2 = self._attention_tokens2(pts[3], pp)
+            bb, kk, pp, ff = (np.broadcast_to(a, a2.shape) for a in (bb, kk, pp, ff))
+        return self._pointwise(grid, bb.ravel(), kk.ravel(), pp.ravel(), ff.ravel(),
+                               None if a2 is None else a2.ravel()).reshape(shape)
 
     def prepare_passes(self, rows: FloatArray) -> _PreparedPasses | None:
         """`PreparedPerfModel`: the grid cells of (3, T) pass rows (batch, KV tokens,
-        prefill tokens), validated as `iteration_time_s` validates them; None without a grid
-        that extrapolates (then `iteration_time_s` decides per query)."""
+        prefill tokens) or (4, T) ones (and Σ prompt², which a model without that input
+        ignores), validated as `iteration_time_s` validates them; None without a grid that
+        extrapolates (then `iteration_time_s` decides per query)."""
         grid = self.grid
         if grid is None or not grid.extrapolates:
             return None
@@ -794,20 +881,21 @@ class PerfRuntime:
                 and bool((last.rows == rows).all())):
             return last  # the same passes again (a decision repeated on the same state)
         b, kv, p = rows[0], rows[1], rows[2]
+        a2 = rows[3] if self.attention and rows.shape[0] > 3 else None
         if rows.shape[1]:
             lo = rows.min(axis=1).tolist()
             hi = rows.max(axis=1).tolist()
         else:
-            lo = hi = [0.0, 0.0, 0.0]
-        for name, mn, mx in zip(FEATURES, lo, hi, strict=False):
+            lo = hi = [0.0] * rows.shape[0]
+        for name, mn, mx in zip(_PASS_ROW_NAMES, lo, hi, strict=False):
             if not (math.isfinite(mn) and math.isfinite(mx)):
                 raise ValueError(f"{name} has NaN or infinite values")
-        if min(lo) < 0:  # some count is negative: 0, as in the ONNX graph
+        if min(lo[:3]) < 0:  # some count is negative: 0, as in the ONNX graph
             b, kv, p = _nonnegative(b), _nonnegative(kv), _nonnegative(p)
             hi = [float(b.max(initial=0.0)), float(kv.max(initial=0.0)),
                   float(p.max(initial=0.0))]
-        prepared = _PreparedPasses(grid, grid.prepare(b, kv, p, maxima=(hi[0], hi[1], hi[2])),
-                                   rows.copy())
+        prepared = _PreparedPasses(grid, grid.prepare(b, kv, p, maxima=(hi[0], hi[1], hi[2]),
+                                                      a2=a2), rows.copy())
         self._last_passes = prepared
         return prepared
 
@@ -818,7 +906,8 @@ class PerfRuntime:
         cols, all_cols = self._grid_columns(grid, clocks_mhz)
         if cols is None or grid is not self.grid:
             return np.asarray(self.iteration_time_s(rows[0:1], rows[1:2], rows[2:3],
-                                                    clocks_mhz.reshape(-1, 1)))
+                                                    clocks_mhz.reshape(-1, 1),
+                                                    rows[3:4] if rows.shape[0] > 3 else None))
         return grid.evaluate(prep, None if all_cols else cols, clock_major=True)
 
     def _grid_columns(self, grid: PerfGrid, clocks: FloatArray) -> tuple[IntArray | None, bool]:
@@ -835,60 +924,67 @@ class PerfRuntime:
         return hit
 
     def _clock_rows(self, grid: PerfGrid, b: FloatArray, kv: FloatArray, p: FloatArray,
-                    clocks: FloatArray, *, clock_major: bool = False) -> FloatArray:
+                    clocks: FloatArray, *, clock_major: bool = False,
+                    a2: FloatArray | None = None) -> FloatArray:
         """[n, len(clocks)] (or its transpose, contiguous, with `clock_major`) for n points,
-        every point at every clock (the forecaster's query shape). Validates the inputs as
-        `_validated` does."""
+        every point at every clock (the forecaster's query shape); `a2` their Σ prompt²
+        (None: p²). Validates the inputs as `_validated` does."""
         cols, all_cols = self._grid_columns(grid, clocks)
         sel = None if all_cols else cols
+        if a2 is not None and a2.size and not (math.isfinite(float(a2.min()))
+                                               and math.isfinite(float(a2.max()))):
+            raise ValueError(f"{ATTENTION_FEATURE} has NaN or infinite values")
         if cols is not None and grid.extrapolates:  # the hot path: never ONNX
-            return grid.evaluate(self._prepared(grid, b, kv, p), sel, clock_major=clock_major)
+            return grid.evaluate(self._prepared(grid, b, kv, p, a2), sel,
+                                 clock_major=clock_major)
         maxima = _checked_maxima(b, kv, p, clocks)
         n = len(b)
         if cols is None:  # clocks off the grid: evaluate pointwise
             out = self._pointwise(grid, np.repeat(b, len(clocks)), np.repeat(kv, len(clocks)),
-                                  np.repeat(p, len(clocks)), np.tile(clocks, n)
+                                  np.repeat(p, len(clocks)), np.tile(clocks, n),
+                                  None if a2 is None else np.repeat(a2, len(clocks))
                                   ).reshape(n, len(clocks))
             return np.ascontiguousarray(out.T) if clock_major else out
         b, kv, p = _nonnegative(b), _nonnegative(kv), _nonnegative(p)
         inside = grid.inside(b, kv, p)
         if inside.all():
-            return grid.rows(b, kv, p, sel, maxima=maxima, clock_major=clock_major)
+            return grid.rows(b, kv, p, sel, maxima=maxima, clock_major=clock_major, a2=a2)
         # No baseline to extrapolate with: ONNX for the rows outside, made monotone
         out = np.empty((n, len(clocks)), dtype=np.float64)
         if inside.any():
-            out[inside] = grid.rows(b[inside], kv[inside], p[inside], sel)
+            out[inside] = grid.rows(b[inside], kv[inside], p[inside], sel,
+                                    a2=None if a2 is None else a2[inside])
         outside = ~inside
         full = monotone_in_clock(self._onnx_rows(b[outside], kv[outside], p[outside],
-                                                 grid.clocks))
+                                                 grid.clocks,
+                                                 None if a2 is None else a2[outside]))
         out[outside] = full[:, cols]
         return np.ascontiguousarray(out.T) if clock_major else out
 
     def _prepared(self, grid: PerfGrid, b: FloatArray, kv: FloatArray,
-                  p: FloatArray) -> PreparedPoints:
+                  p: FloatArray, a2: FloatArray | None = None) -> PreparedPoints:
         """`grid.prepare` of the points, validated; the last one is kept and reused while
         the next query asks for exactly the same points (a clock search asks for the same
         pass rows round after round, only the clocks change). Reuse is decided on the
         values, compared in full, never on the arrays' identity."""
         last = self._last_points
-        if last is not None and last[0] is grid:
-            _, (cb, ckv, cp), prep = last
-            if (cb.shape == b.shape and ckv.shape == kv.shape and cp.shape == p.shape
-                    and bool((cb == b).all()) and bool((ckv == kv).all())
-                    and bool((cp == p).all())):
-                return prep
+        pts = (b, kv, p) if a2 is None else (b, kv, p, a2)
+        if (last is not None and last[0] is grid and len(last[1]) == len(pts)
+                and all(c.shape == a.shape and bool((c == a).all())
+                        for c, a in zip(last[1], pts, strict=True))):
+            return last[2]
         maxima = _checked_maxima(b, kv, p, grid.clocks[-1:])
-        copies = (b.copy(), kv.copy(), p.copy())
+        copies = tuple(a.copy() for a in pts)
         if maxima is None:  # some count is negative: 0, as in the ONNX graph
             b, kv, p = _nonnegative(b), _nonnegative(kv), _nonnegative(p)
             maxima = (float(b.max(initial=0.0)), float(kv.max(initial=0.0)),
                       float(p.max(initial=0.0)))
-        prep = grid.prepare(b, kv, p, maxima=maxima)
+        prep = grid.prepare(b, kv, p, maxima=maxima, a2=a2)
         self._last_points = (grid, copies, prep)
         return prep
 
-    def _pointwise(self, grid: PerfGrid, b: FloatArray, kv: FloatArray, p: FloatArray,
-                   f: FloatArray) -> FloatArray:
+    def _pointwise(self, grid: PerfGrid, b: FloatArray, kv: FloatArray, p: FloatArray,  # noqa: PLR0917
+                   f: FloatArray, a2: FloatArray | None = None) -> FloatArray:
         """Any points: the grid (interpolated along the clock too) for clocks within the
         grid's range, ONNX for clocks beyond it (and, without a baseline to extrapolate
         with, for points outside the grid)."""
@@ -900,18 +996,22 @@ class PerfRuntime:
         if inside.any():
             ic, wc = _locate(grid.clocks, f[inside])
             bi, ki, pi = b[inside], kv[inside], p[inside]
+            ai = None if a2 is None else a2[inside]
             # rows at all clocks would be wasteful for scattered points: two columns each
             lo = np.empty(len(ic))
             hi = np.empty(len(ic))
             for col in np.unique(ic).tolist():
                 sel = ic == col
-                r = grid.rows(bi[sel], ki[sel], pi[sel], np.asarray([col, col + 1]))
+                r = grid.rows(bi[sel], ki[sel], pi[sel], np.asarray([col, col + 1]),
+                              a2=None if ai is None else ai[sel])
                 lo[sel], hi[sel] = r[:, 0], r[:, 1]
             out[inside] = lo + (hi - lo) * wc
         if not inside.all():
             o = ~inside
-            x = np.stack([b[o], kv[o], p[o], f[o]], axis=1)
-            out[o] = self._run(x)
+            cols = [b[o], kv[o], p[o], f[o]]
+            if self.attention:
+                cols.append(p[o] * p[o] if a2 is None else a2[o])
+            out[o] = self._run(np.stack(cols, axis=1))
         return out
 
 
@@ -965,17 +1065,17 @@ def _broadcast(batch: npt.ArrayLike, kv: npt.ArrayLike, prefill: npt.ArrayLike,
     return b, kv_, p, f
 
 
-def _clock_row(b: FloatArray, kv: FloatArray, p: FloatArray, f: FloatArray,
+def _clock_row(pts: tuple[FloatArray, ...], f: FloatArray,
                shape: tuple[int, ...]) -> FloatArray | None:
     """When only the clock varies along the last axis (shapes like (T, 1) × (1, C)), the
-    clock vector; else None."""
+    clock vector; else None (`pts`: the point coordinates)."""
     if not shape or shape[-1] <= 1:
         return None
     nd = len(shape)
     cshape = (1,) * (nd - f.ndim) + f.shape
     if any(d != 1 for d in cshape[:-1]) or cshape[-1] != shape[-1]:
         return None
-    for a in (b, kv, p):
+    for a in pts:
         if a.ndim == nd and a.shape[-1] != 1:
             return None
         if 0 < a.ndim < nd and ((1,) * (nd - a.ndim) + a.shape)[-1] != 1:
@@ -983,12 +1083,11 @@ def _clock_row(b: FloatArray, kv: FloatArray, p: FloatArray, f: FloatArray,
     return f.reshape(-1)
 
 
-def _clock_column(b: FloatArray, kv: FloatArray, p: FloatArray, f: FloatArray,
-                  shape: tuple[int, ...]) -> bool:
+def _clock_column(pts: tuple[FloatArray, ...], f: FloatArray, shape: tuple[int, ...]) -> bool:
     """True for the transposed layout (C, 1) clocks × (1, T) points (C ≥ 1), 2-D only."""
     if len(shape) != 2 or shape[0] < 1 or f.shape != (shape[0], 1):
         return False
-    return all(a.ndim == 0 or a.shape in ((1, shape[1]), (shape[1],)) for a in (b, kv, p))
+    return all(a.ndim == 0 or a.shape in ((1, shape[1]), (shape[1],)) for a in pts)
 
 
 def _metrics_beside(onnx_path: Path, sha: str) -> dict[str, Any] | None:
@@ -1034,10 +1133,13 @@ def score_table(model: PerfRuntime, path: str | Path, *, use_grid: bool = False
 
     table = read_table(path)
     b, kv, p, f = table.features()
+    a2 = table.attention_tokens2()
+    unknown = np.isnan(a2)
+    a2 = np.where(unknown, p * p, a2)  # not recorded: one prompt per pass, as callers do
     if use_grid and model.grid is not None:
-        pred = np.asarray(model.iteration_time_s(b, kv, p, f), dtype=np.float64)
+        pred = np.asarray(model.iteration_time_s(b, kv, p, f, a2), dtype=np.float64)
     else:
-        pred = model.predict_onnx(b, kv, p, f)
+        pred = model.predict_onnx(b, kv, p, f, a2)
     m = model.metadata
     lo, hi = model.trained_clock_range_mhz
     notes = {
@@ -1047,6 +1149,7 @@ def score_table(model: PerfRuntime, path: str | Path, *, use_grid: bool = False
         "batch_above_trained": int((b > float(m.get("trained_batch_max", "inf"))).sum()),
         "kv_above_trained": int((kv > float(m.get("trained_kv_max", "inf"))).sum()),
         "prefill_above_trained": int((p > float(m.get("trained_prefill_max", "inf"))).sum()),
+        "attention_tokens2_unknown": int(unknown.sum()) if model.attention else 0,
     }
     return compute_metrics(table.iter_s, pred, table.phase), notes
 

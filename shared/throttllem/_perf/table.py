@@ -17,7 +17,10 @@ Our profiler writes a superset (extra columns are optional when reading, and any
 is ignored): ``requested_clock_mhz`` (the locked clock asked for; empty when none could be
 locked), ``prefill_tokens`` and ``kv_tokens`` (the exact iteration shape, needed for ``mixed``
 rows that decode a batch and prefill prompts in one pass), ``kv_blocks`` (paged-KV blocks in
-use), ``target`` (``twin`` or ``gpu``) and ``clock_locked`` (``true``/``false``).
+use), ``target`` (``twin`` or ``gpu``), ``clock_locked`` (``true``/``false``) and
+``prefill_attn_tokens2`` (Σ L² over the prompts L prefilled in the pass: causal prefill
+attention costs that, which the prefill token count alone cannot tell apart when a pass
+prefills several prompts).
 
 From rows to performance-model features (`ProfileTable.features`), as the engine reports an
 iteration (``EngineIteration``: decode batch, KV tokens of the decoding sequences, prefill
@@ -34,6 +37,12 @@ mixed      batch          column ``kv_tokens``  column ``prefill_tokens``
 Non-empty ``kv_tokens`` / ``prefill_tokens`` cells override the derived values on any row.
 The clock feature is ``sm_clock_mhz``, the observed clock (what the GPU actually ran at); a
 row whose ``sm_clock_mhz`` is empty falls back to ``requested_clock_mhz``.
+
+Σ prompt² (`ProfileTable.attention_tokens2`): the ``prefill_attn_tokens2`` cell where
+given; else only what the row pins down exactly: 0 for decode rows; for a prefill row of
+one prompt its length², and batch × tokens² for one in the base layout (``batch`` prompts
+of ``tokens`` each); NaN for a mixed row and for a prefill row of several prompts with a
+``prefill_tokens`` cell (our profilers round ``tokens`` for uneven prompts).
 
 Errors name the file, the line and the column. Parquet is not supported (pyarrow is not a
 dependency of this project): ``.parquet`` paths are refused with a message saying to use CSV.
@@ -69,6 +78,7 @@ BASE_COLUMNS: Final = (
 )
 EXTRA_COLUMNS: Final = (
     "requested_clock_mhz", "prefill_tokens", "kv_tokens", "kv_blocks", "target", "clock_locked",
+    "prefill_attn_tokens2",
 )
 ALL_COLUMNS: Final = BASE_COLUMNS + EXTRA_COLUMNS
 PHASES: Final = ("decode", "prefill", "mixed")
@@ -107,6 +117,7 @@ class ProfileRow(NamedTuple):
     kv_blocks: int | None
     target: str
     clock_locked: bool
+    prefill_attn_tokens2: int | None = None  # Σ prompt² of the pass; None: not recorded
 
     def cells(self) -> list[str]:
         """CSV cells in `ALL_COLUMNS` order (None and NaN become empty cells)."""
@@ -189,6 +200,7 @@ class ProfileTable:
     kv_blocks: FloatArray
     target: tuple[str, ...]
     clock_locked: tuple[bool | None, ...]
+    prefill_attn_tokens2: FloatArray
     lines: tuple[int, ...] = field(default=())
 
     def __len__(self) -> int:
@@ -212,6 +224,22 @@ class ProfileTable:
         clock = np.where(np.isnan(self.sm_clock_mhz), self.requested_clock_mhz, self.sm_clock_mhz)
         return (np.asarray(batch, dtype=np.float64), np.asarray(kv, dtype=np.float64),
                 np.asarray(pf, dtype=np.float64), np.asarray(clock, dtype=np.float64))
+
+    def attention_tokens2(self) -> FloatArray:
+        """Σ prompt² of every row's prefills (module docstring); NaN where the row does not
+        pin it down (a mixed row without the ``prefill_attn_tokens2`` cell)."""
+        ph = np.asarray(self.phase)
+        given_p = ~np.isnan(self.prefill_tokens)
+        # a prefill row: one prompt of prefill_tokens (exact), or batch prompts of `tokens`
+        # each as the base layout defines them; our profilers round `tokens` for uneven
+        # prompts (they write prefill_tokens), so such a row of several prompts is unknown
+        one = np.where(given_p, self.prefill_tokens * self.prefill_tokens,
+                       self.tokens * self.tokens)
+        prefill = np.where(self.batch == 1, one,
+                           np.where(given_p, math.nan, self.batch * self.tokens * self.tokens))
+        derived = np.where(ph == "decode", 0.0, np.where(ph == "prefill", prefill, math.nan))
+        given = self.prefill_attn_tokens2
+        return np.asarray(np.where(np.isnan(given), derived, given), dtype=np.float64)
 
     def subset(self, index: npt.ArrayLike) -> ProfileTable:
         """The rows at `index` (an integer or boolean array), in that order."""
@@ -365,10 +393,20 @@ def _check_row(values: dict[str, list[float]], phase: str, where: str, line: int
             raise bad(name, "must be a whole number")
     if not last("ctx") >= 0:
         raise bad("ctx", "must be >= 0")
-    for name in ("kv_tokens", "prefill_tokens", "kv_blocks"):
+    for name in ("kv_tokens", "prefill_tokens", "kv_blocks", "prefill_attn_tokens2"):
         v = last(name)
         if not math.isnan(v) and v < 0:
             raise bad(name, "must be >= 0")
+    a2, pf = last("prefill_attn_tokens2"), last("prefill_tokens")
+    if not math.isnan(a2):
+        if math.isnan(pf) and phase == "decode":
+            pf = 0.0
+        elif math.isnan(pf):
+            pf = last("batch") * last("tokens")
+        # Σ L² ≤ (Σ L)², and a pass that prefills something has Σ L² ≥ 1
+        if a2 > pf * pf or (pf > 0 and a2 < 1):
+            raise bad("prefill_attn_tokens2", f"is not a sum of squared prompt lengths that "
+                      f"add up to {pf:g} prefill tokens")
     clock = last("sm_clock_mhz")
     if math.isnan(clock):
         clock = last("requested_clock_mhz")

@@ -65,6 +65,7 @@ from throttllem._data import models_dir
 from throttllem._errors import ConfigError, ModelError
 from throttllem._onnx import onnx_session
 from throttllem._perf.runtime import (
+    ATTENTION_FEATURES,
     BASELINE_TERMS,
     CARD_FILE,
     FEATURES,
@@ -83,12 +84,14 @@ from throttllem._setup import load_setup
 FloatArray = npt.NDArray[np.float64]
 
 BASIS_TERMS: Final = BASELINE_TERMS
-PHYSICAL_TERMS: Final = frozenset({"1", "kv", "r", "r*b", "r*p", "r*p^2"})
+PHYSICAL_TERMS: Final = frozenset({"1", "kv", "r", "r*b", "r*p", "r*p^2", "r*a2"})
 SMALL_DATA_ROWS: Final = 200
 PARITY_RTOL: Final = 1e-5
 # Basis column scales, so NNLS works on numbers of order 1 (kv in 1e5 tokens, b in 100s,
 # p in 1000s); folded into the exported coefficients.
-_SCALE: Final = np.array([1.0, 1e-5, 1e-2, 1e-3, 1.0, 1e-5, 1e-2, 1e-3, 1e-6])
+_SCALE: Final = np.array([1.0, 1e-5, 1e-2, 1e-3, 1.0, 1e-5, 1e-2, 1e-3, 1e-6, 1e-6])
+# The attention term each kind of model does not use (see runtime.BASELINE_TERMS).
+_UNUSED_TERM: Final = {False: "r*a2", True: "r*p^2"}
 DEFAULT_OUT_ROOT: Final = models_dir() / "perf"
 
 
@@ -110,11 +113,13 @@ def _threadpool_limits() -> Any:
 
 
 def _basis(x: FloatArray, ref_clock_mhz: float) -> FloatArray:
-    """The baseline's 9 basis columns, *unscaled* (see `_SCALE`)."""
+    """The baseline's 10 basis columns, *unscaled* (see `_SCALE`); a2 = Σ prompt² from the
+    fifth column when `x` has one, else p² (one prompt per pass)."""
     b, kv, p = (np.maximum(x[:, i], 0.0) for i in range(3))
     r = ref_clock_mhz / np.maximum(x[:, 3], 1.0)
     one = np.ones_like(b)
-    return np.stack([one, kv, b, p, r, r * kv, r * b, r * p, r * p * p], axis=1)
+    a2 = np.maximum(x[:, 4], 0.0) if x.shape[1] > 4 else p * p
+    return np.stack([one, kv, b, p, r, r * kv, r * b, r * p, r * p * p, r * a2], axis=1)
 
 
 def _tree_features(x: FloatArray, clock_lo: float, clock_hi: float) -> FloatArray:
@@ -125,8 +130,11 @@ def _tree_features(x: FloatArray, clock_lo: float, clock_hi: float) -> FloatArra
 class PerfRegressor:
     """Physics baseline × boosted trees (module docstring); scikit-learn estimator style.
 
-    ``fit(X, seconds)`` with X columns (batch, kv_tokens, prefill_tokens, clock_mhz);
-    ``predict(X)`` → seconds. Fitted attributes end in ``_``.
+    ``fit(X, seconds)`` with X columns (batch, kv_tokens, prefill_tokens, clock_mhz[,
+    prefill_attn_tokens2]); ``predict(X)`` → seconds. With the fifth column the baseline's
+    attention term is r·Σ prompt² instead of r·p² (``attention_``); the trees never see it,
+    so the model is linear in Σ prompt² (the runtime's grid relies on that). Fitted
+    attributes end in ``_``.
     """
 
     def __init__(self, *, ref_clock_mhz: float = 1980.0, config: TrainConfig | None = None) -> None:
@@ -140,9 +148,11 @@ class PerfRegressor:
         threadpool_limits = _threadpool_limits()
         xa = np.asarray(x, dtype=np.float64)
         t = np.asarray(seconds, dtype=np.float64)
-        if xa.ndim != 2 or xa.shape[1] != len(FEATURES) or len(t) != len(xa):
-            raise ConfigError(f"X must be [n, {len(FEATURES)}] ({', '.join(FEATURES)}) and "
-                              "seconds [n]")
+        if (xa.ndim != 2 or xa.shape[1] not in (len(FEATURES), len(ATTENTION_FEATURES))
+                or len(t) != len(xa)):
+            raise ConfigError(f"X must be [n, {len(FEATURES)}] ({', '.join(FEATURES)}) or "
+                              f"[n, {len(ATTENTION_FEATURES)}] (and {ATTENTION_FEATURES[-1]}) "
+                              "and seconds [n]")
         if len(t) < 2 or not np.all(np.isfinite(xa)) or not np.all(t > 0):
             raise ConfigError("training needs at least 2 rows of finite features and "
                               "positive times")
@@ -151,7 +161,9 @@ class PerfRegressor:
         self.clock_lo_ = float(xa[:, 3].min())
         self.clock_hi_ = float(xa[:, 3].max())
         self.basis_ = "full" if n >= SMALL_DATA_ROWS else "physical"
-        keep = np.array([self.basis_ == "full" or term in PHYSICAL_TERMS
+        self.attention_ = xa.shape[1] == len(ATTENTION_FEATURES)
+        unused = _UNUSED_TERM[self.attention_]
+        keep = np.array([(self.basis_ == "full" or term in PHYSICAL_TERMS) and term != unused
                          for term in BASIS_TERMS])
         a = _basis(xa, self.ref_clock_mhz) * _SCALE
         rows = a[:, keep] / t[:, None]  # relative error: (A c - t)/t
@@ -314,7 +326,8 @@ def _converter(scope: Any, operator: Any, container: Any) -> None:
 
     zero = const("zero", [0.0])
     cols = []
-    for i, col in enumerate(FEATURES):
+    attention = bool(getattr(model, "attention_", False))
+    for i, col in enumerate(ATTENTION_FEATURES if attention else FEATURES):
         sliced = node("Slice", [x, const(f"s{i}", [i], np.int64), const(f"e{i}", [i + 1], np.int64),
                                 const(f"a{i}", [1], np.int64)], col)
         cols.append(sliced)
@@ -326,10 +339,18 @@ def _converter(scope: Any, operator: Any, container: Any) -> None:
     rkv = node("Mul", [r, kv], "r_kv")
     rb = node("Mul", [r, b], "r_b")
     rp = node("Mul", [r, p], "r_p")
-    rp2 = node("Mul", [rp, p], "r_p2")
-    basis = node("Concat", [one, kv, b, p, r, rkv, rb, rp, rp2], "basis", axis=1)
-    base = node("MatMul", [basis, const("coef", np.asarray(model.coef_).reshape(-1, 1))],
-                "baseline_s")
+    # the attention term: r·p² without the attention input, r·Σ prompt² with it (the
+    # model's coefficient of the other term is 0, so it is left out of the graph)
+    coef = np.asarray(model.coef_, dtype=np.float64)
+    if attention:
+        a2 = node("Max", [cols[4], zero], "prefill_attn_tokens2_pos")
+        attn = node("Mul", [r, a2], "r_a2")
+        coef = np.concatenate((coef[:8], coef[9:10]))
+    else:
+        attn = node("Mul", [rp, p], "r_p2")
+        coef = coef[:9]
+    basis = node("Concat", [one, kv, b, p, r, rkv, rb, rp, attn], "basis", axis=1)
+    base = node("MatMul", [basis, const("coef", coef.reshape(-1, 1))], "baseline_s")
     f_clip = node("Clip", [clock, const("clock_lo", model.clock_lo_),
                            const("clock_hi", model.clock_hi_)], "clock_clipped")
     tree_in = node("Concat", [b, kv, p, f_clip], "tree_features", axis=1)
@@ -371,7 +392,8 @@ def to_onnx(model: PerfRegressor, metadata: dict[str, str]) -> bytes:
         warnings.simplefilter("ignore", FutureWarning)
         onx = convert_sklearn(
             model, name="throttllem_perf",
-            initial_types=[(INPUT_NAME, DoubleTensorType([None, len(FEATURES)]))],
+            initial_types=[(INPUT_NAME, DoubleTensorType(
+                [None, len(ATTENTION_FEATURES if model.attention_ else FEATURES)]))],
             final_types=[(OUTPUT_NAME, DoubleTensorType([None, 1]))],
             target_opset={"": 17, "ai.onnx.ml": 3})
     # skl2onnx collects opset imports in a set: order them, or the bytes change with
@@ -381,8 +403,8 @@ def to_onnx(model: PerfRegressor, metadata: dict[str, str]) -> bytes:
     for domain, version in imports:
         onx.opset_import.add(domain=domain, version=version)
     onx.producer_name = "throttllem"
-    onx.doc_string = ("throttLL'eM performance model: seconds per iteration from (batch, "
-                      "kv_tokens, prefill_tokens, clock_mhz)")
+    onx.doc_string = ("throttLL'eM performance model: seconds per iteration from ("
+                      + ", ".join(ATTENTION_FEATURES if model.attention_ else FEATURES) + ")")
     onnx.helper.set_model_props(onx, metadata)
     onnx.checker.check_model(onx)
     data: bytes = onx.SerializeToString()
@@ -403,20 +425,42 @@ def parity_probe(model: PerfRegressor, grid: dict[str, float], seed: int) -> Flo
     rng = np.random.default_rng(seed)
     n = 4000
     hi_clock = grid["clock_max_mhz"]
-    return np.stack([
+    x = np.stack([
         rng.integers(0, int(grid["batch_max"] * 1.5) + 2, n).astype(np.float64),
         rng.uniform(0, grid["kv_max"] * 1.5, n).round(),
         np.where(rng.uniform(size=n) < 0.5, 0.0, rng.uniform(0, grid["prefill_max"] * 1.5, n)),
         rng.uniform(100.0, hi_clock * 1.2, n).round(),
     ], axis=1)
+    if not model.attention_:
+        return x
+    # Σ prompt² between that of many short prompts and that of one (p²)
+    return np.concatenate((x, (x[:, 2] ** 2 * rng.uniform(0.05, 1.0, n))[:, None]), axis=1)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def _xy(table: ProfileTable) -> tuple[FloatArray, FloatArray]:
+def _xy(table: ProfileTable, attention: bool) -> tuple[FloatArray, FloatArray]:
     b, kv, p, f = table.features()
-    return np.stack([b, kv, p, f], axis=1), table.iter_s
+    cols = [b, kv, p, f, table.attention_tokens2()] if attention else [b, kv, p, f]
+    return np.stack(cols, axis=1), table.iter_s
+
+
+def use_attention(table: ProfileTable, attention: str) -> tuple[bool, str]:
+    """Whether to train with the Σ prompt² input (`attention`: ``auto``, ``on``, ``off``)
+    and why; ``auto`` uses it when every row's Σ prompt² is known, ``on`` insists on it."""
+    if attention not in ("auto", "on", "off"):
+        raise ConfigError(f"attention must be auto, on or off, not {attention!r}")
+    if attention == "off":
+        return False, "off (asked for)"
+    unknown = int(np.isnan(table.attention_tokens2()).sum())
+    if not unknown:
+        return True, "every row's Σ prompt² is known"
+    why = (f"{unknown} of {len(table)} rows lack Σ prompt² (mixed rows, or prefill rows of "
+           "several prompts, without a prefill_attn_tokens2 cell)")
+    if attention == "on":
+        raise ConfigError(f"{table.path}: cannot train with the attention input: {why}")
+    return False, why
 
 
 def _split_metrics(make: Any, x: FloatArray, t: FloatArray, phases: Sequence[str], *,
@@ -540,7 +584,7 @@ def load_training_data(data: Sequence[str], setup: str, *, samples: int, seed: i
 
 def train_perf_model(data: Sequence[str], setup: str, out_dir: str | Path | None = None, *,
                      samples: int = 12_000, seed: int = 0, config: TrainConfig | None = None,
-                     repeats: int | None = None, command: str = "",
+                     repeats: int | None = None, command: str = "", attention: str = "auto",
                      log: TextIO | None = None) -> dict[str, Any]:
     """Evaluate at the 90% and 10% splits, fit on all rows, export, check parity, write
     ``model.onnx``, ``metrics.json`` and ``MODEL_CARD.md``; returns the metrics."""
@@ -551,7 +595,11 @@ def train_perf_model(data: Sequence[str], setup: str, out_dir: str | Path | None
         raise ConfigError(f"--out {out} exists and is not a folder")
     profile = load_setup(setup)
     table, sources = load_training_data(data, setup, samples=samples, seed=seed, log=log)
-    x, t = _xy(table)
+    with_attention, attention_why = use_attention(table, attention)
+    x, t = _xy(table, with_attention)
+    print(f"train perf: attention input (Σ prompt²) {'on' if with_attention else 'off'}: "
+          f"{attention_why}", file=log)
+    features = ATTENTION_FEATURES if with_attention else FEATURES
     if len(t) < 10:
         raise ConfigError(f"{table.path}: {len(t)} rows; training needs at least 10")
     ref = float(profile.gpu.clock_max_mhz)
@@ -581,7 +629,7 @@ def train_perf_model(data: Sequence[str], setup: str, out_dir: str | Path | None
     metadata = {
         "throttllem.perf.format": FORMAT_VERSION,
         "setup": setup,
-        "features": ",".join(FEATURES),
+        "features": ",".join(features),
         "output": OUTPUT_NAME,
         "ref_clock_mhz": repr(ref),
         "trained_clock_min_mhz": repr(model.clock_lo_),
@@ -612,9 +660,11 @@ def train_perf_model(data: Sequence[str], setup: str, out_dir: str | Path | None
         "rows_by_phase": {k: int(v) for k, v in zip(*np.unique(table.phase, return_counts=True),
                                                     strict=True)},
         "trained_clock_range_mhz": [model.clock_lo_, model.clock_hi_],
-        "features": list(FEATURES),
+        "features": list(features),
+        "attention_input": attention_why,
         "basis": model.basis_,
-        "baseline_coef": dict(zip(BASIS_TERMS, model.coef_.tolist(), strict=True)),
+        "baseline_coef": {k: v for k, v in zip(BASIS_TERMS, model.coef_.tolist(), strict=True)
+                          if k != _UNUSED_TERM[with_attention]},
         "config": asdict(cfg),
         "trees": int(model.trees_.n_iter_),
         "onnx_bytes": len(onnx_bytes),
@@ -647,8 +697,9 @@ def _grid_agreement(onnx_bytes: bytes, metadata: dict[str, str], x: FloatArray, 
                      metadata, _sha256(onnx_bytes), baseline=baseline)
     rt.compile_grid()
     b, kv, p, f = (x[:, i] for i in range(4))
-    onnx_s = rt.predict_onnx(b, kv, p, f)
-    grid_s = np.asarray(rt.iteration_time_s(b, kv, p, f), dtype=np.float64)
+    a2 = x[:, 4] if x.shape[1] > 4 else None
+    onnx_s = rt.predict_onnx(b, kv, p, f, a2)
+    grid_s = np.asarray(rt.iteration_time_s(b, kv, p, f, a2), dtype=np.float64)
     rel = np.abs(grid_s - onnx_s) / onnx_s * 100.0
     return {"median_pct": float(np.median(rel)), "p99_pct": float(np.percentile(rel, 99)),
             "max_pct": float(rel.max()),
@@ -667,6 +718,7 @@ def _row(label: str, m: dict[str, Any]) -> str:
 def model_card(m: dict[str, Any], description: str) -> str:
     """MODEL_CARD.md from the metrics (everything in it is in metrics.json too)."""
     splits = m["splits"]
+    attention = "prefill_attn_tokens2" in m["features"]
     twin = any(s["source"].startswith("twin profile") for s in m["data"])
     kind = ("a **twin** profile: simulated iterations (the twin's time model; see the setup "
             "profile's sources for what is measured, fitted or derived there)" if twin else
@@ -675,7 +727,9 @@ def model_card(m: dict[str, Any], description: str) -> str:
         f"# Performance model `{m['name']}`",
         "",
         f"Seconds per engine iteration for setup `{m['setup']}` ({description}), from (decode "
-        "batch, KV tokens, prefill tokens, SM clock), trained on " + kind + ". Served by "
+        "batch, KV tokens, prefill tokens, SM clock" + (", Σ prompt² of the pass's prefills"
+                                                        if attention else "")
+        + "), trained on " + kind + ". Served by "
         "`throttllem._perf.runtime.PerfRuntime` (ONNX Runtime; the forecaster uses its "
         "precompiled grid, see below).",
         "",
@@ -694,16 +748,26 @@ def model_card(m: dict[str, Any], description: str) -> str:
         "",
         "## Features and model",
         "",
-        "Input `X` = [batch, kv_tokens, prefill_tokens, clock_mhz] (double, [N, 4]); output "
-        "`iteration_time_s` [N, 1]. Table rows map to features as: decode → (batch, batch × "
-        "ctx, 0), prefill → (0, 0, batch × tokens), mixed → (batch, kv_tokens, "
-        "prefill_tokens) (see `throttllem._perf.table`).",
+        f"Input `X` = [{', '.join(m['features'])}] (double, [N, {len(m['features'])}]); "
+        "output `iteration_time_s` [N, 1]. Table rows map to features as: decode → (batch, "
+        "batch × ctx, 0), prefill → (0, 0, batch × tokens), mixed → (batch, kv_tokens, "
+        "prefill_tokens) (see `throttllem._perf.table`)." + (
+            " The fifth input, prefill_attn_tokens2, is Σ L² over the prompts L the pass "
+            "prefills (causal prefill attention costs that; the profile column of that "
+            "name, see `ProfileTable.attention_tokens2`); a caller that does not give it gets "
+            "prefill_tokens² (one prompt per pass, an upper bound). Why this model has it: "
+            f"{m.get('attention_input', '')}." if attention else
+            " No Σ prompt² input (" + m.get("attention_input", "trained before it existed")
+            + "): the model assumes every pass prefills one prompt."),
         "",
         "t = base · exp(g): `base` = non-negative least-squares roofline "
-        "c0 + c1·kv + c2·b + c3·p + r·(c4 + c5·kv + c6·b + c7·p + c8·p²), r = f_top/f "
+        "c0 + c1·kv + c2·b + c3·p + r·(c4 + c5·kv + c6·b + c7·p + "
+        + ("c8·Σ prompt²" if attention else "c8·p²") + "), r = f_top/f "
         f"(basis: {m['basis']}); g = HistGradientBoostingRegressor "
         f"({m['trees']} trees, ≤ {m['config']['max_leaf_nodes']} leaves, learning rate "
-        f"{m['config']['learning_rate']}) on log(t/base), clock clipped to the trained range. "
+        f"{m['config']['learning_rate']}) on log(t/base), clock clipped to the trained range"
+        + (" (the trees do not see Σ prompt², so t is linear in it)" if attention else "")
+        + ". "
         "Clocks outside "
         f"{lo:.0f}–{hi:.0f} MHz are extrapolated by the baseline alone (compute ∝ 1/f): "
         "**unvalidated there**." + (
