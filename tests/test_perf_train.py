@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from throttllem import _cli_perf as cli
 from throttllem._data import data_file
-from throttllem._perf import cli
 from throttllem._perf.profiler import run_profile
 from throttllem._perf.runtime import PerfRuntime, score_table
 from throttllem._perf.table import read_table

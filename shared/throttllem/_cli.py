@@ -694,12 +694,12 @@ def _add_evaluate(sub: Any) -> None:
 
 def _add_models(sub: Any) -> None:
     """Model commands: `train length|perf`, `length score`, `perf score`, `profile`."""
-    from throttllem._length.cli import add_length_parser, add_train_length_parser  # noqa: PLC0415
-    from throttllem._perf.cli import (  # noqa: PLC0415
+    from throttllem._cli_perf import (  # noqa: PLC0415
         add_perf_parser,
         add_profile_parser,
         add_train_perf_parser,
     )
+    from throttllem._length.cli import add_length_parser, add_train_length_parser  # noqa: PLC0415
 
     train = sub.add_parser("train", help="train a model and export it to ONNX")
     train_sub = train.add_subparsers(dest="model", required=True, metavar="MODEL")

@@ -37,7 +37,7 @@ driver, torch version, NVML clocks and power limit, the plan and what was skippe
 Needs torch (CUDA), numpy, nvidia-ml-py, msgspec and structlog, plus this package on
 PYTHONPATH:
 
-    PYTHONPATH=shared python -m throttllem._perf.cli profile --target gpu --out runs/gpu.csv
+    PYTHONPATH=shared python -m throttllem._cli_perf profile --target gpu --out runs/gpu.csv
 
 Everything up to the torch import (plan, memory cap, row assembly) is pure and tested on CPU.
 """

@@ -853,7 +853,7 @@ def model_card(m: dict[str, Any], description: str) -> str:
         "## How to retrain",
         "",
         "From the repository root (the same command without the main CLI: "
-        "`python -m throttllem._perf.cli train perf …`):",
+        "`python -m throttllem._cli_perf train perf …`):",
         "",
         "```bash",
         m["retrain"] or "throttllem train perf --data <table.csv> --setup <setup>",

@@ -41,6 +41,27 @@ class _IterationPublishing:
     scheduler_config: Any
     get_request_counts: Any
 
+    # Cooperative overrides: the mixin comes first in the MRO, so `super()` is vLLM's
+    # Scheduler or AsyncScheduler, whichever the concrete class below names.
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_publishing()
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        self._record_schedule(output)
+        return output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        outputs = super().update_from_output(  # type: ignore[misc]
+            scheduler_output, model_runner_output)
+        self._publish_step(scheduler_output)
+        return outputs
+
+    def shutdown(self) -> None:
+        self._tllm_publisher.close()
+        super().shutdown()  # type: ignore[misc]
+
     def _init_publishing(self) -> None:
         url, instance = settings_from_env()
         self._tllm_instance = instance
@@ -96,45 +117,9 @@ class _IterationPublishing:
 class IterationScheduler(_IterationPublishing, Scheduler):  # type: ignore[misc]
     """vLLM's scheduler, publishing each step (synchronous scheduling)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_publishing()
-
-    def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().schedule(*args, **kwargs)
-        self._record_schedule(output)
-        return output
-
-    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
-        outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self._publish_step(scheduler_output)
-        return outputs
-
-    def shutdown(self) -> None:
-        self._tllm_publisher.close()
-        super().shutdown()
-
 
 class AsyncIterationScheduler(_IterationPublishing, AsyncScheduler):  # type: ignore[misc]
     """vLLM's async scheduler (the GPU default), publishing each step."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_publishing()
-
-    def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().schedule(*args, **kwargs)
-        self._record_schedule(output)
-        return output
-
-    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
-        outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self._publish_step(scheduler_output)
-        return outputs
-
-    def shutdown(self) -> None:
-        self._tllm_publisher.close()
-        super().shutdown()
 
 
 def iteration_scheduler(**kwargs: Any) -> IterationScheduler | AsyncIterationScheduler:

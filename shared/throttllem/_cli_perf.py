@@ -10,7 +10,7 @@ each parser setting ``func=<callable(Namespace) -> int>``. This module also runs
 with nothing imported beyond the standard library until a command runs, so that the GPU lab's
 profiler runs on a GPU machine without the main CLI's dependencies:
 
-    PYTHONPATH=shared python -m throttllem._perf.cli profile --target gpu --out runs/gpu.csv
+    PYTHONPATH=shared python -m throttllem._cli_perf profile --target gpu --out runs/gpu.csv
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def cmd_perf_score(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m throttllem._perf.cli",
+    parser = argparse.ArgumentParser(prog="python -m throttllem._cli_perf",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_profile_parser(sub)
