@@ -301,6 +301,10 @@ class Policy:
     # Start each instance's search at its last answer (`InstanceTracker.last_clock_mhz`):
     # the same clocks, found in fewer model calls. False only to measure that.
     warm_start: bool = True
+    # Tie-break among instances that take a request at the same clock: False spreads (fewer
+    # requests first); True packs (more requests first), so batches grow on the busiest
+    # instances that still meet every SLO, and the rest idle (`admission_order`).
+    pack: bool = False
 
 
 def clock_policy(setup: Setup, perf: PerfModel, *, use_upper: bool = True,
@@ -398,15 +402,30 @@ def _secant_applies(policy: Policy, perf: PerfModel) -> bool:
     return policy.strategy == "secant"
 
 
+def admission_order(held: Mapping[str, int], *, pack: bool) -> list[str]:
+    """Instances in the tie-break order of `place` (`held`: requests each holds).
+
+    Spreading (fewer requests first) evens the batches out. Packing (more requests first)
+    fills the busiest instance that still meets every SLO: a decode pass reads the weights
+    once for the whole batch, so one instance at twice the batch serves the same tokens for
+    far less energy than two half-empty ones, and the instances left with little work run
+    at the floor or idle (their lock released). Ties: by name either way."""
+    sign = -1 if pack else 1
+    return sorted(held, key=lambda n: (sign * held[n], n))
+
+
 def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
           candidate_slo: RequestSlo, policy: Policy, *, now_s: float) -> Placement | None:
     """Where to admit a request and the clock that instance then needs; None: defer.
 
-    Instances are tried in tie-break order (fewer requests, then name), so the first one that
-    can take the request at the floor clock is the answer and the rest need no search."""
+    Instances are tried in tie-break order (`admission_order`: the lowest clock, then fewer
+    requests, or more with `policy.pack`, then name), so the first one that can take the
+    request at the floor clock is the answer and the rest need no search."""
     best: tuple[int, int, str] | None = None
     hopeless = 0
-    for name in sorted(trackers, key=lambda n: (len(trackers[n]), n)):
+    sign = -1 if policy.pack else 1
+    order = admission_order({n: len(t) for n, t in trackers.items()}, pack=policy.pack)
+    for name in order:
         tracker = trackers[name]
         # Later instances come later in the tie-break: only a lower clock beats the best.
         clock, lost = _search(tracker, policy, now_s, (candidate, candidate_slo),
@@ -414,7 +433,7 @@ def place(trackers: Mapping[str, InstanceTracker], candidate: Candidate,
         if clock is None:
             hopeless += lost is not None and bool(lost[-1])
             continue
-        key = (clock, len(tracker), name)
+        key = (clock, sign * len(tracker), name)
         best = key if best is None or key < best else best
         if clock <= policy.floor_mhz:  # nothing later can beat it
             break

@@ -16,7 +16,7 @@ from throttllem._eval.driver import (
     parse_power,
     to_document,
 )
-from throttllem._eval.policies import POLICIES
+from throttllem._eval.policies import DEFAULT_POLICIES, POLICIES
 from throttllem._setup import DEFAULT_SETUP
 
 
@@ -39,7 +39,7 @@ def add_evaluate_parser(sub: Any) -> None:
                    help="replay at the trace's own rate (as `throttllem demo` does)")
     p.add_argument("--capacity-rps", type=float, default=None,
                    help="one instance's capacity (default: measured on the twin)")
-    p.add_argument("--policies", default=",".join(POLICIES),
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                    help=f"comma-separated, of {', '.join(POLICIES)}")
     p.add_argument("--length-error", default="0.15",
                    help="oracle length predictor's relative error (0, 0.15, 0.3) or 'measured'")

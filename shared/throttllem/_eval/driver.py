@@ -48,6 +48,7 @@ from throttllem._core.slo import (
 )
 from throttllem._errors import ConfigError
 from throttllem._eval.policies import (
+    DEFAULT_POLICIES,
     POLICIES,
     POLICY_SPECS,
     PREDICTIVE,
@@ -74,7 +75,7 @@ class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     peak_load: float = 1.0
     time_scale: bool = True  # False: replay at the trace's own rate (peak_* ignored)
     capacity_rps: float | None = None  # None: measured on the twin
-    policies: list[str] = msgspec.field(default_factory=lambda: list(POLICIES))
+    policies: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_POLICIES))
     length_error: str = "0.15"
     length_errors: list[str] = msgspec.field(default_factory=list)  # extra throttllem runs
     setup: str = DEFAULT_SETUP

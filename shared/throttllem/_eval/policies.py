@@ -15,6 +15,8 @@ them). This module only applies their decisions to the simulated engines.
 | `static` | join-shortest-queue | one clock: the lowest meeting the SLOs at peak | fixed |
 | `agft` | join-shortest-queue | AGFT's contextual bandit (`peers.AgftBandit`) | fixed |
 | `voltana` | join-shortest-queue | VoltanaLLM's EcoFreq (`peers.VoltanaEcoFreq`) | fixed |
+| `freq-pack` | `place`, packing ties (`Policy.pack`), FCFS deferral | as `freq` | fixed |
+| `throttllem-pack` | as `freq-pack` | as `freq` | `scaling.decide` |
 
 `default`, `retail` and `freq` are the live `--policy default`, `retail` and `throttllem`
 (the demo runs a fixed instance count); `throttllem` adds the scaler, as the paper's full
@@ -29,6 +31,7 @@ deletes it once it holds nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +72,8 @@ class PolicySpec:
     admission: AdmissionRule
     clocks: ClockRule
     scaling: bool
+    # Among instances that take a request at the same clock, the busiest first (`place`).
+    pack: bool = False
 
 
 POLICY_SPECS: Mapping[str, PolicySpec] = {
@@ -81,8 +86,14 @@ POLICY_SPECS: Mapping[str, PolicySpec] = {
     # Published peers' clock rules, on the same engines and requests (`_core/peers.py`).
     "agft": PolicySpec(admission="jsq", clocks="agft", scaling=False),
     "voltana": PolicySpec(admission="jsq", clocks="voltana", scaling=False),
+    # Admission that lets batches grow within the SLOs (`placement.admission_order`).
+    "freq-pack": PolicySpec(admission="place", clocks="predictive", scaling=False, pack=True),
+    "throttllem-pack": PolicySpec(admission="place", clocks="predictive", scaling=True,
+                                  pack=True),
 }
 POLICIES = tuple(POLICY_SPECS)
+# What an evaluation runs unless told otherwise: the variants (`pack`) only on request.
+DEFAULT_POLICIES = tuple(n for n, s in POLICY_SPECS.items() if not s.pack)
 # Policies whose decisions use length predictions (and so depend on the length error).
 PREDICTIVE = tuple(n for n, s in POLICY_SPECS.items() if s.admission == "place")
 
@@ -105,6 +116,8 @@ class ControlledPolicy(SimPolicy):
             raise ConfigError(f"policy {name!r} needs its static clock")
         self.name = name
         self.spec = spec
+        if spec.pack and policy is not None:
+            policy = dataclasses.replace(policy, pack=True)
         self.controller = Controller(
             ControllerConfig(admission=spec.admission, clocks=spec.clocks,
                              static_clock_mhz=static_clock_mhz, idle_power=idle_power,
