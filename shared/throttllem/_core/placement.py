@@ -7,8 +7,9 @@ those views (time passed in) that the forecaster service and the evaluator both 
 
 Rules (the paper's, plus what a production controller needs):
 - admit a request to the instance whose projection, with it added, meets every SLO at the
-  lowest clock (ties: fewer requests, then name); projections whose KV cache would
-  overflow are not admissible;
+  lowest clock (ties: fewer requests, then name; with `Policy.pack`, more requests first,
+  so batches grow where the SLOs still hold); projections whose KV cache would overflow are
+  not admissible;
 - requests that already miss their SLO even at the top clock (late arrivals, long queues)
   are lost causes: they no longer constrain the search, so one late request cannot pin the
   instance at the top clock forever;
