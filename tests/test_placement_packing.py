@@ -97,3 +97,14 @@ def test_the_evaluators_pack_policies_pack_and_the_others_do_not() -> None:
                      "throttllem-pack": True}
     assert "freq-pack" not in DEFAULT_POLICIES
     assert "freq" in DEFAULT_POLICIES
+
+
+def test_the_live_pack_policy_hands_place_a_packing_policy() -> None:
+    from throttllem._core.controller import POLICIES, Controller  # noqa: PLC0415
+
+    policy = Policy(perf=AffinePerfModel(), clocks=CLOCKS, floor_mhz=1005)
+    packed = Controller(POLICIES["throttllem-pack"], shape=SHAPE, policy=policy)
+    plain = Controller(POLICIES["throttllem"], shape=SHAPE, policy=policy)
+    assert packed.policy is not None
+    assert packed.policy.pack
+    assert plain.policy is policy

@@ -208,11 +208,13 @@ def _add_run(sub: Any) -> None:
                 p.add_argument("--instances", type=_csv, required=True,
                                help="comma-separated engine instance names")
                 p.add_argument("--policy", choices=("default", "throttllem", "retail",
-                                                    "agft", "voltana"),
+                                                    "agft", "voltana", "throttllem-pack"),
                                default="default",
                                help="default: admit at once, GPU clocks; throttllem: the "
                                     "predictive controller; retail: a reactive governor; "
-                                    "agft, voltana: published peers' clock rules")
+                                    "agft, voltana: published peers' clock rules; "
+                                    "throttllem-pack: throttllem packing admissions onto "
+                                    "the busiest instance that meets every SLO")
                 p.add_argument("--setup", default=DEFAULT_SETUP,
                                help="serving setup (engine limits, clocks, performance model)")
                 p.add_argument("--perf-model", default=None,

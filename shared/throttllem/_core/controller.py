@@ -14,7 +14,8 @@ is raised before the request is admitted).
 
 Rules (the policy is a `ControllerConfig`; see `POLICIES`):
 - admission `place`: the instance that can then run every request within its SLOs at the
-  lowest clock (`placement.place`), FCFS: nothing jumps ahead of a deferred request;
+  lowest clock (`placement.place`; ties to the emptiest instance, or with `pack` to the
+  busiest), FCFS: nothing jumps ahead of a deferred request;
   admission `jsq`: join the shortest queue at once;
 - a request of an SLO class the controller does not know, or one no instance can ever hold,
   is refused for good at once: guessing a class could break the SLO the client asked for, and
@@ -35,6 +36,7 @@ Rules (the policy is a `ControllerConfig`; see `POLICIES`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping
@@ -109,6 +111,9 @@ class ControllerConfig:
     # break-even of releasing a lock, the least dwell before lowering, and skips lowering
     # steps that could not pay off. 0: changes are instant (the older twin's assumption).
     switch_latency_s: float = 0.0
+    # Admission `place` breaks ties toward the busiest instance instead of the emptiest
+    # (`placement.admission_order`): batches grow where every SLO still holds.
+    pack: bool = False
     # The peers' clock rules' own knobs (`clocks="agft"` / `"voltana"`).
     agft: AgftConfig = field(default_factory=AgftConfig)
     voltana: VoltanaConfig = field(default_factory=VoltanaConfig)
@@ -155,6 +160,8 @@ POLICIES: Final[Mapping[str, ControllerConfig]] = {
     "default": ControllerConfig(admission="jsq", clocks="top"),
     # The paper's controller: admission and clocks from the forecast.
     "throttllem": ControllerConfig(admission="place", clocks="predictive"),
+    # The same, packing admissions onto the busiest instance that meets every SLO.
+    "throttllem-pack": ControllerConfig(admission="place", clocks="predictive", pack=True),
     # A reactive, utilization-driven DVFS governor (no prediction).
     "retail": ControllerConfig(admission="jsq", clocks="reactive"),
     # Published peers (`peers.py`), on our engines: AGFT's bandit, VoltanaLLM's EcoFreq.
@@ -240,6 +247,8 @@ class Controller:
             policy.clocks.index(config.static_clock_mhz or 0)  # refuses unsupported clocks
         self.config = config
         self.shape = shape
+        if config.pack and policy is not None and not policy.pack:
+            policy = dataclasses.replace(policy, pack=True)
         self.policy = policy
         self.slo_classes: dict[str, SloClass] = dict(slo_classes or DEFAULT_SLO_CLASSES)
         self.trackers: dict[str, InstanceTracker] = {}

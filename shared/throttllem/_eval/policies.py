@@ -18,11 +18,11 @@ them). This module only applies their decisions to the simulated engines.
 | `freq-pack` | `place`, packing ties (`Policy.pack`), FCFS deferral | as `freq` | fixed |
 | `throttllem-pack` | as `freq-pack` | as `freq` | `scaling.decide` |
 
-`default`, `retail` and `freq` are the live `--policy default`, `retail` and `throttllem`
-(the demo runs a fixed instance count); `throttllem` adds the scaler, as the paper's full
-system does. `static` is what an operator would set by hand after profiling: the clock search
-of `static_clock_mhz` runs the peak minutes of the very window at fixed clocks and keeps the
-lowest that meets the attainment target.
+`default`, `retail`, `freq` and `freq-pack` are the live `--policy default`, `retail`,
+`throttllem` and `throttllem-pack` (the demo runs a fixed instance count); `throttllem` adds
+the scaler, as the paper's full system does. `static` is what an operator would set by hand
+after profiling: the clock search of `static_clock_mhz` runs the peak minutes of the very
+window at fixed clocks and keeps the lowest that meets the attainment target.
 
 The scaler acts on the simulation directly: `scale-out` adds an instance (it draws idle power
 through its warm-up and serves only once `ready`), `drain` stops routing to it, `remove`
@@ -31,7 +31,6 @@ deletes it once it holds nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -116,12 +115,10 @@ class ControlledPolicy(SimPolicy):
             raise ConfigError(f"policy {name!r} needs its static clock")
         self.name = name
         self.spec = spec
-        if spec.pack and policy is not None:
-            policy = dataclasses.replace(policy, pack=True)
         self.controller = Controller(
             ControllerConfig(admission=spec.admission, clocks=spec.clocks,
                              static_clock_mhz=static_clock_mhz, idle_power=idle_power,
-                             switch_latency_s=switch_latency_s),
+                             switch_latency_s=switch_latency_s, pack=spec.pack),
             shape=shape, policy=policy, slo_classes=slo_classes)
         self.predictions = predictions or {}
         ticking = spec.clocks in ("predictive", "reactive", "agft", "voltana") or spec.scaling
