@@ -23,9 +23,6 @@ README = Path(__file__).resolve().parents[1] / "services" / "README.md"
 
 
 class TestTwinEngineContract(EngineContractSuite):
-    # Admissions are acked once done: a restarted twin engine gets the unfinished ones again.
-    accepted_requests_survive_a_crash = True
-
     @pytest.fixture
     def engine(self, nats: EmbeddedNatsServer, tmp_path: Path) -> Iterator[EngineProcess]:
         clock = Clock(epoch_wall_s=time.time(), speed=SPEED)
