@@ -23,6 +23,9 @@ README = Path(__file__).resolve().parents[1] / "services" / "README.md"
 
 
 class TestTwinEngineContract(EngineContractSuite):
+    # Admissions are acked once done (the engine shell): a restarted engine serves them.
+    accepted_requests_survive_a_crash = True
+
     @pytest.fixture
     def engine(self, nats: EmbeddedNatsServer, tmp_path: Path) -> Iterator[EngineProcess]:
         clock = Clock(epoch_wall_s=time.time(), speed=SPEED)

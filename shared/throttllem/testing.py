@@ -303,12 +303,18 @@ class AuditedReplay:
     async def wait_published(self, count: int) -> None:
         await self._until(lambda: len(self.published) >= count)
 
-    async def wait_served(self, *, settle_s: float = 1.0) -> None:
+    async def wait_served(self, *, settle_s: float = 1.0, timeout_s: float = 150.0) -> None:
         """Until every request is completed and billed, then `settle_s` more (time for a
-        duplicate to show up)."""
-        total = len({r.id for r in self.requests})
-        await self._until(lambda: len(self.completed) >= total and len(self.billed) >= total)
-        await anyio.sleep(settle_s)
+        duplicate to show up); fails naming those still missing after `timeout_s`."""
+        ids = {r.id for r in self.requests}
+        with anyio.move_on_after(timeout_s):
+            await self._until(lambda: len(self.completed) >= len(ids)
+                              and len(self.billed) >= len(ids))
+            await anyio.sleep(settle_s)
+            return
+        raise AssertionError(
+            f"not served within {timeout_s:g} s: not completed "
+            f"{sorted(ids - set(self.completed))}, not billed {sorted(ids - set(self.billed))}")
 
     def assert_served_once(self) -> None:
         """Every request completed and billed, none twice, nothing else."""

@@ -256,8 +256,13 @@ class EngineContractSuite:
 
     pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.anyio, pytest.mark.slow]
 
-    # Generated tokens of the request kept running while it is aborted or its engine killed;
-    # long enough to outlast the step that follows.
+    # True for an engine whose accepted requests survive a crash of its process, as ours do
+    # (they ack an admission only once its request is done: `throttllem._engines.shell`).
+    # Left False, the crash test is a strict xfail: an engine that acks at acceptance, or
+    # keeps a request only in the memory of the process that dies, loses it.
+    accepted_requests_survive_a_crash: ClassVar[bool] = False
+    # Generated tokens of the request kept running while it is aborted; long enough to
+    # outlast the step that follows.
     long_output_tokens: ClassVar[int] = 3000
     # Generated tokens of the request whose engine is killed mid-way: long enough to outlast
     # the kill, short enough to be served again from the start within PROMISED_WITHIN_S.
@@ -449,26 +454,32 @@ class EngineContractSuite:
         assert watch.tokens_of("before") == before.prompt_tokens + before.generated_tokens - 1
 
     async def test_a_request_accepted_by_an_engine_that_crashes_still_gets_an_outcome(
-            self, nats: EmbeddedNatsServer, engine: EngineUnderTest) -> None:
+            self, nats: EmbeddedNatsServer, engine: EngineUnderTest,
+            request: pytest.FixtureRequest) -> None:
+        if not self.accepted_requests_survive_a_crash:
+            request.applymarker(pytest.mark.xfail(
+                strict=True, reason="not promised by this engine: it acks an admission when "
+                                    "it accepts it, so a crash loses the request"))
+        in_flight = self.request(engine, "in-flight", prompt_tokens=100,
+                                 output_tokens=self.crash_output_tokens)
         async with self.watching(nats, engine) as watch:
-            await watch.admit(self.request(engine, "in-flight", prompt_tokens=100,
-                                           output_tokens=self.crash_output_tokens))
+            await watch.admit(in_flight)
             await watch.wait_for("'in-flight' in a pass",
-                                 lambda: bool(watch.passes_of("in-flight")))
+                                 lambda: bool(watch.passes_of(in_flight.id)))
             await engine.stop(kill=True)
-            served_before_crash = len(watch.passes_of("in-flight"))
+            served_before_crash = len(watch.passes_of(in_flight.id))
             await engine.start()
             # Its admission was never acked: it comes back to the restarted engine.
             await watch.wait_for(
                 "'in-flight' served again by the restarted engine",
-                lambda: len(watch.passes_of("in-flight")) > served_before_crash,
+                lambda: len(watch.passes_of(in_flight.id)) > served_before_crash,
                 timeout_s=ADMISSION_ACK_WAIT_S + RESTART_MARGIN_S)
             await watch.wait_for(
                 "a completion, final refusal or abort of 'in-flight' after the crash",
-                lambda: ("in-flight" in watch.completed or "in-flight" in watch.aborted
-                         or "in-flight" in watch.deferred))
+                lambda: (in_flight.id in watch.completed or in_flight.id in watch.aborted
+                         or in_flight.id in watch.deferred))
             await self.sentinel(watch)
             stored, deferred = await watch.stored()
 
         outcomes = [c.id for c in stored] + [d.id for d in deferred]
-        assert outcomes.count("in-flight") == 1
+        assert outcomes.count(in_flight.id) == 1  # once: not lost, not served twice

@@ -7,7 +7,8 @@ Every time (`*_s`) is event time on the shared `Clock` (`throttllem._runtime`).
 
 Consumes
 - `request.admitted.<instance>` (`RequestAdmitted`): its own admissions, from JetStream
-  through the durable pull consumer `admissions_durable(instance)`. A durable created for the
+  through the durable pull consumer `engine_admissions_durable(instance)` (its name, like
+  every durable's, lives in `throttllem._subjects`). A durable created for the
   first time starts at new messages; an existing one resumes where it stopped, so admissions
   published while no engine process runs are served when one starts. The message is acked
   only once its request is *done* (completion stored, final refusal stored, or abort acted
@@ -17,7 +18,7 @@ Consumes
   crash is not stored twice: its message id). A request may start no earlier than its
   admission's `decided_s`.
 - `request.aborted` (`RequestAborted`): from JetStream through the durable consumer
-  `aborts_durable(instance)`. An abort naming this instance, or no instance (the request
+  `engine_aborts_durable(instance)`. An abort naming this instance, or no instance (the request
   ended while waiting for admission), makes the engine stop and forget that request: it
   leaves the queue or its batch slot within one pass, frees its KV, publishes nothing more
   for it (no completion, no deferral) and drops any later admission of that id. Aborts for
@@ -49,9 +50,11 @@ Duplicates: an admission of an id the engine holds, or finished, aborted or refu
 the last `REMEMBERED_IDS`, is dropped and counted (`admissions_duplicate`); it is never
 served twice within one process.
 
-Our adapters keep the bus side of this contract through one shell,
-`throttllem._engines.shell.EngineShell`; they differ only in how a pass runs. Iterations are
-fire-and-forget: a slow consumer may miss some.
+Our adapters (the twin, the GPU engine) keep the bus side of this contract through one shell,
+`throttllem._engines.shell.EngineShell`; they differ only in how a pass runs. Surviving a
+crash is theirs, not every engine's: vLLM's requests live in the gateway with their clients'
+connections, and die with it (the suite's flag `accepted_requests_survive_a_crash`).
+Iterations are fire-and-forget: a slow consumer may miss some.
 
 Real engines may split these duties between processes. For vLLM the gateway sits in the
 request path (vLLM has no hook for outside admission) and throttLL'eM's scheduler runs inside
@@ -74,10 +77,11 @@ from throttllem._subjects import (
     REQUEST_ABORTED,
     REQUEST_COMPLETED,
     REQUEST_DEFERRED,
+    engine_aborts_durable,
+    engine_admissions_durable,
     engine_iteration,
     health,
     request_admitted,
-    token,
 )
 
 # How many finished (completed, aborted, refused) request ids an engine remembers to drop
@@ -88,16 +92,6 @@ REMEMBERED_IDS: Final = 65_536
 ADMISSION_ACK_WAIT_S: Final = 6.0
 # The service name an engine process heartbeats under (`health.engine`).
 ENGINE_SERVICE: Final = "engine"
-
-
-def admissions_durable(instance: str) -> str:
-    """The durable consumer an instance reads its admissions through (one per instance, so a
-    restarted engine resumes where it stopped)."""
-    return f"engine-{token(instance)}"
-
-
-def aborts_durable(instance: str) -> str:
-    return f"engine-{token(instance)}-aborts"
 
 
 def completion_msg_id(request_id: str) -> str:
@@ -150,7 +144,7 @@ OBLIGATIONS: Final[tuple[Obligation, ...]] = (
         duty="consume its admissions",
         subject=_shown(request_admitted),
         payload="`RequestAdmitted`",
-        delivery=f"JetStream, durable `{_shown(admissions_durable)}`; ack once the request "
+        delivery=f"JetStream, durable `{_shown(engine_admissions_durable)}`; ack once the request "
                  "is done (kept alive meanwhile)",
         guarantee="admissions published while the engine is down are served when it starts; "
                   "one accepted by an engine that dies is handed to its restart (within "
@@ -162,7 +156,7 @@ OBLIGATIONS: Final[tuple[Obligation, ...]] = (
         duty="stop aborted requests",
         subject=REQUEST_ABORTED,
         payload="`RequestAborted` (instance = this one or empty)",
-        delivery=f"JetStream, durable `{_shown(aborts_durable)}`",
+        delivery=f"JetStream, durable `{_shown(engine_aborts_durable)}`",
         guarantee="gone from the batch within one pass, KV freed, nothing more published "
                   "for it, later admissions of the id dropped",
         vllm_owner="gateway (cancels the HTTP request; vLLM aborts the sequence)"),

@@ -36,9 +36,7 @@ from throttllem._bus import Bus, Delivery
 from throttllem._engines.contract import (
     ADMISSION_ACK_WAIT_S,
     REMEMBERED_IDS,
-    aborts_durable,
     acts_on_abort,
-    admissions_durable,
     completion_msg_id,
     refusal_msg_id,
 )
@@ -57,6 +55,8 @@ from throttllem._subjects import (
     REQUEST_ABORTED,
     REQUEST_COMPLETED,
     REQUEST_DEFERRED,
+    engine_aborts_durable,
+    engine_admissions_durable,
     engine_iteration,
     request_admitted,
 )
@@ -293,13 +293,14 @@ class EngineShell:
         with self._inbox_send, self._inbox:
             async with anyio.create_task_group() as tg:
                 await tg.start(partial(
-                    bus.consume, durable=admissions_durable(self.instance),
+                    bus.consume, durable=engine_admissions_durable(self.instance),
                     deliver_new_only=True, subject=request_admitted(self.instance),
                     codec=REQUEST_CODEC, ack_wait_s=ADMISSION_ACK_WAIT_S,
                     handler=partial(self._on_admitted, bus)))
                 await tg.start(partial(
-                    bus.consume, durable=aborts_durable(self.instance), deliver_new_only=True,
-                    subject=REQUEST_ABORTED, codec=REQUEST_CODEC, handler=self._on_aborted))
+                    bus.consume, durable=engine_aborts_durable(self.instance),
+                    deliver_new_only=True, subject=REQUEST_ABORTED, codec=REQUEST_CODEC,
+                    handler=self._on_aborted))
                 tg.start_soon(self._loop, bus, clock)
                 tg.start_soon(self._keep_admissions_alive)
                 for task in also:
