@@ -261,6 +261,10 @@ class EngineContractSuite:
     # Left False, the crash test is a strict xfail: an engine that acks at acceptance, or
     # keeps a request only in the memory of the process that dies, loses it.
     accepted_requests_survive_a_crash: ClassVar[bool] = False
+    # Why they do not, for the strict xfail that says so.
+    lost_in_a_crash_because: ClassVar[str] = (
+        "not promised yet: an engine acks an admission when it accepts it, so a crash loses "
+        "the request")
     # Generated tokens of the request kept running while it is aborted; long enough to
     # outlast the step that follows.
     long_output_tokens: ClassVar[int] = 3000
@@ -457,9 +461,8 @@ class EngineContractSuite:
             self, nats: EmbeddedNatsServer, engine: EngineUnderTest,
             request: pytest.FixtureRequest) -> None:
         if not self.accepted_requests_survive_a_crash:
-            request.applymarker(pytest.mark.xfail(
-                strict=True, reason="not promised by this engine: it acks an admission when "
-                                    "it accepts it, so a crash loses the request"))
+            request.applymarker(pytest.mark.xfail(strict=True,
+                                                  reason=self.lost_in_a_crash_because))
         in_flight = self.request(engine, "in-flight", prompt_tokens=100,
                                  output_tokens=self.crash_output_tokens)
         async with self.watching(nats, engine) as watch:
