@@ -463,6 +463,8 @@ class GatewayService:
             assert flight.scope is not None
             flight.scope.cancel()
             await anyio.lowlevel.checkpoint()
+        elif pending is not None:
+            self.bus.counters["gateway.abort_for_other_instance"] += 1
         return decision
 
     def _instance_url(self, flight: _Flight, admitted: RequestAdmitted) -> str:
