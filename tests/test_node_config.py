@@ -1,0 +1,156 @@
+"""The node autoscaler's pure decisions (`throttllem._core.node_config`): the predetermined
+mixes, hysteresis, and reconfiguration within the node's GPUs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from throttllem._core.node_config import (
+    NodeAction,
+    NodePhase,
+    NodePolicy,
+    NodeState,
+    TpOption,
+    cheapest_mix,
+    decide_node,
+    frontier,
+    route_pool,
+    target_mix,
+)
+from throttllem._errors import ConfigError
+
+# Capacities as the twin measures them have TP4 > 2 x TP2 > 4 x TP1 (superlinear); the
+# tests also run a sublinear node so that the rules do not depend on that.
+SUPERLINEAR = (TpOption(setup="tp1", tp_degree=1, capacity=3.0),
+               TpOption(setup="tp2", tp_degree=2, capacity=10.0),
+               TpOption(setup="tp4", tp_degree=4, capacity=25.0))
+SUBLINEAR = (TpOption(setup="tp1", tp_degree=1, capacity=4.0),
+             TpOption(setup="tp2", tp_degree=2, capacity=7.0),
+             TpOption(setup="tp4", tp_degree=4, capacity=12.0))
+NODES = [NodePolicy(options=o, node_gpus=8, warmup_s=60.0, cooldown_s=30.0)
+         for o in (SUPERLINEAR, SUBLINEAR)]
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_frontier_rises_in_gpus_and_capacity_and_fits_the_node(node: NodePolicy) -> None:
+    table = frontier(node)
+    gpus = [node.gpus(m) for m in table]
+    caps = [node.capacity(m) for m in table]
+    assert gpus == sorted(set(gpus))
+    assert caps == sorted(set(caps))
+    assert all(g <= node.node_gpus for g in gpus)
+    # no mix of the node has more capacity on as few GPUs as a frontier mix
+    ranges = [range(node.node_gpus // o.tp_degree + 1) for o in node.options]
+    for counts in itertools.product(*ranges):
+        mix = tuple((o.setup, n) for o, n in zip(node.options, counts, strict=True))
+        if 0 < node.gpus(mix) <= node.node_gpus:
+            best = max(node.capacity(m) for m in table if node.gpus(m) <= node.gpus(mix))
+            assert node.capacity(mix) <= best
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_cheapest_mix_meets_the_load_with_the_fewest_gpus(node: NodePolicy) -> None:
+    table = frontier(node)
+    top = node.capacity(table[-1])
+    for k in range(1, 40):
+        load = top * node.out_threshold * k / 40
+        mix = cheapest_mix(node, load, node.out_threshold)
+        assert node.out_threshold * node.capacity(mix) >= load
+        assert all(node.out_threshold * node.capacity(m) < load for m in table
+                   if node.gpus(m) < node.gpus(mix))
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_a_constant_load_does_not_flap(node: NodePolicy) -> None:
+    top = node.capacity(frontier(node)[-1])
+    for k in range(1, 50):
+        load = top * k / 50
+        for start in frontier(node):
+            first = target_mix(node, start, load)
+            assert target_mix(node, first, load) == first
+
+
+def _run(node: NodePolicy, loads: list[float], step_s: float = 1.0,
+         drain_s: float = 5.0) -> list[NodeState]:
+    """Drive `decide_node` through a load profile; a draining instance holds requests for
+    `drain_s` after it starts draining."""
+    state = NodeState.initial(node, frontier(node)[-1], 0.0)
+    states = [state]
+    for k, load in enumerate(loads):
+        now = (k + 1) * step_s
+        held = {i.name: (1 if i.phase is NodePhase.DRAINING and now - i.since_s < drain_s
+                         else 0) for i in state.instances}
+        decision = decide_node(state, load, now, node, outstanding=held)
+        for change in decision.changes:
+            assert change.action is NodeAction.RETARGET or change.instance
+        state = decision.state
+        states.append(state)
+    return states
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_reconfigurations_stay_within_the_node_and_keep_serving(node: NodePolicy) -> None:
+    top = node.capacity(frontier(node)[-1])
+    # down, up, down again, in steps held long enough to reconfigure fully
+    levels = [0.9, 0.05, 0.3, 0.6, 0.15, 0.75, 0.02]
+    loads = [top * node.out_threshold * lv for lv in levels for _ in range(400)]
+    states = _run(node, loads)
+    for state in states:
+        assert state.gpus_used(node) <= node.node_gpus
+        assert any(i.phase is NodePhase.ACTIVE for i in state.instances)
+    for k in range(400, len(states), 400):  # each level settles on its target
+        settled = states[k]
+        assert all(i.phase is NodePhase.ACTIVE for i in settled.instances)
+        assert settled.serving_mix(node) == settled.target
+        load = loads[k - 1]
+        assert node.capacity(settled.target) * node.out_threshold >= min(
+            load, node.capacity(frontier(node)[-1]) * node.out_threshold)
+
+
+def test_make_before_break_when_gpus_are_free() -> None:
+    node = NODES[0]
+    state = NodeState.initial(node, (("tp1", 1),), 0.0)
+    load = node.out_threshold * node.option("tp4").capacity  # one TP4 is the cheapest fit
+    decision = decide_node(state, load, 1.0, node)
+    assert decision.state.target == (("tp1", 0), ("tp2", 0), ("tp4", 1))
+    # the TP4 warms on free GPUs while the TP1 keeps serving
+    assert decision.state.count("tp4", NodePhase.WARMING) == 1
+    assert decision.state.count("tp1", NodePhase.ACTIVE) == 1
+    ready = decide_node(decision.state, load, 1.0 + node.warmup_s, node)
+    assert ready.state.count("tp4", NodePhase.ACTIVE) == 1
+    assert ready.state.count("tp1", NodePhase.DRAINING) == 1  # only now does it drain
+    gone = decide_node(ready.state, load, 2.0 + node.warmup_s, node, outstanding={})
+    assert gone.state.names() == ["tp4-0"]
+
+
+def test_break_before_make_frees_only_what_the_next_instance_needs() -> None:
+    node = NodePolicy(options=SUPERLINEAR[1:], node_gpus=8, warmup_s=60.0, cooldown_s=0.0)
+    state = NodeState.initial(node, (("tp2", 4),), 0.0)
+    # the target 2 x TP4 needs all 8 GPUs: two TP2 drain first, two keep serving
+    decision = decide_node(state, 40.0, 1.0, node)
+    assert decision.state.target == (("tp2", 0), ("tp4", 2))
+    assert decision.state.count("tp2", NodePhase.DRAINING) == 2
+    assert decision.state.count("tp2", NodePhase.ACTIVE) == 2
+    assert decision.state.gpus_used(node) <= node.node_gpus
+
+
+def test_bad_node_policies_are_refused() -> None:
+    with pytest.raises(ConfigError, match="hysteresis"):
+        NodePolicy(options=SUPERLINEAR, node_gpus=8, in_threshold=0.9, out_threshold=0.8)
+    with pytest.raises(ConfigError, match="differ"):
+        NodePolicy(options=(SUPERLINEAR[0], SUPERLINEAR[0]), node_gpus=8)
+    with pytest.raises(ConfigError, match="cannot hold"):
+        NodePolicy(options=SUPERLINEAR[2:], node_gpus=2)
+    with pytest.raises(ConfigError, match="capacity"):
+        TpOption(setup="x", tp_degree=1, capacity=0.0)
+    with pytest.raises(ConfigError, match="GPUs"):
+        NodeState.initial(NODES[0], (("tp4", 3),), 0.0)
+    with pytest.raises(ConfigError, match="no pool"):
+        route_pool({})
+
+
+def test_route_pool_takes_the_least_work_per_capacity() -> None:
+    assert route_pool({"tp4": 0.5, "tp2": 0.7}) == "tp4"
+    assert route_pool({"b": 0.2, "a": 0.2}) == "a"
