@@ -128,12 +128,37 @@ def test_make_before_break_when_gpus_are_free() -> None:
 def test_break_before_make_frees_only_what_the_next_instance_needs() -> None:
     node = NodePolicy(options=SUPERLINEAR[1:], node_gpus=8, warmup_s=60.0, cooldown_s=0.0)
     state = NodeState.initial(node, (("tp2", 4),), 0.0)
-    # the target 2 x TP4 needs all 8 GPUs: two TP2 drain first, two keep serving
-    decision = decide_node(state, 40.0, 1.0, node)
-    assert decision.state.target == (("tp2", 0), ("tp4", 2))
+    # a light load: one TP4 is cheaper than four TP2, but needs GPUs that all four hold;
+    # two TP2 drain first, and the two that keep serving carry the load meanwhile
+    load = 0.5 * node.out_threshold * 2 * node.option("tp2").capacity
+    decision = decide_node(state, load, 1.0, node)
+    assert decision.state.target == (("tp2", 0), ("tp4", 1))
     assert decision.state.count("tp2", NodePhase.DRAINING) == 2
     assert decision.state.count("tp2", NodePhase.ACTIVE) == 2
     assert decision.state.gpus_used(node) <= node.node_gpus
+
+
+def test_no_hole_is_opened_that_the_load_cannot_afford() -> None:
+    node = NodePolicy(options=SUPERLINEAR[1:], node_gpus=8, warmup_s=60.0, cooldown_s=0.0)
+    state = NodeState.initial(node, (("tp2", 4),), 0.0)
+    # a heavy load: two TP4 would carry it, but reaching them drains TP2s that it needs
+    load = node.out_threshold * 0.95 * 2 * node.option("tp4").capacity
+    decision = decide_node(state, load, 1.0, node)
+    assert decision.state.count("tp2", NodePhase.ACTIVE) == 4
+    assert not decision.state.names(phase=NodePhase.DRAINING)
+
+
+def test_growing_keeps_every_instance_when_the_threshold_mix_needs_a_hole() -> None:
+    node = NODES[0]
+    state = NodeState.initial(node, (("tp1", 1), ("tp2", 1), ("tp4", 1)), 0.0)  # 7 GPUs
+    have = node.capacity(state.target)
+    load = node.out_threshold * have * 1.02  # just above what it carries
+    decision = decide_node(state, load, 1.0, node)
+    # the threshold mix (2 x TP4) would drain TP1 and TP2 first; adding a TP1 on the free
+    # GPU covers the load without taking anything away
+    assert decision.state.target == (("tp1", 2), ("tp2", 1), ("tp4", 1))
+    assert decision.state.count("tp1", NodePhase.WARMING) == 1
+    assert not decision.state.names(phase=NodePhase.DRAINING)
 
 
 def test_bad_node_policies_are_refused() -> None:

@@ -23,7 +23,11 @@ headroom, fixed before any load is seen.
 when that uses fewer GPUs (is cheaper) than the current mix. At a constant load neither
 follows the other: after growing, `cheapest_mix(L, in)` needs at least as much capacity as
 the current mix, so it is never cheaper; after shrinking, `capacity ≥ L / in > L / out`.
-Target changes are `cooldown_s` apart.
+Target changes are `cooldown_s` apart. Growing into the threshold mix may need GPUs that
+instances still serving hold; then the cheapest mix that keeps every instance, fits the free
+GPUs and covers the load is taken instead where one exists, else the largest such mix when
+it adds capacity (the paper gives thresholds, not how to move between mixes: this is our
+rule).
 
 **Reconfiguration** (`decide_node`, every call, towards the target). An instance is warming
 (ordered, drawing idle power, serving nothing for `warmup_s`), active, or draining (admitted
@@ -33,7 +37,8 @@ instance takes back a draining one of its setup if any (warm already), else is o
 while the node has free GPUs (make-before-break: the old instances serve until the new ones
 are ready, then drain); when the GPUs are all taken, surplus instances are drained first
 (fewest outstanding first, just enough to free the GPUs the next missing instance needs),
-and only while nothing is warming, so that some capacity always serves (break-before-make).
+only while nothing is warming, and only when the instances that keep serving carry the load
+within `out_threshold` (break-before-make; otherwise the node waits for the load to allow it).
 Any free GPUs of the node may form a TP group (NVSwitch: all-to-all; placement on the
 node's topology is not modelled).
 """
@@ -123,9 +128,8 @@ def _key(policy: NodePolicy, mix: Mix) -> tuple[int, float, int, Mix]:
 
 
 @functools.lru_cache(maxsize=64)
-def frontier(policy: NodePolicy) -> tuple[Mix, ...]:
-    """The predetermined mixes, cheapest first, each with more capacity than every cheaper
-    one (see the module docstring); computed once per policy."""
+def all_mixes(policy: NodePolicy) -> tuple[Mix, ...]:
+    """Every mix that fits the node (at least `min_instances`), cheapest first."""
     options = policy.options
     ranges = [range(policy.node_gpus // o.tp_degree + 1) for o in options]
     mixes: list[Mix] = []
@@ -133,9 +137,16 @@ def frontier(policy: NodePolicy) -> tuple[Mix, ...]:
         mix = tuple((o.setup, n) for o, n in zip(options, counts, strict=True))
         if sum(counts) >= policy.min_instances and policy.gpus(mix) <= policy.node_gpus:
             mixes.append(mix)
+    return tuple(sorted(mixes, key=lambda m: _key(policy, m)))
+
+
+@functools.lru_cache(maxsize=64)
+def frontier(policy: NodePolicy) -> tuple[Mix, ...]:
+    """The predetermined mixes, cheapest first, each with more capacity than every cheaper
+    one (see the module docstring); computed once per policy."""
     out: list[Mix] = []
     best = 0.0
-    for mix in sorted(mixes, key=lambda m: _key(policy, m)):
+    for mix in all_mixes(policy):
         if policy.capacity(mix) > best:
             out.append(mix)
             best = policy.capacity(mix)
@@ -152,13 +163,38 @@ def cheapest_mix(policy: NodePolicy, load: float, headroom: float,
     return mixes[-1]
 
 
+def additions_gpus(policy: NodePolicy, have: Mix, mix: Mix) -> int:
+    """GPUs the instances `mix` has beyond `have` take."""
+    counts = dict(have)
+    return sum(policy.option(s).tp_degree * max(0, n - counts.get(s, 0)) for s, n in mix)
+
+
 def target_mix(policy: NodePolicy, current: Mix, load: float | None,
-               table: Sequence[Mix] | None = None) -> Mix:
-    """The mix to move to from `current` at `load` (None: unknown yet, stay)."""
+               table: Sequence[Mix] | None = None, *,
+               reach: tuple[Mix, int] | None = None) -> Mix:
+    """The mix to move to from `current` at `load` (None: unknown yet, stay).
+
+    `reach` = (the instances the node has, warming ones included; its free GPUs): when
+    growing into the threshold mix would first take capacity away (its new instances do not
+    fit the free GPUs), the cheapest mix that keeps every instance, fits the free GPUs and
+    covers the load is taken instead, if there is one (make-before-break, no hole)."""
     if load is None:
         return current
     if load > policy.out_threshold * policy.capacity(current):
         grown = cheapest_mix(policy, load, policy.out_threshold, table)
+        if reach is not None and additions_gpus(policy, reach[0], grown) > reach[1]:
+            have = dict(reach[0])
+            keeping = [m for m in all_mixes(policy)
+                       if all(n >= have.get(s, 0) for s, n in m)
+                       and additions_gpus(policy, reach[0], m) <= reach[1]]
+            covering = [m for m in keeping
+                        if policy.out_threshold * policy.capacity(m) >= load]
+            largest = max(keeping, key=policy.capacity, default=None)
+            if covering:
+                grown = covering[0]
+            elif largest is not None and policy.capacity(largest) > policy.capacity(
+                    reach[0]):  # none covers: at least use the free GPUs, hole-free
+                grown = largest
         # never "grow" into less capacity (the node's largest mix may not cover the load)
         return grown if policy.capacity(grown) > policy.capacity(current) else current
     shrunk = cheapest_mix(policy, load, policy.in_threshold, table)
@@ -307,7 +343,11 @@ def decide_node(state: NodeState, load: float | None, now_s: float, policy: Node
     cooling = (state.last_decision_s is not None
                and now_s - state.last_decision_s < policy.cooldown_s)
     if not cooling:
-        target = _complete(policy, target_mix(policy, state.target, load, table))
+        coming = tuple((o.setup, state.count(o.setup, NodePhase.ACTIVE)
+                        + state.count(o.setup, NodePhase.WARMING)) for o in policy.options)
+        free = policy.node_gpus - state.gpus_used(policy)
+        target = _complete(policy, target_mix(policy, state.target, load, table,
+                                              reach=(coming, free)))
         if target != state.target:
             why = (f"load {load:.3g} vs capacity {policy.capacity(state.target):.3g} of "
                    f"{describe(state.target)} (out {policy.out_threshold:g}, "
@@ -317,13 +357,14 @@ def decide_node(state: NodeState, load: float | None, now_s: float, policy: Node
                                       reason=why))
 
     # -- reconcile towards the target
-    state, more = _reconcile(state, now_s, policy, held)
+    state, more = _reconcile(state, now_s, policy, held, load)
     changes.extend(more)
     return NodeDecision(state=state, changes=tuple(changes))
 
 
 def _reconcile(state: NodeState, now_s: float, policy: NodePolicy,
-               held: Mapping[str, int]) -> tuple[NodeState, list[NodeChange]]:
+               held: Mapping[str, int], load: float | None,
+               ) -> tuple[NodeState, list[NodeChange]]:
     changes: list[NodeChange] = []
     want = dict(state.target)
     # surplus warming instances: cancelled (they hold nothing)
@@ -378,6 +419,11 @@ def _reconcile(state: NodeState, now_s: float, policy: NodePolicy,
                 break
             to_drain.append(inst)
             freeing += policy.option(inst.setup).tp_degree
+        # a hole only where what keeps serving carries the load within the out threshold
+        staying = sum(policy.option(i.setup).capacity for i in state.instances
+                      if i.phase is NodePhase.ACTIVE and i not in to_drain)
+        if load is None or load > policy.out_threshold * staying:
+            to_drain = []
     else:
         to_drain = []
     for inst in to_drain:

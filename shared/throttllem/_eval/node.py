@@ -40,7 +40,6 @@ from throttllem._core.node_config import (
     NodeState,
     TpOption,
     decide_node,
-    describe,
     frontier,
     route_pool,
 )
@@ -82,6 +81,7 @@ class NodeLog:
     retargets: int = 0
     scale_outs: int = 0
     drains: int = 0
+    cancelled: int = 0  # warm-ups called off (the target moved on before they were ready)
     moved_waiting: int = 0  # deferred requests moved out of a pool left without instances
     max_gpus_held: int = 0  # the most GPUs the node's instances held at once (any phase)
     events: list[tuple[float, str]] = field(default_factory=list)
@@ -184,6 +184,7 @@ class NodeSimPolicy(SimPolicy):
 
     def _scale(self, sim: Simulation) -> None:
         now_s = sim.now_s
+        was = {i.name: i.phase for i in self.state.instances}
         decision = decide_node(self.state, self.load.rate_if_known(now_s), now_s, self.node,
                                outstanding={n: sim.outstanding(n) for n in sim.instances},
                                table=self.table)
@@ -197,6 +198,8 @@ class NodeSimPolicy(SimPolicy):
                 self._apply(sim, change.setup,
                             self.controllers[change.setup].add_instance(change.instance))
             elif change.action is NodeAction.REMOVE:
+                if was.get(change.instance) is NodePhase.WARMING:
+                    self.log.cancelled += 1
                 sim.remove_instance(change.instance)
                 self.controllers[change.setup].remove_instance(change.instance)
             elif change.action is NodeAction.DRAIN:
@@ -331,19 +334,26 @@ def node_summary(policy: SimPolicy, horizon_s: float) -> dict[str, Any] | None:
     if not isinstance(policy, NodeSimPolicy):
         return None
     log = policy.log
+    node = policy.node
+
+    def short(mix: Mix) -> str:  # "1×TP1 + 1×TP4" (the evaluator's labels are unique)
+        return " + ".join(f"{n}×{node.option(s).prefix.rstrip('-').upper()}"
+                          for s, n in mix if n) or "nothing"
+
     share: dict[str, float] = {}
     for k, (t, mix) in enumerate(log.mixes):
         end = log.mixes[k + 1][0] if k + 1 < len(log.mixes) else horizon_s
-        share[describe(mix)] = share.get(describe(mix), 0.0) + max(end - t, 0.0)
+        share[short(mix)] = share.get(short(mix), 0.0) + max(end - t, 0.0)
     return {
         "node_gpus": policy.node.node_gpus,
         "options": {o.setup: {"tp_degree": o.tp_degree, "capacity_rps": o.capacity}
                     for o in policy.node.options},
-        "thresholds": [{"mix": describe(m), "gpus": policy.node.gpus(m),
+        "thresholds": [{"mix": short(m), "gpus": policy.node.gpus(m),
                         "grow_above_rps": policy.node.out_threshold * policy.node.capacity(m)}
                        for m in policy.table],
         "serving_mix_seconds": share,
         "retargets": log.retargets, "scale_outs": log.scale_outs, "drains": log.drains,
+        "cancelled_warmups": log.cancelled,
         "moved_waiting": log.moved_waiting,
         "max_gpus_held": log.max_gpus_held,
     }
@@ -357,11 +367,14 @@ def format_node_lines(summaries: Mapping[str, dict[str, Any]]) -> list[str]:
         top = sorted(s["serving_mix_seconds"].items(), key=lambda kv: -kv[1])[:4]
         shares = ", ".join(f"{mix} {100 * t / total:.0f}%" for mix, t in top)
         lines.append(f"{name}: node of {s['node_gpus']} GPUs; serving {shares}; "
-                     f"{s['retargets']} re-targets, {s['scale_outs']} warm-ups, "
-                     f"{s['drains']} drains")
+                     f"{s['retargets']} re-targets, {s['scale_outs']} warm-ups "
+                     f"({s['cancelled_warmups']} called off), {s['drains']} drains")
     if summaries:
         first = next(iter(summaries.values()))
         caps = ", ".join(f"{k} {v['capacity_rps']:.2f} req/s"
                          for k, v in first["options"].items())
         lines.append(f"node options (capacity per instance): {caps}")
+        steps = ", ".join(f"{t['mix']} ({t['gpus']} GPUs) up to {t['grow_above_rps']:.1f}"
+                          for t in first["thresholds"])
+        lines.append(f"node thresholds (req/s): {steps}")
     return lines
