@@ -26,8 +26,11 @@ the current mix, so it is never cheaper; after shrinking, `capacity ≥ L / in >
 Target changes are `cooldown_s` apart. Growing into the threshold mix may need GPUs that
 instances still serving hold; then the cheapest mix that keeps every instance, fits the free
 GPUs and covers the load is taken instead where one exists, else the largest such mix when
-it adds capacity (the paper gives thresholds, not how to move between mixes: this is our
-rule).
+it adds capacity, else the node stays as it is: taking capacity away while the load exceeds
+what serves would only make the overload worse. Shrinking likewise takes the threshold mix
+only if it is reached by drains and free GPUs alone, or if the instances it keeps carry the
+load within `in_threshold` while the new ones warm; else the cheapest mix that is (the
+paper gives thresholds, not how to move between mixes: these are our rules).
 
 **Reconfiguration** (`decide_node`, every call, towards the target). An instance is warming
 (ordered, drawing idle power, serving nothing for `warmup_s`), active, or draining (admitted
@@ -195,10 +198,43 @@ def target_mix(policy: NodePolicy, current: Mix, load: float | None,
             elif largest is not None and policy.capacity(largest) > policy.capacity(
                     reach[0]):  # none covers: at least use the free GPUs, hole-free
                 grown = largest
+            else:  # a hole while the load exceeds what serves: never affordable; stay
+                grown = current
         # never "grow" into less capacity (the node's largest mix may not cover the load)
         return grown if policy.capacity(grown) > policy.capacity(current) else current
     shrunk = cheapest_mix(policy, load, policy.in_threshold, table)
+    if reach is not None and not _shrink_ok(policy, reach, shrunk, load):
+        shrunk = next((m for m in all_mixes(policy)
+                       if policy.in_threshold * policy.capacity(m) >= load
+                       and _shrink_ok(policy, reach, m, load)), current)
     return shrunk if _key(policy, shrunk) < _key(policy, current) else current
+
+
+def _shrink_ok(policy: NodePolicy, reach: tuple[Mix, int], mix: Mix, load: float) -> bool:
+    """Whether the node can move to `mix` without a hole, or with one that the instances
+    it keeps carry within `in_threshold` (the load may rise while the new ones warm)."""
+    return policy.in_threshold * _capacity_through(policy, reach, mix) >= load
+
+
+def _capacity_through(policy: NodePolicy, reach: tuple[Mix, int], mix: Mix) -> float:
+    """What keeps serving while the node moves from `reach` towards `mix`: everything when
+    the new instances fit the free GPUs; else what is left once the smallest surplus
+    instances drained free the GPUs of the largest new one (`_reconcile`'s order)."""
+    have, free = reach
+    adding = [policy.option(s) for s, n in mix for _ in range(max(0, n - dict(have).get(s, 0)))]
+    total = policy.capacity(have)
+    if sum(o.tp_degree for o in adding) <= free:
+        return total
+    want = dict(mix)
+    surplus = sorted((policy.option(s) for s, n in have for _ in range(max(0, n - want[s]))),
+                     key=lambda o: (o.capacity, o.setup))
+    need = max(o.tp_degree for o in adding)
+    for o in surplus:
+        if free >= need:
+            break
+        free += o.tp_degree
+        total -= o.capacity
+    return total
 
 
 def describe(mix: Mix) -> str:
@@ -346,8 +382,10 @@ def decide_node(state: NodeState, load: float | None, now_s: float, policy: Node
         coming = tuple((o.setup, state.count(o.setup, NodePhase.ACTIVE)
                         + state.count(o.setup, NodePhase.WARMING)) for o in policy.options)
         free = policy.node_gpus - state.gpus_used(policy)
-        target = _complete(policy, target_mix(policy, state.target, load, table,
-                                              reach=(coming, free)))
+        # a target that needs GPUs instances still hold is judged from what serves now
+        stuck = additions_gpus(policy, coming, state.target) > free
+        target = _complete(policy, target_mix(
+            policy, coming if stuck else state.target, load, table, reach=(coming, free)))
         if target != state.target:
             why = (f"load {load:.3g} vs capacity {policy.capacity(state.target):.3g} of "
                    f"{describe(state.target)} (out {policy.out_threshold:g}, "
@@ -404,7 +442,9 @@ def _reconcile(state: NodeState, now_s: float, policy: NodePolicy,
                                key=lambda i: (max(0, held.get(i.name, 0)), i.name))
                [: max(0, state.count(o.setup, NodePhase.ACTIVE)
                       + state.count(o.setup, NodePhase.WARMING) - want[o.setup])]]
-    surplus.sort(key=lambda i: (max(0, held.get(i.name, 0)), i.name))
+    # smallest first (what a hole costs least), then fewest outstanding
+    surplus.sort(key=lambda i: (policy.option(i.setup).capacity, max(0, held.get(i.name, 0)),
+                                i.name))
     warming = any(i.phase is NodePhase.WARMING for i in state.instances)
     if not blocked and not warming:
         to_drain = surplus  # make-before-break done, or a plain scale-in
