@@ -179,3 +179,43 @@ def test_bad_node_policies_are_refused() -> None:
 def test_route_pool_takes_the_least_work_per_capacity() -> None:
     assert route_pool({"tp4": 0.5, "tp2": 0.7}) == "tp4"
     assert route_pool({"b": 0.2, "a": 0.2}) == "a"
+
+
+def test_no_shrink_through_a_hole_the_kept_instances_cannot_carry() -> None:
+    node = NodePolicy(options=SUPERLINEAR, node_gpus=8, warmup_s=60.0, cooldown_s=0.0)
+    state = NodeState.initial(node, (("tp4", 2),), 0.0)
+    tp4 = node.option("tp4").capacity
+    # the threshold mix 1 x TP2 + 1 x TP4 needs GPUs both TP4 hold: one would drain, and the
+    # other alone would carry this load above the in-threshold while the TP2 warms
+    load = node.in_threshold * tp4 * 1.2
+    decision = decide_node(state, load, 1.0, node)
+    assert decision.state.target == (("tp1", 0), ("tp2", 0), ("tp4", 2))
+    assert not decision.state.names(phase=NodePhase.DRAINING)
+    # at a light load the kept TP4 carries it: one TP4 drains (a plain scale-in)
+    light = decide_node(state, node.in_threshold * tp4 * 0.5, 1.0, node)
+    assert light.state.count("tp4", NodePhase.DRAINING) == 1
+
+
+@pytest.mark.parametrize(("name", "tp", "kv_ratio"), [("h100-llama2-13b-tp1", 1, 6.25),
+                                                     ("h100-llama2-13b-tp4", 4, 1.5625)])
+def test_13b_tp_setups_are_derived_like_tp2(name: str, tp: int, kv_ratio: float) -> None:
+    """The TP1/TP4 twin setups rescale the 8B fit as the TP2 one does, say so, and mark
+    every assumption; the KV pool fits the card and shrinks per GPU with the TP degree."""
+    from throttllem._twin import clockmodel as cm  # noqa: PLC0415
+    from throttllem._twin.profile import load_profile  # noqa: PLC0415
+
+    p8, p13 = load_profile("h100-llama3-8b-tp1"), load_profile(name)
+    assert p13.engine.tp_degree == tp
+    assert p13.model == load_profile("h100-llama2-13b-tp2").model
+    assert "not measured" in p13.description.lower()
+    assert "derived" in p13.sources["time.kv_ms_per_ktoken"]
+    assert "assumption" in p13.sources["time.weights_ms"] or tp == 1
+    assert p13.time.kv_ms_per_ktoken == pytest.approx(p8.time.kv_ms_per_ktoken * kv_ratio,
+                                                      rel=1e-4)
+    per_gpu_kv = p13.model.kv_bytes_per_token / tp
+    assert p13.engine.kv_blocks * p13.engine.block_tokens * per_gpu_kv < 0.9 * 80 * 2**30
+    # more GPUs per instance: faster passes
+    times = [float(cm.iteration_time_s(load_profile(f"h100-llama2-13b-tp{k}"), batch=64,
+                                       kv_tokens=64_000, prefill_tokens=0, clock_mhz=1980))
+             for k in (1, 2, 4)]
+    assert times == sorted(times, reverse=True)
