@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -540,3 +541,16 @@ def crowded_perf(fits: int = 3) -> FunctionPerfModel:
                           + 0.0 * (kv_tokens + prefill_tokens + clock_mhz), np.float64)
 
     return FunctionPerfModel(crowded, name=f"crowded-{fits}")
+
+
+def wait_for_metrics_url(log_path: Path, timeout_s: float = 30.0) -> str:
+    """The `/metrics` URL a service started with `--metrics-port 0` logged, once it has."""
+    from throttllem._demo_metrics import metrics_url_from_log  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    while (url := metrics_url_from_log(log_path, 0)) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no metrics.serving line in {log_path} after {timeout_s} s:\n"
+                                 f"{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    return url
