@@ -148,6 +148,9 @@ class InstanceTracker:
         self._ints = np.zeros((len(_INT_COLUMNS), capacity), dtype=np.int64)
         self._cols: dict[str, npt.NDArray[Any]] = {}
         self._bind_columns()
+        # `snapshot`'s row order (running, then queued) and its running count, kept until
+        # a request comes, goes or gets its first token
+        self._order: tuple[npt.NDArray[np.intp], int] | None = None
 
     def _bind_columns(self) -> None:
         """`_cols[name]`: the column's row of its matrix (a view)."""
@@ -186,6 +189,7 @@ class InstanceTracker:
             c[k: self._n] = empty
         self._alive[:k] = True
         self._alive[k: self._n] = False
+        self._order = None
         self._row = {rid: int(new_row[r]) for rid, r in self._row.items()}
         self._n = k
 
@@ -200,6 +204,7 @@ class InstanceTracker:
         r = self._n
         self._n += 1
         self._row[request_id] = r
+        self._order = None
         self._alive[r] = True
         c = self._cols
         c["prompt_tokens"][r] = prompt_tokens
@@ -226,6 +231,7 @@ class InstanceTracker:
         new = idx[np.isnan(first[idx])]
         if new.size:
             first[new] = end_s
+            self._order = None  # they are running now
         c["last_token_s"][idx] = end_s
 
     def completed(self, request_id: str) -> None:
@@ -233,6 +239,7 @@ class InstanceTracker:
         if r is None:
             return
         self._alive[r] = False
+        self._order = None
         dead = self._n - len(self._row)
         if dead > 32 and dead > len(self._row):
             self._compact()
@@ -254,12 +261,15 @@ class InstanceTracker:
                  ) -> tuple[InstanceState, RequestSlo]:
         """Running (has a token) then queued, in admission order, with their SLO arrays;
         `candidate_slo` (one row) is appended to those as the last request."""
-        n = self._n
-        live = np.flatnonzero(self._alive[:n])
-        started = self._ints[1, live] > 0
-        n_run = int(np.count_nonzero(started))
-        ordered = live if n_run == live.size else np.concatenate((live[started],
-                                                                   live[~started]))
+        order = self._order
+        if order is None:
+            live = self._alive[: self._n].nonzero()[0]
+            started = self._ints[1, live] > 0
+            n_run = int(np.count_nonzero(started))
+            ordered = live if n_run == live.size else np.concatenate((live[started],
+                                                                       live[~started]))
+            order = self._order = (ordered, n_run)
+        ordered, n_run = order
         ints = self._ints.take(ordered, axis=1)
         m = ordered.size
         if candidate_slo is None:
