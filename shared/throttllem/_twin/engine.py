@@ -145,6 +145,7 @@ class EngineTwin:
         # A lower bound on the tokens any running request still has to generate: while it
         # is positive, no request completes and the pass need not look.
         self._left_min = _NO_REQUEST
+        self._ctx_sum = 0  # Σ context tokens of the running requests (their KV tokens)
         self._queue: deque[_Req] = deque()
         self._ids: set[str] = set()
         self._now_s = gpu.now_s(idx[0])
@@ -322,7 +323,7 @@ class EngineTwin:
             self._now_s = start
             return None
 
-        kv_tokens = int(self._ctx[:n].sum()) if n else 0
+        kv_tokens = self._ctx_sum
         res = self.gpu.run_iteration(start, batch=n, kv_tokens=kv_tokens,
                                      prefill_tokens=prefill_tokens,
                                      prefill_attn_tokens2=float(attn_tokens2),
@@ -334,6 +335,7 @@ class EngineTwin:
             np.maximum(gap, end - self._last[:n], out=gap)
             self._last[:n] = end
             self._slot_ints[0:2, :n] += 1  # context and generated tokens
+            self._ctx_sum += n
             self._energy[:n] += per_token_mj
             self._left_min -= 1
         request_tokens = [1] * n
@@ -345,6 +347,7 @@ class EngineTwin:
             else:
                 self._gap[k] = max(r.max_gap_s, end - r.last_token_s)
             self._ctx[k] = ctx + 1
+            self._ctx_sum += ctx + 1
             self._gen[k] = r.generated + 1
             self._target[k] = r.target
             self._last[k] = end
@@ -373,6 +376,7 @@ class EngineTwin:
         """Move the request in the last slot `k` back to the head of the queue."""
         r = self._reqs.pop()
         self._req_ids.pop()
+        self._ctx_sum -= int(self._ctx[k])
         r.generated = int(self._gen[k])
         r.last_token_s = float(self._last[k])
         r.max_gap_s = float(self._gap[k])
@@ -418,5 +422,6 @@ class EngineTwin:
         self._reqs = list(itertools.compress(self._reqs, flags))
         self._req_ids = list(itertools.compress(self._req_ids, flags))
         self._n = kept
+        self._ctx_sum = int(self._ctx[:kept].sum())
         self._left_min = (int((self._target[:kept] - self._gen[:kept]).min()) if kept
                           else _NO_REQUEST)
