@@ -206,7 +206,7 @@ def prepare(projection: Projection, slo: RequestSlo, *, now_s: float,
     starts = np.empty_like(ckpts)
     if ckpts.size:
         starts[0] = 0
-        np.add(ckpts[:-1], 1, out=starts[1:])
+        starts[1:] = ckpts[:-1] + 1
     rows = np.empty((3, projection.n_iterations))
     rows[0] = projection.decode_batch
     rows[1] = projection.kv_tokens
