@@ -136,7 +136,7 @@ def grid_cell(grid_pos: dict[str, int], grid_height: int, *, top: float = 0.97,
 
 def grid_height(panels: list[dict[str, Any]]) -> int:
     """Rows of grid the dashboard uses."""
-    return max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
+    return max(int(p["gridPos"]["y"]) + int(p["gridPos"]["h"]) for p in panels)
 
 
 def query_range(prometheus: str, expr: str, window: QueryWindow) -> list[dict[str, Any]]:
@@ -198,7 +198,7 @@ def _draw_panel(fig: Any, panel: dict[str, Any], cell: Cell, prometheus: str,
         ax.set_xlabel(unit, fontsize=7)
     elif drawn:
         ax.set_ylabel(unit, fontsize=7)
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=UTC))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=UTC))  # type: ignore[no-untyped-call]
         ax.set_xlim(datetime.fromtimestamp(window.start_s, UTC),
                     datetime.fromtimestamp(window.end_s, UTC))
         ax.grid(alpha=0.3)
