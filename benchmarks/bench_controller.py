@@ -21,7 +21,9 @@ the model's baseline, never by ONNX.
 Timings are wall time on one core (numpy element-wise work is single-threaded; BLAS threads
 are pinned to 1), p50/p99 over `--decisions` decisions, all in one run with the strategies
 taking turns on each decision, so ratios compare. "fcst" is the forecast alone (candidate
-SLO row + projection); "total" adds the SLO check and the clock search (no report).
+SLO row + projection); "total" adds the SLO check and the clock search (no report); "cpu
+p99" is the same decisions' CPU time of this thread (time the process spent descheduled by
+other work on a shared machine is not in it, which wall-time p99 there mostly measures).
 
     python benchmarks/bench_controller.py [--decisions 300] [--json runs/bench_controller.json]
 """
@@ -109,8 +111,10 @@ def make_case(rng: np.random.Generator, n: int, slo: SloClass) -> Case:
 
 
 def decide(case: Case, perf: PerfModel, strategy: Strategy, fanout: int,
-           hint_mhz: int | None = None) -> tuple[float, float, int, int, int]:
-    """One decision; returns (forecast s, total s, chosen clock or 0, clocks evaluated, T)."""
+           hint_mhz: int | None = None) -> tuple[float, float, int, int, int, float]:
+    """One decision; returns (forecast s, total s, chosen clock or 0, clocks evaluated, T,
+    total CPU s of this thread)."""
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     cand_row = RequestSlo.for_request(case.candidate_slo,
                                       prompt_tokens=case.candidate.prompt_tokens,
@@ -121,8 +125,9 @@ def decide(case: Case, perf: PerfModel, strategy: Strategy, fanout: int,
     res = min_feasible_clock(p, perf, CLOCKS, slo, now_s=NOW_S, strategy=strategy,
                              fanout=fanout, hint_mhz=hint_mhz)
     t2 = time.perf_counter()
+    c2 = time.thread_time()
     clock = res.clock_mhz if isinstance(res, FeasibleClock) else 0
-    return t1 - t0, t2 - t0, clock, res.clocks_evaluated, p.n_iterations
+    return t1 - t0, t2 - t0, clock, res.clocks_evaluated, p.n_iterations, c2 - c0
 
 
 def twin_model() -> PerfModel | None:
@@ -226,7 +231,8 @@ def main() -> None:
             # Strategies take turns on every decision, in a shuffled order (the first to see
             # a new state pays for cold caches, the one after the full scan for the memory
             # it released), so noise on the machine hits them alike and ratios compare.
-            samples: list[list[tuple[float, float, int, int, int]]] = [[] for _ in strategies]
+            samples: list[list[tuple[float, float, int, int, int, float]]] = [
+                [] for _ in strategies]
             for k in range(args.decisions):
                 case, answer = cases[k % len(cases)], answers[k % len(cases)]
                 for i in rng.permutation(len(strategies)).tolist():
@@ -248,13 +254,15 @@ def main() -> None:
                     "clocks_evaluated_mean": float(np.mean([g[3] for g in got])),
                     "forecast_ms_p50": pct(fc, 50) * 1e3,
                     "total_ms_p50": pct(tot, 50) * 1e3, "total_ms_p99": pct(tot, 99) * 1e3,
+                    "cpu_ms_p99": pct([g[5] for g in got], 99) * 1e3,
                     "chosen_mhz_p50": (float(np.median(feasible_clocks))
                                        if feasible_clocks else None),
                     "infeasible_share": 1.0 - len(feasible_clocks) / len(clocks),
                 })
 
     head = (f"{'N':>5} {'model':<7} {'strategy':<20} {'T':>6} {'evals':>5} "
-            f"{'fcst p50':>9} {'total p50':>10} {'total p99':>10} {'clock p50':>9} "
+            f"{'fcst p50':>9} {'total p50':>10} {'total p99':>10} {'cpu p99':>9} "
+            f"{'clock p50':>9} "
             f"{'infeas':>6}")
     print(head)
     print("-" * len(head))
@@ -263,7 +271,8 @@ def main() -> None:
         print(f"{r['running']:>5} {r['model']:<7} {r['strategy']:<20} "
               f"{r['passes_T_mean']:>6.0f} {r['clocks_evaluated_mean']:>5.1f} "
               f"{r['forecast_ms_p50']:>7.3f}ms {r['total_ms_p50']:>8.3f}ms "
-              f"{r['total_ms_p99']:>8.3f}ms {chosen:>9} {r['infeasible_share']:>6.0%}")
+              f"{r['total_ms_p99']:>8.3f}ms {r['cpu_ms_p99']:>7.3f}ms {chosen:>9} "
+              f"{r['infeasible_share']:>6.0%}")
     if grid is not None:
         bm, km, pm = grid[1]
         print("\nonnx grid: edge at batch {:.0f}, KV {:.0f} tokens, prefill {:.0f} tokens; "
@@ -277,7 +286,9 @@ def main() -> None:
         "default_fanout": DEFAULT_FANOUT, "rows": rows,
         "onnx_grid_passes_beyond_edge_share": {str(k): v for k, v in beyond.items()},
     }, indent=2))
-    print(f"\nwrote {args.json}")
+    print("\nload average (1/5/15 min) at the end: {:.1f} {:.1f} {:.1f}".format(
+        *os.getloadavg()))
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ trace, time-scaled to the peak of four H100 Llama-3-8B instances as `throttllem 
 does), timed wall-clock around `evaluate` (trace loading, oracle predictions, the static
 clock search and the performance model load included; one instance's capacity is measured
 once, before the timed runs). "sim s" is the simulated span; "iters" the engine passes;
-"ticks" controller ticks; "s per trace-hour" scales the wall time to a 60-minute window.
+"ticks" controller ticks; "s per trace-hour" scales the wall time to a 60-minute window;
+"cpu s" is the process's CPU time over the same span (what other work on a shared machine
+inflates least; ONNX Runtime's threads count too, when the model's grid is compiled). The
+load average before and after is printed with the table.
 With `--cold`, each predictive policy also runs with every clock search started cold
 (`warm_start=False`; same decisions, checked) right after its warm run, and "warm/cold"
 is the ratio of the two wall times.
@@ -52,6 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     rows = []
+    load_before = os.getloadavg()
     base = EvalOptions(trace=args.trace, minutes=args.minutes, start_minute=args.start_minute,
                        instances=args.instances, peak_rps=args.peak_rps,
                        perf_model=args.perf_model, policies=["default"])
@@ -59,10 +63,12 @@ def main() -> None:
     for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
         opts = msgspec.structs.replace(base, policies=[name], capacity_rps=capacity)
         t0 = time.perf_counter()
+        c0 = time.process_time()
         run = evaluate(opts).runs[name]
         wall_s = time.perf_counter() - t0
+        cpu_s = time.process_time() - c0
         r = run.report
-        row = {"policy": name, "wall_s": wall_s, "sim_s": r.duration_s,
+        row = {"policy": name, "wall_s": wall_s, "cpu_s": cpu_s, "sim_s": r.duration_s,
                "sim_s_per_wall_s": r.duration_s / wall_s,
                "wall_s_per_trace_hour": wall_s * 60.0 / args.minutes,
                "requests": r.requests_submitted, "iterations": run.iterations,
@@ -76,19 +82,24 @@ def main() -> None:
                 raise SystemExit(f"{name}: cold searches decided differently from warm ones")
         rows.append(row)
 
+    load_after = os.getloadavg()
     head = f"{'policy':<12}{'requests':>9}{'iters':>9}{'ticks':>8}{'sim s':>9}{'wall s':>9}" \
-           f"{'s per trace-hour':>18}{'warm/cold':>11}"
+           f"{'cpu s':>8}{'s per trace-hour':>18}{'warm/cold':>11}"
     print(head)
     print("-" * len(head))
     for row in rows:
         ratio = (f"{row['wall_s'] / row['cold_wall_s']:>11.2f}" if "cold_wall_s" in row
                  else f"{'–':>11}")
         print(f"{row['policy']:<12}{row['requests']:>9}{row['iterations']:>9}{row['ticks']:>8}"
-              f"{row['sim_s']:>9.0f}{row['wall_s']:>9.1f}{row['wall_s_per_trace_hour']:>18.1f}"
+              f"{row['sim_s']:>9.0f}{row['wall_s']:>9.1f}{row['cpu_s']:>8.1f}"
+              f"{row['wall_s_per_trace_hour']:>18.1f}"
               f"{ratio}")
+    print("load average (1/5/15 min) before {:.1f} {:.1f} {:.1f}, after {:.1f} {:.1f} {:.1f}"
+          .format(*load_before, *load_after))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "benchmark": "bench_eval", "trace": args.trace, "minutes": args.minutes,
+        "load_average_before": load_before, "load_average_after": load_after,
         "instances": args.instances, "peak_rps": args.peak_rps, "capacity_rps": capacity,
         "perf_model": args.perf_model or "shipped", "python": platform.python_version(),
         "machine": platform.machine(), "rows": rows}, indent=2))

@@ -80,3 +80,31 @@ def test_steady_arrivals_never_lower_the_clock(rate_per_s: float) -> None:
     assert perf_for(tracker, blind, 50.0) is blind.perf
     if rate_per_s >= 4.0:
         assert aware > unaware  # enough prefill load to need a higher clock
+
+
+
+class _PreparedAffine(AffinePerfModel):
+    """The affine model behind the `PreparedPerfModel` calls (its passes "prepared" as is)."""
+
+    def prepare_passes(self, rows: np.ndarray) -> np.ndarray:
+        return rows
+
+    def prepared_time_s(self, prepared: np.ndarray, clocks_mhz: np.ndarray) -> np.ndarray:
+        return np.asarray(self.iteration_time_s(prepared[0:1], prepared[1:2], prepared[2:3],
+                                                clocks_mhz.reshape(-1, 1)))
+
+
+def test_stretch_at_supported_clocks_is_read_off_exactly() -> None:
+    """A search asks for supported clocks: the wrapper reads their factors by position,
+    which must be what `stretch` (np.interp) gives there, bit for bit; other clocks still
+    interpolate."""
+    model = _PreparedAffine()
+    rows = np.array([[8.0, 64.0], [8e3, 6e4], [0.0, 512.0]])
+    for rate in (0.0, 3_000.0, 12_345.0, 60_000.0):
+        wrapped = ArrivalPrefillPerf(model, rate, CLOCKS)
+        prepared = wrapped.prepare_passes(rows)
+        for clocks in (np.asarray(CLOCKS, float), np.asarray(CLOCKS, float)[[0, 40, 109]],
+                       np.array([1005.0]), np.array([350.0, 1000.0]), np.array([1990.0])):
+            want = (model.prepared_time_s(rows, clocks) * wrapped.stretch(clocks[:, None]))
+            for _ in range(2):  # the second time from the wrapper's cache
+                np.testing.assert_array_equal(wrapped.prepared_time_s(prepared, clocks), want)

@@ -15,8 +15,17 @@ import anyio
 import pytest
 
 from throttllem._bus import Bus, EmbeddedNatsServer
-from throttllem._events import REQUEST_CODEC, RequestArrived, RequestEvent
-from throttllem._subjects import REQUEST_ARRIVED, REQUEST_STREAM
+from throttllem._engines.twin import EngineTwinService
+from throttllem._events import REQUEST_CODEC, RequestArrived, RequestCompleted, RequestEvent
+from throttllem._runtime import Clock, Service
+from throttllem._services.telemetry import TelemetryService
+from throttllem._subjects import REQUEST_ARRIVED, REQUEST_COMPLETED, REQUEST_STREAM
+from throttllem.testing import (
+    RestartableNats,
+    audited_replay,
+    forecaster_service,
+    running_services,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -32,17 +41,14 @@ def arrived(n: int) -> RequestArrived:
 
 @pytest.mark.timeout(120 + 3 * OUTAGE_S)
 async def test_durable_publishes_and_consumers_survive_a_server_outage(tmp_path: Path) -> None:
-    store = tmp_path / "js"
-    server = EmbeddedNatsServer(store_dir=store)
+    server = RestartableNats(tmp_path / "js")
     url = server.start()
-    port = int(url.rsplit(":", 1)[1])
     producer = await Bus.connect(url, name="producer")
     consumer = await Bus.connect(url, name="consumer")
     await producer.ensure_request_stream()
     received: Counter[str] = Counter()
     published: list[str] = []
     outage: dict[str, float] = {}
-    again = EmbeddedNatsServer(store_dir=store, port=port)
 
     async def handler(event: RequestEvent) -> None:
         assert isinstance(event, RequestArrived)
@@ -69,7 +75,7 @@ async def test_durable_publishes_and_consumers_survive_a_server_outage(tmp_path:
         outage["published_before"] = len(published)
         await anyio.sleep(OUTAGE_S)
         outage["published_during"] = len(published) - outage["published_before"]
-        again.start()
+        server.start()
         outage["restarted"] = time.monotonic()
 
     try:
@@ -97,7 +103,6 @@ async def test_durable_publishes_and_consumers_survive_a_server_outage(tmp_path:
     finally:
         await producer.close()
         await consumer.close()
-        again.stop()
         server.stop()
 
 
@@ -154,76 +159,28 @@ async def test_the_services_serve_every_request_once_across_a_server_outage(
         tmp_path: Path) -> None:
     """Replayer, forecaster, engine and telemetry keep running through an outage in the middle
     of a replay: every request is completed and billed exactly once, nobody exits."""
-    from throttllem._engines.twin import EngineTwinService  # noqa: PLC0415
-    from throttllem._events import ENERGY_CODEC, RequestCompleted, RequestEnergy  # noqa: PLC0415
-    from throttllem._runtime import Clock  # noqa: PLC0415
-    from throttllem._services.replayer import replay  # noqa: PLC0415
-    from throttllem._services.telemetry import TelemetryService  # noqa: PLC0415
-    from throttllem._subjects import ENERGY_REQUEST, REQUEST_COMPLETED  # noqa: PLC0415
-    from throttllem.testing import forecaster_service  # noqa: PLC0415
-
-    store = tmp_path / "js"
-    server = EmbeddedNatsServer(store_dir=store)
-    url = server.start()
-    again = EmbeddedNatsServer(store_dir=store, port=int(url.rsplit(":", 1)[1]))
     clock = Clock(epoch_wall_s=time.time())
-    services = {"engine": EngineTwinService(instance="i0"),
-                "forecaster": forecaster_service(instances=["i0"], policy="default"),
-                "telemetry": TelemetryService(gpu="twin", instances=["i0"], interval_s=0.2)}
-    buses = {name: await Bus.connect(url, name=name, service=name) for name in services}
-    audit = await Bus.connect(url, name="audit")
-    replayer = await Bus.connect(url, name="replayer", service="replayer")
-    await audit.ensure_request_stream()
-    completed: Counter[str] = Counter()
-    billed: Counter[str] = Counter()
-    published: list[str] = []
+    services: dict[str, Service] = {
+        "engine": EngineTwinService(instance="i0"),
+        "forecaster": forecaster_service(instances=["i0"], policy="default"),
+        "telemetry": TelemetryService(gpu="twin", instances=["i0"], interval_s=0.2)}
     total = 30
-
-    async def on_completed(event: RequestEvent) -> None:
-        if isinstance(event, RequestCompleted):
-            completed[event.id] += 1
-
-    async def on_energy(record: RequestEnergy) -> None:
-        billed[record.id] += 1
-
     start = clock.now_s() + 0.5
     requests = [RequestArrived(id=f"q{n}", arrival_s=start + 0.2 * n, prompt_tokens=50 + n,
                                true_output_tokens=5 + n % 7) for n in range(total)]
-    try:
-        async with anyio.create_task_group() as tg:
-            for name, service in services.items():
-                await tg.start(service.run, buses[name], clock)
-            await tg.start(partial(audit.consume, durable="audit", subject=REQUEST_COMPLETED,
-                                   codec=REQUEST_CODEC, handler=on_completed))
-            await tg.start(partial(audit.consume, durable="bill", subject=ENERGY_REQUEST,
-                                   codec=ENERGY_CODEC, handler=on_energy))
-
-            async def replay_all() -> None:
-                await replay(replayer, clock, requests,
-                             on_published=lambda r: published.append(r.id))
-
-            tg.start_soon(replay_all)
+    with RestartableNats(tmp_path / "js") as server:
+        async with (running_services(server.url, clock, services) as buses,
+                    audited_replay(server.url, clock, requests) as window):
             with anyio.fail_after(120 + 2 * OUTAGE_S):
-                while len(published) < total // 3:
-                    await anyio.sleep(0.01)
-                server.stop()
-                await anyio.sleep(OUTAGE_S)
-                again.start()
-                while len(completed) < total or len(billed) < total:
-                    await anyio.sleep(0.05)
-                await anyio.sleep(1.0)  # time for a duplicate to show up
-            tg.cancel_scope.cancel()
-        assert set(completed) == set(billed) == {r.id for r in requests}
-        assert max(completed.values()) == max(billed.values()) == 1
-        stored = await audit.history(REQUEST_COMPLETED, REQUEST_CODEC)
-        assert sorted(e.id for e in stored if isinstance(e, RequestCompleted)) == \
-            sorted(r.id for r in requests)  # stored once each, retries de-duplicated
-        retries = {n: sum(v for k, v in b.counters.items() if k.startswith("publish_retries"))
-                   for n, b in [*buses.items(), ("replayer", replayer)]}
+                await window.wait_published(total // 3)
+                await server.outage(OUTAGE_S)
+                await window.wait_served()
+            window.assert_served_once()
+            stored = await window.audit.history(REQUEST_COMPLETED, REQUEST_CODEC)
+            assert sorted(e.id for e in stored if isinstance(e, RequestCompleted)) == \
+                sorted(r.id for r in requests)  # stored once each, retries de-duplicated
+            retries = {n: sum(v for k, v in b.counters.items()
+                              if k.startswith("publish_retries"))
+                       for n, b in [*buses.items(), ("replayer", window.replayer)]}
         print(f"pipeline outage {OUTAGE_S:.0f} s: {total} requests completed and billed once;"
               f" durable publish retries {retries}")
-    finally:
-        for bus in [*buses.values(), audit, replayer]:
-            await bus.close()
-        again.stop()
-        server.stop()

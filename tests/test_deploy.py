@@ -186,6 +186,9 @@ def test_crd_objects_point_at_what_exists(rendered: dict[str, list[dict[str, Any
         namespaces = spec["namespaceSelector"]["matchNames"]
         endpoints = spec["podMetricsEndpoints"]
         assert all(e["path"] == "/metrics" for e in endpoints)
+        # The metrics' own `instance` label (engine instance, which the dashboard groups by)
+        # must not become exported_instance under the target's instance label.
+        assert all(e.get("honorLabels") is True for e in endpoints)
         for w in workloads:
             labels = w["spec"]["template"]["metadata"]["labels"]
             if w["metadata"]["namespace"] in namespaces and wanted.items() <= labels.items():

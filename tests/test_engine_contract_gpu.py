@@ -24,6 +24,7 @@ from throttllem._core.energy import EnergyLedger
 from throttllem._engines import check_backend
 from throttllem._engines.contract import ENGINE_SERVICE
 from throttllem._engines.gpu import (
+    ENERGY_MEASURED,
     ENERGY_NOT_MEASURED,
     GpuEngineOptions,
     _LiveLoopGpu,
@@ -45,11 +46,20 @@ from throttllem.testing_engine_contract import EngineContractSuite, EngineProces
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
-def engine_argv(nats: EmbeddedNatsServer, clock: Clock, record: Path, *runner: str) -> list[str]:
+def engine_argv(nats: EmbeddedNatsServer, clock: Clock, record: Path, *runner: str,
+                device: str = "cpu") -> list[str]:
     return [sys.executable, "-m", "throttllem", "run", "engine", "--backend", "gpu",
             "--instance", "i0", "--setup", DEFAULT_SETUP, "--nats", nats.url,
-            "--epoch-wall", repr(clock.epoch_wall_s), "--device", "cpu", "--record",
+            "--epoch-wall", repr(clock.epoch_wall_s), "--device", device, "--record",
             str(record), *runner]
+
+
+def _has_cuda() -> bool:
+    if not HAS_TORCH:
+        return False
+    import torch  # noqa: PLC0415 - only where torch is installed
+
+    return bool(torch.cuda.is_available())
 
 
 def read_records(path: Path) -> list[dict[str, object]]:
@@ -57,12 +67,16 @@ def read_records(path: Path) -> list[dict[str, object]]:
 
 
 class TestGpuEngineContractFakeTimer(EngineContractSuite):
+    # Admissions are acked once done (the engine shell): a restarted engine serves them.
+    accepted_requests_survive_a_crash = True
     runner: ClassVar[tuple[str, ...]] = ("--runner", "fake")
+    device: ClassVar[str] = "cpu"
 
     @pytest.fixture
     def engine(self, nats: EmbeddedNatsServer, tmp_path: Path) -> Iterator[EngineProcess]:
         clock = Clock(epoch_wall_s=time.time())
-        argv = engine_argv(nats, clock, tmp_path / "engine.jsonl", *self.runner)
+        argv = engine_argv(nats, clock, tmp_path / "engine.jsonl", *self.runner,
+                           device=self.device)
         with EngineProcess(argv, instance="i0", clock=clock, setup=load_setup(DEFAULT_SETUP),
                            health_subject=health(ENGINE_SERVICE),
                            log_path=tmp_path / "engine.log") as engine:
@@ -106,6 +120,42 @@ class TestGpuEngineContractTorchCpu(TestGpuEngineContractFakeTimer):
     runner: ClassVar[tuple[str, ...]] = ("--runner", "torch", "--model", "tiny")
     # A tiny decoder's passes are fast: a longer request still outlasts an abort.
     long_output_tokens: ClassVar[int] = 6000
+    # Its passes are slower than the fake timer's on a busy CPU: served again in time.
+    crash_output_tokens: ClassVar[int] = 1000
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="runs on a CUDA GPU (the lent GPU machine)")
+class TestGpuEngineContractCuda(TestGpuEngineContractFakeTimer):
+    """On a CUDA GPU: the full Llama-3-8B-shaped decoder, every pass on the card, energy from
+    the card's NVML counter (read only; the engine never sets a clock)."""
+
+    runner: ClassVar[tuple[str, ...]] = ("--runner", "torch")
+    device: ClassVar[str] = "cuda:0"
+    # Decode passes of a full-size decoder take milliseconds: a long request outlasts an abort.
+    long_output_tokens: ClassVar[int] = 6000
+    # On a GPU energy is measured: the CPU variants' "measures nothing" check does not apply.
+    test_a_run_that_measures_nothing_says_so_and_publishes_no_energy = None  # type: ignore[assignment]
+
+    async def test_a_run_on_a_gpu_measures_the_energy_of_every_request(
+            self, nats: EmbeddedNatsServer, engine: EngineProcess, tmp_path: Path) -> None:
+        async with self.watching(nats, engine) as watch:
+            for n, (p, o) in enumerate([(300, 40), (2000, 80)]):
+                await watch.admit(self.request(engine, f"e{n}", prompt_tokens=p,
+                                               output_tokens=o))
+            await watch.wait_completed("e0", "e1")
+            await watch.wait_for("a heartbeat", lambda: bool(watch.heartbeats))
+
+        assert all(c.energy_mj is not None and c.energy_mj > 0
+                   for c in watch.completed.values())
+        assert all(it.energy_mj >= 0.0 and it.clock_mhz > 0.0 for it in watch.iterations)
+        assert sum(it.energy_mj for it in watch.iterations) > 0.0
+        records = read_records(tmp_path / "engine.jsonl")
+        assert records[0]["energy_source"] == ENERGY_MEASURED
+        done = [r for r in records if r["kind"] == "request"]
+        assert sorted(str(r["id"]) for r in done) == ["e0", "e1"]
+        # Each request's energy is its token share of its passes: never more than them all.
+        total_mj = sum(float(str(r["energy_mj"])) for r in records if r["kind"] == "pass")
+        assert 0 < sum(float(str(r["energy_mj"])) for r in done) <= total_mj * 1.000001
 
 
 # --------------------------------------------------------------------------- energy

@@ -23,7 +23,7 @@ README = Path(__file__).resolve().parents[1] / "services" / "README.md"
 
 
 class TestTwinEngineContract(EngineContractSuite):
-    # Admissions are acked once done: a restarted twin engine gets the unfinished ones again.
+    # Admissions are acked once done (the engine shell): a restarted engine serves them.
     accepted_requests_survive_a_crash = True
 
     @pytest.fixture

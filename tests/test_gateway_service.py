@@ -25,6 +25,7 @@ from throttllem._bus import Bus, EmbeddedNatsServer
 from throttllem._events import (
     REQUEST_CODEC,
     RequestAborted,
+    RequestAdmitted,
     RequestArrived,
     RequestDeferred,
     RequestEvent,
@@ -38,6 +39,7 @@ from throttllem._subjects import (
     REQUEST_ALL,
     REQUEST_ARRIVED,
     REQUEST_DEFERRED,
+    request_admitted,
 )
 from throttllem.testing import forecaster_service, write_test_tokenizer
 
@@ -294,6 +296,30 @@ async def test_an_abort_from_the_controller_ends_the_request(nats: EmbeddedNatsS
         aborts = [e for e in await run.events() if isinstance(e, RequestAborted)]
         assert [a.cause for a in aborts] == ["shed"]  # the gateway adds none of its own
         assert run.gateway.health_metrics() == {"waiting": 0.0, "in_flight": 0.0}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("named", "status", "code"), [("i0", 503, "aborted"),
+                                                       ("i1", 502, "engine_failed")])
+async def test_an_abort_counts_only_for_the_instance_it_names(
+        nats: EmbeddedNatsServer, model_dir: Path, named: str, status: int, code: str) -> None:
+    """A controller aborts a request at an instance, then admits it to i0 (the gateway may
+    see the two in either order): an abort naming i0 ends it; one naming another instance
+    is not its business, so the request goes on to i0 (a dead engine here: 502)."""
+    async with running(nats, config(model_dir, queue_timeout_s=30.0)) as run:
+        async def abort_then_admit(event: RequestEvent) -> None:
+            assert isinstance(event, RequestArrived)
+            await run.bus.publish_durable(REQUEST_ABORTED, RequestAborted(
+                id=event.id, decided_s=event.arrival_s, instance=named, cause="shed",
+                reason="moved"))
+            await run.bus.publish_durable(request_admitted("i0"), RequestAdmitted(
+                request=event, instance="i0", decided_s=event.arrival_s))
+        await run.bus.subscribe(REQUEST_ARRIVED, REQUEST_CODEC, abort_then_admit)
+        with pytest.raises(openai.APIStatusError) as info:
+            await run.client.completions.create(model="tiny", prompt="the dog", max_tokens=3)
+        assert (info.value.status_code, info.value.code) == (status, code)
+        if named != "i0":
+            assert run.gateway.bus.counters["gateway.abort_for_other_instance"] == 1
 
 
 def test_throttllem_run_gateway_serves_and_stops_on_sigterm(nats: EmbeddedNatsServer,

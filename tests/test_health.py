@@ -5,7 +5,6 @@ over a real nats-server."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from prometheus_client import generate_latest
 from throttllem import _metrics as m
 from throttllem._bus import EmbeddedNatsServer
 from throttllem._cli import main
+from throttllem.testing import wait_for_metrics_url
 
 
 def page(*, beat: bool = True, connected: bool | None = True) -> tuple[str, float]:
@@ -99,13 +99,7 @@ def test_the_probe_follows_a_real_service_through_a_bus_outage_and_its_death(
              "--instances", "i0,i1", "--capacity", "10", "--metrics-port", "0"],
             stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        url = None
-        deadline = time.monotonic() + 30
-        while url is None and time.monotonic() < deadline:
-            url = next((json.loads(line)["url"] for line in log_path.read_text().splitlines()
-                        if '"metrics.serving"' in line), None)
-            time.sleep(0.05)
-        assert url is not None, log_path.read_text()
+        url = wait_for_metrics_url(log_path)
 
         out = probe_until(url, capsys, 0, "--require-bus")
         assert out.startswith("healthy: scaler 0.1.0: heartbeat")

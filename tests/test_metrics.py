@@ -37,6 +37,7 @@ from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import ENERGY_REQUEST, freq_target, request_admitted, twin_gpu
 from throttllem._twin.gpu import GpuTwin
 from throttllem._twin.profile import load_profile
+from throttllem.testing import wait_for_metrics_url
 
 ROOT = Path(__file__).resolve().parents[1]
 README_TABLE = re.compile(r"<!-- metrics-table:start -->\n(.*?)\n<!-- metrics-table:end -->",
@@ -208,14 +209,8 @@ def test_run_metrics_port_serves_the_scalers_target_over_http(
              "--instances", "i0,i1", "--capacity", "10", "--metrics-port", "0"],
             stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        url = None
+        url = wait_for_metrics_url(log_path)
         deadline = time.monotonic() + 30
-        while url is None and time.monotonic() < deadline:
-            for line in log_path.read_text().splitlines():
-                if '"metrics.serving"' in line:
-                    url = json.loads(line)["url"]
-            time.sleep(0.05)
-        assert url is not None, log_path.read_text()
         assert url.startswith("http://127.0.0.1:"), "bound to loopback by default"
         page: dict[str, tuple[str, list[tuple[dict[str, str], float]]]] = {}
         while time.monotonic() < deadline:

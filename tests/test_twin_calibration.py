@@ -202,3 +202,26 @@ def test_scalar_fast_path_agrees_with_vectorized_model(profile: SetupProfile) ->
 def test_bad_clock_is_refused(profile: SetupProfile) -> None:
     with pytest.raises(ValueError, match="positive"):
         cm.iteration_time_s(profile, batch=1, kv_tokens=1, prefill_tokens=0, clock_mhz=0)
+
+
+def test_per_clock_scalar_model_gives_the_reference_numbers_exactly(
+        profile: SetupProfile) -> None:
+    """The engine twin's clock model (`ScalarClockModel`, per-clock terms kept) must give
+    `effective_clock_scalar`'s clock and iteration bit for bit, power cap search included."""
+    fast = cm.ScalarClockModel(profile)
+    rng = np.random.default_rng(11)
+    capped = 0
+    for _ in range(600):
+        batch = float(rng.integers(0, 257))
+        kv = float(batch * rng.integers(1, 8192))
+        pre = float(rng.choice([0, rng.integers(1, 16385)]))
+        a2 = float(pre * min(pre, 4096))
+        if batch + pre == 0:
+            continue
+        req = float(rng.choice(profile.gpu.supported_clocks_mhz))
+        shape = {"batch": batch, "kv_tokens": kv, "prefill_tokens": pre,
+                 "prefill_attn_tokens2": a2}
+        want = cm.effective_clock_scalar(profile, requested_clock_mhz=req, **shape)
+        assert fast.effective(requested_clock_mhz=req, **shape) == want
+        capped += want[0] < req
+    print(f"\n{capped} of the shapes ran below the requested clock (power cap)")

@@ -24,7 +24,19 @@ from typing import Any, Final
 
 from throttllem._busauth import BusAuth
 from throttllem._errors import ConfigError
-from throttllem._subjects import PREFIX, REQUEST_STREAM, dead_letter, history_consumer, token
+from throttllem._subjects import (
+    FORECASTER_DEAD_LETTERS_DURABLE,
+    LENGTH_PREDICTOR_DURABLE,
+    PREFIX,
+    REQUEST_STREAM,
+    TELEMETRY_DURABLE,
+    dead_letter,
+    engine_aborts_durable,
+    engine_admissions_durable,
+    forecaster_durable,
+    history_consumer,
+    token,
+)
 
 S: Final = REQUEST_STREAM
 JS_API: Final = "$JS.API"
@@ -83,10 +95,10 @@ def identities(instances: Sequence[str] = ("i0", "i1")) -> dict[str, Identity]:
                        f"{p}.scale.target"),
             # One durable per policy (`forecaster-<policy>`): a policy that plans reads
             # predictions, the others read arrivals.
-            durables=(("forecaster-default", f"{p}.request.arrived"),
-                      ("forecaster-retail", f"{p}.request.arrived"),
-                      ("forecaster-throttllem", f"{p}.request.predicted"),
-                      ("forecaster-dead-letters", f"{p}.dead.request"),
+            durables=((forecaster_durable("default"), f"{p}.request.arrived"),
+                      (forecaster_durable("retail"), f"{p}.request.arrived"),
+                      (forecaster_durable("throttllem"), f"{p}.request.predicted"),
+                      (FORECASTER_DEAD_LETTERS_DURABLE, f"{p}.dead.request"),
                       (history_consumer("forecaster"), f"{p}.request.>")),
             why="the only one that admits requests and sets clock targets"),
         Identity(
@@ -94,14 +106,15 @@ def identities(instances: Sequence[str] = ("i0", "i1")) -> dict[str, Identity]:
             publish=(f"{p}.request.predicted", f"{p}.request.deferred",
                      f"{p}.health.length-predictor"),
             subscribe=(f"{p}.request.completed", f"{p}.rpc.predict"),
-            durables=(("length-predictor", f"{p}.request.arrived"),), answers_requests=True,
+            durables=((LENGTH_PREDICTOR_DURABLE, f"{p}.request.arrived"),),
+            answers_requests=True,
             why="predictions; answers rpc.predict"),
         Identity(
             "telemetry", "telemetry",
             publish=(f"{p}.gpu.sample.>", f"{p}.energy.request", f"{p}.twin.gpu.*.read",
                      f"{p}.health.telemetry"),
             subscribe=(f"{p}.engine.iteration.*", f"{p}.request.completed"),
-            durables=(("telemetry", f"{p}.request.completed"),),
+            durables=((TELEMETRY_DURABLE, f"{p}.request.completed"),),
             why="the only one that publishes GPU samples and energy records; reads twin GPUs"),
         Identity(
             "replayer", "replayer",
@@ -145,8 +158,8 @@ def identities(instances: Sequence[str] = ("i0", "i1")) -> dict[str, Identity]:
             publish=(f"{p}.engine.iteration.{inst}", f"{p}.request.completed",
                      f"{p}.request.deferred", f"{p}.request.aborted", f"{p}.health.engine"),
             subscribe=(f"{p}.twin.gpu.{inst}.read", f"{p}.twin.gpu.{inst}.control"),
-            durables=((f"engine-{inst}", f"{p}.request.admitted.{inst}"),
-                      (f"engine-{inst}-aborts", f"{p}.request.aborted")),
+            durables=((engine_admissions_durable(inst), f"{p}.request.admitted.{inst}"),
+                      (engine_aborts_durable(inst), f"{p}.request.aborted")),
             answers_requests=True,
             why=f"serves {inst}'s admissions; its twin GPU answers NVML-shaped calls"))
         out.append(Identity(

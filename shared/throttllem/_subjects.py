@@ -92,10 +92,41 @@ def twin_gpu(instance: str) -> str:
     return f"{PREFIX}.twin.gpu.{token(instance)}"
 
 
+# --------------------------------------------------------------------------- consumers
+# Durable JetStream consumer names live here with the subjects they read, so that a service
+# and the permissions that let it create its consumers (`throttllem._security`) name them
+# alike.
+
+
 def history_consumer(service: str) -> str:
     """The short-lived consumer with which a service reads the request stream back after a
     restart (`Bus.history`): one fixed name per service, so that permissions can name it."""
     return f"{token(service)}-history"
+
+
+def engine_admissions_durable(instance: str) -> str:
+    """The durable an engine instance reads its admissions through (one per instance, so a
+    restarted engine resumes where it stopped)."""
+    return f"engine-{token(instance)}"
+
+
+def engine_aborts_durable(instance: str) -> str:
+    """The durable an engine instance reads aborts through."""
+    return f"engine-{token(instance)}-aborts"
+
+
+def forecaster_durable(policy: str) -> str:
+    """The durable a forecaster reads its requests through: one per policy (a policy that
+    plans reads predictions, the others arrivals), shared by its replicas."""
+    return f"forecaster-{token(policy)}"
+
+
+# The forecaster's consumer of dead-lettered requests (each gets a final deferral).
+FORECASTER_DEAD_LETTERS_DURABLE: Final = "forecaster-dead-letters"
+# Shared by the length predictor's replicas (a work queue of arrivals).
+LENGTH_PREDICTOR_DURABLE: Final = "length-predictor"
+# The telemetry collector's consumer of completions (one energy record each).
+TELEMETRY_DURABLE: Final = "telemetry"
 
 
 ENGINE_ITERATION_ALL: Final = f"{PREFIX}.engine.iteration.*"

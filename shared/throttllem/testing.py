@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import numpy as np
 import pynvml
 from structlog.testing import capture_logs
@@ -22,21 +31,43 @@ from throttllem._core.placement import EngineShape, Policy, clock_policy
 
 # The vLLM launcher lives with the adapter (the demo starts vLLM too); re-exported for tests.
 from throttllem._engines.vllm.launch import VllmServer, vllm_available, vllm_server
-from throttllem._events import REQUEST_CODEC, RequestAdmitted, RequestDeferred, RequestEvent
+from throttllem._events import (
+    ENERGY_CODEC,
+    REQUEST_CODEC,
+    RequestAdmitted,
+    RequestArrived,
+    RequestCompleted,
+    RequestDeferred,
+    RequestEnergy,
+    RequestEvent,
+)
+from throttllem._runtime import Clock, Service
+from throttllem._services.replayer import replay
 from throttllem._setup import DEFAULT_SETUP
-from throttllem._subjects import REQUEST_ADMITTED_ALL, REQUEST_DEFERRED
+from throttllem._subjects import (
+    ENERGY_REQUEST,
+    REQUEST_ADMITTED_ALL,
+    REQUEST_COMPLETED,
+    REQUEST_DEFERRED,
+)
 
 if TYPE_CHECKING:
     from throttllem._services.forecaster import ForecasterService
 
 __all__ = [
     "H100_SM_CLOCKS_DESCENDING",
+    "AuditedReplay",
     "FakeNvml",
+    "RestartableNats",
+    "ServiceProcess",
     "VllmServer",
+    "audited_replay",
     "capture_logs",
     "crowded_perf",
     "forecaster_service",
+    "nats_cluster",
     "nats_server",
+    "running_services",
     "setup_policy",
     "vllm_available",
     "vllm_server",
@@ -114,6 +145,205 @@ def nats_cluster(root: Path, size: int = 3) -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+class RestartableNats:
+    """A nats-server that a test takes away and brings back on the same port and store (a new
+    process each time), as an outage or an operator's restart does; clients keep `url`."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.store_dir = store_dir
+        self._server = EmbeddedNatsServer(store_dir=store_dir)
+        self.url = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.pid
+
+    def start(self) -> str:
+        if self.url:  # again, where the clients point
+            port = int(self.url.rsplit(":", 1)[1])
+            self._server = EmbeddedNatsServer(store_dir=self.store_dir, port=port)
+            self._server.start()
+        else:
+            self.url = self._server.start()
+        return self.url
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    async def outage(self, down_s: float) -> None:
+        """Gone for `down_s` seconds, then back."""
+        self.stop()
+        await anyio.sleep(down_s)
+        self.start()
+
+    def __enter__(self) -> RestartableNats:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServiceProcess:
+    """One `throttllem run <args> --nats URL` process that a test kills and starts again; its
+    output is appended to `<log_dir>/<name>.log`."""
+
+    def __init__(self, name: str, args: Sequence[str], url: str, log_dir: Path) -> None:
+        self.name = name
+        self.argv = [sys.executable, "-m", "throttllem", "run", *args, "--nats", url]
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.starts += 1
+
+    async def ready(self, timeout_s: float = 60.0) -> None:
+        """Return once the latest start logged `service.ready`."""
+        with anyio.fail_after(timeout_s):
+            while self.log_path.read_text().count("service.ready") < self.starts:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(f"{self.name} exited with {self.proc.returncode}: "
+                                         f"{self.log_path.read_text()[-3000:]}")
+                await anyio.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, as a crash."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_services(url: str, clock: Clock,
+                           services: Mapping[str, Service]) -> AsyncIterator[dict[str, Bus]]:
+    """Run services in this process, each on its own bus connection (named after it, as its
+    own process would be), until the block ends; yields the buses."""
+    buses: dict[str, Bus] = {}
+    try:
+        for name in services:
+            buses[name] = await Bus.connect(url, name=name, service=name)
+        async with anyio.create_task_group() as tg:
+            for name, service in services.items():
+                await tg.start(service.run, buses[name], clock)
+            yield buses
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for bus in buses.values():
+                await bus.close()
+
+
+class AuditedReplay:
+    """A replay of requests at their arrival times through whatever serves them, audited from
+    the request stream: which requests were published, and how many times each one's
+    completion and energy record were stored (both read through durable consumers)."""
+
+    def __init__(self, requests: Sequence[RequestArrived], audit: Bus, replayer: Bus) -> None:
+        self.requests = list(requests)
+        self.audit = audit
+        self.replayer = replayer
+        self.published: list[str] = []
+        self.completed: Counter[str] = Counter()
+        self.billed: Counter[str] = Counter()
+        self.completions: list[RequestCompleted] = []
+        self._changed = anyio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            await self._changed.wait()
+
+    async def _on_completed(self, event: RequestEvent) -> None:
+        if isinstance(event, RequestCompleted):
+            self.completed[event.id] += 1
+            self.completions.append(event)
+            self._notify()
+
+    async def _on_energy(self, record: RequestEnergy) -> None:
+        self.billed[record.id] += 1
+        self._notify()
+
+    def _on_published(self, request: RequestArrived) -> None:
+        self.published.append(request.id)
+        self._notify()
+
+    async def _run(self, clock: Clock, *,
+                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(self.audit.consume, durable="audit",
+                                   subject=REQUEST_COMPLETED, codec=REQUEST_CODEC,
+                                   handler=self._on_completed))
+            await tg.start(partial(self.audit.consume, durable="bill", subject=ENERGY_REQUEST,
+                                   codec=ENERGY_CODEC, handler=self._on_energy))
+            task_status.started()
+            await replay(self.replayer, clock, self.requests,
+                         on_published=self._on_published)
+
+    async def wait_published(self, count: int) -> None:
+        await self._until(lambda: len(self.published) >= count)
+
+    async def wait_served(self, *, settle_s: float = 1.0, timeout_s: float = 150.0) -> None:
+        """Until every request is completed and billed, then `settle_s` more (time for a
+        duplicate to show up); fails naming those still missing after `timeout_s`."""
+        ids = {r.id for r in self.requests}
+        with anyio.move_on_after(timeout_s):
+            await self._until(lambda: len(self.completed) >= len(ids)
+                              and len(self.billed) >= len(ids))
+            await anyio.sleep(settle_s)
+            return
+        raise AssertionError(
+            f"not served within {timeout_s:g} s: not completed "
+            f"{sorted(ids - set(self.completed))}, not billed {sorted(ids - set(self.billed))}")
+
+    def assert_served_once(self) -> None:
+        """Every request completed and billed, none twice, nothing else."""
+        ids = {r.id for r in self.requests}
+        assert set(self.completed) == ids, f"not completed: {sorted(ids - set(self.completed))}"
+        assert set(self.billed) == ids, f"not billed: {sorted(ids - set(self.billed))}"
+        twice = sorted(i for i in ids if self.completed[i] > 1 or self.billed[i] > 1)
+        assert not twice, f"completed or billed twice: {twice}"
+
+
+@contextlib.asynccontextmanager
+async def audited_replay(url: str, clock: Clock,
+                         requests: Sequence[RequestArrived]) -> AsyncIterator[AuditedReplay]:
+    """Replay `requests` on `url` (as the replayer service does) and audit what is stored,
+    until the block ends."""
+    audit = await Bus.connect(url, name="audit")
+    replayer = await Bus.connect(url, name="replayer", service="replayer")
+    try:
+        await audit.ensure_request_stream()
+        window = AuditedReplay(requests, audit, replayer)
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(window._run, clock))
+            yield window
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await audit.close()
+            await replayer.close()
 
 
 async def watch_decisions(bus: Bus) -> dict[str, RequestAdmitted | RequestDeferred]:
@@ -311,3 +541,16 @@ def crowded_perf(fits: int = 3) -> FunctionPerfModel:
                           + 0.0 * (kv_tokens + prefill_tokens + clock_mhz), np.float64)
 
     return FunctionPerfModel(crowded, name=f"crowded-{fits}")
+
+
+def wait_for_metrics_url(log_path: Path, timeout_s: float = 30.0) -> str:
+    """The `/metrics` URL a service started with `--metrics-port 0` logged, once it has."""
+    from throttllem._demo_metrics import metrics_url_from_log  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    while (url := metrics_url_from_log(log_path, 0)) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no metrics.serving line in {log_path} after {timeout_s} s:\n"
+                                 f"{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    return url

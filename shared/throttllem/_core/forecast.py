@@ -166,39 +166,59 @@ def _decode_series(start: IntArray, count: IntArray, ctx: IntArray, block: int,
     over requests.
 
     KV blocks of one request, ceil((ctx + j)/B), start at ceil(ctx/B) and step up by one
-    at every j ≥ 1 with ctx + j ≡ 1 (mod B): a comb of period B from its first step to its
-    end, summed over all requests with one strided cumulative sum. The weighted bincount is
-    float64 (exact: integers far below 2**53); sums run on int64, whose cumulative sum is
-    several times faster than float64's.
+    at every j ≥ 1 with ctx + j ≡ 1 (mod B), i.e. at passes start + 1 − ctx + q·B: a comb
+    of period B from q = ceil(ctx/B) to its end, the first q with a pass ≥ start + count,
+    q = ceil((ctx + count − 1)/B) (the blocks at its last pass), summed over all requests
+    with one strided cumulative sum. The weighted bincount is float64 (exact: integers far
+    below 2**53); sums run on int64, whose cumulative sum is several times faster than
+    float64's.
     """
     w_len = -(-(n_passes + 1 + block) // block) * block  # row length, a multiple of B
     n = start.size
-    end = start + count
-    first_step = (-ctx) % block + 1  # passes after `start` of the first block step, 1 … B
+    # ceil(ctx/B) and ceil((ctx + count − 1)/B): the blocks at a request's first and last pass
+    blocks = np.empty((2, n), dtype=np.int64)
+    blocks[0] = ctx
+    np.add(ctx, count, out=blocks[1])
+    blocks += _BLOCK_ROUND[block] if block in _BLOCK_ROUND else _block_round(block)
+    blocks //= block
     # Difference arrays, one row each: + at start / − at end for (sequences, ctx − start,
     # blocks), and row 3 the block-step combs, all in one bincount: points (8, n) and
     # their weights, pairs of rows per series, offset by the series' place in the row.
     idx = np.empty((8, n), dtype=np.int64)
-    idx[0:6:2] = start
-    idx[1:6:2] = end
-    step_at = np.add(start, first_step, out=idx[6])
-    # The comb's −1 goes to its first point ≥ end (== step_at when no step happens).
-    np.add(step_at, block * ((count - first_step + (block - 1)) // block), out=idx[7])
-    idx += _SERIES_ROW[:, None] * w_len
+    np.add(start, _SERIES_OFFSET * w_len, out=idx[0:6:2])
+    np.add(idx[0:6:2], count, out=idx[1:6:2])
+    # The comb's +1 at its first step, its −1 at its first point ≥ end.
+    np.multiply(blocks, block, out=idx[6:8])
+    comb_base = start - ctx
+    comb_base += 1 + 3 * w_len
+    idx[6:8] += comb_base
     weights = np.empty((8, n))
     weights[0::6] = 1.0
     weights[1::6] = -1.0
     np.subtract(ctx, start, out=weights[2])
     np.negative(weights[2], out=weights[3])
-    weights[4] = (ctx + (block - 1)) // block
-    weights[5] = (ctx + count + (block - 2)) // block
-    np.negative(weights[5], out=weights[5])
+    np.multiply(blocks, _PLUS_MINUS, out=weights[4:6])
     delta = (np.bincount(idx.reshape(-1), weights=weights.reshape(-1), minlength=4 * w_len)
              .astype(np.int64).reshape(4, w_len))
     delta[2] += delta[3].reshape(-1, block).cumsum(axis=0).reshape(-1)
     series: IntArray = np.cumsum(delta[:3, :n_passes], axis=1)
     series[1] += np.arange(n_passes) * series[0]
     return series
+
+
+# Row offsets (in series lengths) of the + at start points of the three series.
+_SERIES_OFFSET: IntArray = np.asarray([[0], [1], [2]], dtype=np.int64)
+_PLUS_MINUS: IntArray = np.asarray([[1], [-1]], dtype=np.int64)
+_BLOCK_ROUND: dict[int, IntArray] = {}
+
+
+def _block_round(block: int) -> IntArray:
+    """What `_decode_series` adds before dividing by the block size: ceil(ctx/B) and
+    ceil((ctx + count − 1)/B)."""
+    rounding = np.asarray([[block - 1], [block - 2]], dtype=np.int64)
+    if len(_BLOCK_ROUND) < 64:
+        _BLOCK_ROUND[block] = rounding
+    return rounding
 
 
 def project(state: InstanceState, *, use_upper: bool = False,
@@ -255,10 +275,13 @@ def project(state: InstanceState, *, use_upper: bool = False,
         if not p_start:  # only the running requests decode
             return _decode_series(np.zeros(n_run, dtype=np.int64), r_remaining, r_ctx, block,
                                   n_passes)
-        return _decode_series(
-            np.concatenate((np.zeros(n_run, dtype=np.int64), np.array(p_start, np.int64))),
-            np.concatenate((r_remaining, np.array(p_count, dtype=np.int64))),
-            np.concatenate((r_ctx, np.array(p_ctx, dtype=np.int64))), block, n_passes)
+        # (start, count, context) of the running requests, then of the admitted ones
+        pieces = np.empty((3, n_run + len(p_start)), dtype=np.int64)
+        pieces[0, :n_run] = 0
+        pieces[1, :n_run] = r_remaining
+        pieces[2, :n_run] = r_ctx
+        pieces[:, n_run:] = (p_start, p_count, p_ctx)
+        return _decode_series(pieces[0], pieces[1], pieces[2], block, n_passes)
 
     for j in range(n_q):
         ctx = q_prompt[j] + q_gen[j]
@@ -315,15 +338,18 @@ def project(state: InstanceState, *, use_upper: bool = False,
     overflow = -1
     if n_iter and int(dec_blocks.max()) > total_blocks:
         overflow = int(np.argmax(dec_blocks > total_blocks))
-    first = np.zeros(n_run + n_q, dtype=np.int64)
-    remaining = np.empty(n_run + n_q, dtype=np.int64)
-    generated = np.empty(n_run + n_q, dtype=np.int64)
-    remaining[:n_run] = r_remaining
-    generated[:n_run] = r_gen
+    # Per request (running, then queued): first token pass, tokens remaining, generated
+    # so far; then its last token pass and its total, computed on all at once.
+    per_request = np.empty((5, n_run + n_q), dtype=np.int64)
+    per_request[0, :n_run] = 0
+    per_request[1, :n_run] = r_remaining
+    per_request[2, :n_run] = r_gen
     if n_q:
-        first[n_run:] = admitted_at
-        remaining[n_run:] = q_remaining
-        generated[n_run:] = q_gen
+        per_request[0:3, n_run:] = (admitted_at, q_remaining, q_gen)
+    first, remaining, generated = per_request[0], per_request[1], per_request[2]
+    # last = first + remaining − 1, total = generated + remaining
+    np.add(per_request[0:3:2], remaining, out=per_request[3:5])
+    per_request[3] -= 1
     return Projection(
         decode_batch=dec_n,
         batch_size=dec_n + adm[0],
@@ -331,9 +357,9 @@ def project(state: InstanceState, *, use_upper: bool = False,
         kv_blocks=dec_blocks + adm[1],
         prefill_tokens=adm[2],
         first_token_iter=first,
-        last_token_iter=first + remaining - 1,
+        last_token_iter=per_request[3],
         generated_tokens=generated,
-        total_tokens=generated + remaining,
+        total_tokens=per_request[4],
         n_running=int(n_run),
         n_queued=n_q - (candidate is not None),
         has_candidate=candidate is not None,

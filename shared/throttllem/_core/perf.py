@@ -17,6 +17,7 @@ the clock search may binary-search only when a higher clock never makes an itera
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,9 +188,24 @@ _PREFILL_COST_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], FloatA
 MAX_PREFILL_SHARE: Final = 0.9
 
 
+# The last answer of `prefill_s_per_token` (model, clock tuple, cost): the controller asks
+# again for the same pair every time an instance's arrival rate changes.
+_LAST_PREFILL_COST: list[tuple[weakref.ref[Any], tuple[int, ...], FloatArray] | None] = [None]
+
+
 def prefill_s_per_token(model: PerfModel, clocks_mhz: tuple[int, ...]) -> FloatArray:
     """Seconds one more prefill token adds to a pass, at each of `clocks_mhz` (ascending),
     made non-increasing in the clock; cached per model and clock list."""
+    last = _LAST_PREFILL_COST[0]
+    if last is not None and last[1] is clocks_mhz and last[0]() is model:
+        return last[2]
+    cost = _prefill_s_per_token(model, clocks_mhz)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: no fast path
+        _LAST_PREFILL_COST[0] = (weakref.ref(model), clocks_mhz, cost)
+    return cost
+
+
+def _prefill_s_per_token(model: PerfModel, clocks_mhz: tuple[int, ...]) -> FloatArray:
     try:
         per_model = _PREFILL_COST_CACHE.setdefault(model, {})
     except TypeError:
@@ -227,10 +243,14 @@ class ArrivalPrefillPerf:
         self.base = base
         self.monotone_as = base
         self.prefill_tokens_per_s = prefill_tokens_per_s
-        self._clocks = np.asarray(clocks_mhz, dtype=np.float64)
+        self._clocks = _clock_vector(clocks_mhz)
         share = prefill_tokens_per_s * prefill_s_per_token(base, clocks_mhz)
         self._factor = np.where(share < MAX_PREFILL_SHARE, 1.0 / (1.0 - share), 10.0)
         self._stretch_at: dict[bytes, AnyArray] = {}  # clock vector bytes -> (C, 1) factors
+        # clock vector bytes -> positions in `clocks_mhz` (None: some clock is not there),
+        # shared by every wrapper on the same clock tuple: the controller builds a new
+        # wrapper whenever an instance's arrival rate changes
+        self._positions = _clock_positions(clocks_mhz)
 
     def stretch(self, clock_mhz: AnyArray) -> AnyArray:
         """The factor at `clock_mhz` (supported clocks; others are interpolated)."""
@@ -258,8 +278,50 @@ class ArrivalPrefillPerf:
         key = clocks_mhz.tobytes()
         factor = self._stretch_at.get(key)
         if factor is None:  # a search asks for a few clock sets again and again
-            factor = self.stretch(clocks_mhz.reshape(-1, 1))
+            factor = self._stretch_column(key, clocks_mhz)
             if len(self._stretch_at) >= 256:
                 self._stretch_at.clear()
             self._stretch_at[key] = factor
-        return np.asarray(base * factor)
+        stretched: FloatArray = base * factor
+        return stretched
+
+    def _stretch_column(self, key: bytes, clocks_mhz: FloatArray) -> AnyArray:
+        """`stretch` at a clock vector, as a (C, 1) column. At clocks of the wrapper's own
+        list that is the factor there, read by position: `np.interp` at a node returns the
+        node's value exactly, so both give the same numbers."""
+        pos = self._positions.get(key, False)
+        if pos is False:
+            idx = np.searchsorted(self._clocks, clocks_mhz)
+            pos = (idx if bool(np.all(idx < self._clocks.size))
+                   and bool(np.array_equal(self._clocks[np.minimum(idx, self._clocks.size - 1)],
+                                           clocks_mhz)) else None)
+            if len(self._positions) >= 256:
+                self._positions.clear()
+            self._positions[key] = pos
+        if pos is None:
+            return self.stretch(clocks_mhz.reshape(-1, 1))
+        column: AnyArray = self._factor[pos].reshape(-1, 1)
+        return column
+
+
+# (clock tuple, its float64 vector, clock vector bytes -> positions) of the last clock tuple
+# seen by `ArrivalPrefillPerf`: see `_clock_positions`.
+_LAST_CLOCKS: list[tuple[tuple[int, ...], FloatArray, dict[bytes, Any]] | None] = [None]
+
+
+def _clock_vector(clocks_mhz: tuple[int, ...]) -> FloatArray:
+    last = _LAST_CLOCKS[0]
+    if last is None or last[0] is not clocks_mhz:
+        last = (clocks_mhz, np.asarray(clocks_mhz, dtype=np.float64), {})
+        _LAST_CLOCKS[0] = last
+    return last[1]
+
+
+def _clock_positions(clocks_mhz: tuple[int, ...]) -> dict[bytes, Any]:
+    """The positions cache shared by the wrappers on one clock tuple (the last one seen)."""
+    last = _LAST_CLOCKS[0]
+    if last is None or last[0] is not clocks_mhz:
+        _clock_vector(clocks_mhz)
+        last = _LAST_CLOCKS[0]
+        assert last is not None
+    return last[2]

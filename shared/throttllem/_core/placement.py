@@ -149,6 +149,12 @@ class InstanceTracker:
         self._ints = np.zeros((len(_INT_COLUMNS), capacity), dtype=np.int64)
         self._cols: dict[str, npt.NDArray[Any]] = {}
         self._bind_columns()
+        # `snapshot`'s row order (running, then queued) and its running count, kept until
+        # a request comes, goes or gets its first token
+        self._order: tuple[npt.NDArray[np.intp], int] | None = None
+        # The last pass's request ids, their rows and whether all of them have a token: an
+        # engine's next pass usually holds the very same requests.
+        self._last_pass: tuple[list[str], npt.NDArray[np.int64], bool] | None = None
 
     def _bind_columns(self) -> None:
         """`_cols[name]`: the column's row of its matrix (a view)."""
@@ -187,6 +193,8 @@ class InstanceTracker:
             c[k: self._n] = empty
         self._alive[:k] = True
         self._alive[k: self._n] = False
+        self._order = None
+        self._last_pass = None
         self._row = {rid: int(new_row[r]) for rid, r in self._row.items()}
         self._n = k
 
@@ -201,6 +209,8 @@ class InstanceTracker:
         r = self._n
         self._n += 1
         self._row[request_id] = r
+        self._order = None
+        self._last_pass = None
         self._alive[r] = True
         c = self._cols
         c["prompt_tokens"][r] = prompt_tokens
@@ -216,17 +226,26 @@ class InstanceTracker:
     def iteration(self, request_ids: list[str], end_s: float) -> None:
         """Every request in a pass emits one token at its end (ids not tracked here, admitted
         by someone else or completed already, are ignored)."""
-        get = self._row.get
-        rows = [r for r in map(get, request_ids) if r is not None]
-        if not rows:
-            return
-        idx = np.asarray(rows, dtype=np.int64)
         c = self._cols
+        last = self._last_pass
+        if last is not None and last[0] == request_ids:
+            _, idx, started = last
+        else:
+            get = self._row.get
+            rows = [r for r in map(get, request_ids) if r is not None]
+            if not rows:
+                return
+            idx = np.asarray(rows, dtype=np.int64)
+            started = False
         c["generated"][idx] += 1
-        first = c["first_token_s"]
-        new = idx[np.isnan(first[idx])]
-        if new.size:
-            first[new] = end_s
+        if not started:
+            first = c["first_token_s"]
+            new = idx[np.isnan(first[idx])]
+            if new.size:
+                first[new] = end_s
+                self._order = None  # they are running now
+            # every request of this pass has its first token from now on
+            self._last_pass = (list(request_ids), idx, True)
         c["last_token_s"][idx] = end_s
 
     def completed(self, request_id: str) -> None:
@@ -234,6 +253,8 @@ class InstanceTracker:
         if r is None:
             return
         self._alive[r] = False
+        self._order = None
+        self._last_pass = None
         dead = self._n - len(self._row)
         if dead > 32 and dead > len(self._row):
             self._compact()
@@ -255,12 +276,15 @@ class InstanceTracker:
                  ) -> tuple[InstanceState, RequestSlo]:
         """Running (has a token) then queued, in admission order, with their SLO arrays;
         `candidate_slo` (one row) is appended to those as the last request."""
-        n = self._n
-        live = np.flatnonzero(self._alive[:n])
-        started = self._ints[1, live] > 0
-        n_run = int(np.count_nonzero(started))
-        ordered = live if n_run == live.size else np.concatenate((live[started],
-                                                                   live[~started]))
+        order = self._order
+        if order is None:
+            live = self._alive[: self._n].nonzero()[0]
+            started = self._ints[1, live] > 0
+            n_run = int(np.count_nonzero(started))
+            ordered = live if n_run == live.size else np.concatenate((live[started],
+                                                                       live[~started]))
+            order = self._order = (ordered, n_run)
+        ordered, n_run = order
         ints = self._ints.take(ordered, axis=1)
         m = ordered.size
         if candidate_slo is None:

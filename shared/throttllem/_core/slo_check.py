@@ -170,36 +170,40 @@ def prepare(projection: Projection, slo: RequestSlo, *, now_s: float,
             raise ValueError("must_meet needs one flag per request")
     pending = projection.generated_tokens == 0
     n = projection.total_tokens.astype(np.float64)
+    n_minus_1 = n - 1.0
     since_arrival = slo.arrival_s - now_s
     ttft_dl = np.where(pending, since_arrival + slo.ttft_bound_ms / 1e3, np.inf)
     # `e2e_bound_ms`, inlined (the same operations)
     e2e_dl = since_arrival + (slo.ttft_bound_ms
-                              + slo.tbt_bound_ms * np.maximum(n - 1.0, 0.0)) / 1e3
-    tbt_total_s = slo.tbt_bound_ms * (n - 1.0) / 1e3
+                              + slo.tbt_bound_ms * np.maximum(n_minus_1, 0.0)) / 1e3
+    tbt_total_s = slo.tbt_bound_ms * n_minus_1 / 1e3
     # A request with a token has n ≥ 2, so it always has a TBT deadline.
     tbt_dl = np.where(pending, np.inf, slo.first_token_s - now_s + tbt_total_s)
-    if np.isnan(tbt_dl).any():
+    if m and math.isnan(tbt_dl.min()):  # NaN propagates through the minimum
         raise ValueError("a request that generated tokens needs its first_token_s")
     span_on = pending & (n > 1)
     span = np.where(span_on, tbt_total_s, np.inf)
 
-    first = projection.first_token_iter
-    last = projection.last_token_iter
+    # Token passes, last tokens then first ones (one array: one search, one scatter).
+    tokens = np.concatenate((projection.last_token_iter, projection.first_token_iter))
     marked = np.zeros(projection.n_iterations, dtype=np.bool_)
-    marked[first] = True
-    marked[last] = True
-    ckpts = np.flatnonzero(marked)
+    marked[tokens] = True
+    ckpts = marked.nonzero()[0]
     # checkpoint of a marked pass: how many checkpoints come before it
-    first_ckpt = ckpts.searchsorted(first)
-    last_ckpt = ckpts.searchsorted(last)
+    ckpt_of = ckpts.searchsorted(tokens)
+    last_ckpt = ckpt_of[:m]
+    first_ckpt = ckpt_of[m:]
     # Earliest deadline per checkpoint: last tokens (E2E, TBT) and first tokens (TTFT).
-    on_ckpt = np.concatenate((np.minimum(e2e_dl, tbt_dl), ttft_dl))
+    on_ckpt = np.empty(2 * m)
+    np.minimum(e2e_dl, tbt_dl, out=on_ckpt[:m])
+    on_ckpt[m:] = ttft_dl
     if must_meet is not None:
-        on_ckpt = np.where(np.concatenate((mask, mask)), on_ckpt, np.inf)
+        on_ckpt[:m][~mask] = np.inf
+        on_ckpt[m:][~mask] = np.inf
         span_on &= mask
     deadline = np.full(ckpts.size, np.inf)
-    np.minimum.at(deadline, np.concatenate((last_ckpt, first_ckpt)), on_ckpt)
-    span_idx = np.flatnonzero(span_on)
+    np.minimum.at(deadline, ckpt_of, on_ckpt)
+    span_idx = span_on.nonzero()[0]
     starts = np.empty_like(ckpts)
     if ckpts.size:
         starts[0] = 0
@@ -251,7 +255,8 @@ def _checkpoint_ends_s(problem: SloProblem, times: FloatArray) -> FloatArray:
     cheaper than a sequential cumulative sum over all T passes, and `feasible` and
     `report` share this exact arithmetic, so they never disagree at a tie.
     """
-    return np.cumsum(np.add.reduceat(times, problem.segment_starts, axis=1), axis=1)
+    ends: FloatArray = np.add.reduceat(times, problem.segment_starts, axis=1).cumsum(axis=1)
+    return ends
 
 
 def constrained_s(problem: SloProblem, perf: PerfModel,
@@ -259,14 +264,16 @@ def constrained_s(problem: SloProblem, perf: PerfModel,
     """Per clock, what the deadlines constrain: checkpoint ends (C, S) and the pending
     requests' first-to-last spans (C, P), in seconds."""
     ends = _checkpoint_ends_s(problem, pass_times_s(problem, perf, clocks_mhz))
-    return ends, ends[:, problem.span_last] - ends[:, problem.span_first]
+    spans: FloatArray = ends.take(problem.span_last, axis=1)
+    spans -= ends.take(problem.span_first, axis=1)
+    return ends, spans
 
 
 def margin_from(problem: SloProblem, ends: FloatArray, spans: FloatArray) -> FloatArray:
     """Smallest slack (s) per clock over every must-meet deadline, from `constrained_s`."""
-    worst: FloatArray = (problem.deadline_s - ends).min(axis=1, initial=np.inf)
+    worst: FloatArray = np.minimum.reduce(problem.deadline_s - ends, axis=1, initial=np.inf)
     if spans.shape[1]:
-        np.minimum(worst, (problem.span_limit_s - spans).min(axis=1), out=worst)
+        np.minimum(worst, np.minimum.reduce(problem.span_limit_s - spans, axis=1), out=worst)
     return worst
 
 

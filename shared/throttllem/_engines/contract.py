@@ -7,13 +7,18 @@ Every time (`*_s`) is event time on the shared `Clock` (`throttllem._runtime`).
 
 Consumes
 - `request.admitted.<instance>` (`RequestAdmitted`): its own admissions, from JetStream
-  through the durable pull consumer `admissions_durable(instance)`. A durable created for the
+  through the durable pull consumer `engine_admissions_durable(instance)` (its name, like
+  every durable's, lives in `throttllem._subjects`). A durable created for the
   first time starts at new messages; an existing one resumes where it stopped, so admissions
   published while no engine process runs are served when one starts. The message is acked
-  once the engine has *accepted* the request (queued in its memory), not when it finished.
-  A request may start no earlier than its admission's `decided_s`.
+  only once its request is *done* (completion stored, final refusal stored, or abort acted
+  on) and kept alive (`in_progress`) meanwhile, so an engine process that dies leaves its
+  unfinished admissions unacked and JetStream hands them to its restart within
+  `ADMISSION_ACK_WAIT_S`, which serves them from the start (a completion stored before the
+  crash is not stored twice: its message id). A request may start no earlier than its
+  admission's `decided_s`.
 - `request.aborted` (`RequestAborted`): from JetStream through the durable consumer
-  `aborts_durable(instance)`. An abort naming this instance, or no instance (the request
+  `engine_aborts_durable(instance)`. An abort naming this instance, or no instance (the request
   ended while waiting for admission), makes the engine stop and forget that request: it
   leaves the queue or its batch slot within one pass, frees its KV, publishes nothing more
   for it (no completion, no deferral) and drops any later admission of that id. Aborts for
@@ -45,12 +50,11 @@ Duplicates: an admission of an id the engine holds, or finished, aborted or refu
 the last `REMEMBERED_IDS`, is dropped and counted (`admissions_duplicate`); it is never
 served twice within one process.
 
-Surviving a crash is an adapter's option, not yet the contract's: the twin acks an admission
-only once its request is done and keeps it alive meanwhile (`Bus.hold_delivery`), so a
-restarted twin gets the unfinished ones again and serves them; an adapter that acks at
-acceptance loses them when its process dies (the suite's flag
-`accepted_requests_survive_a_crash` says which). Iterations are fire-and-forget: a slow
-consumer may miss some.
+Our adapters (the twin, the GPU engine) keep the bus side of this contract through one shell,
+`throttllem._engines.shell.EngineShell`; they differ only in how a pass runs. Surviving a
+crash is theirs, not every engine's: vLLM's requests live in the gateway with their clients'
+connections, and die with it (the suite's flag `accepted_requests_survive_a_crash`).
+Iterations are fire-and-forget: a slow consumer may miss some.
 
 Real engines may split these duties between processes. For vLLM the gateway sits in the
 request path (vLLM has no hook for outside admission) and throttLL'eM's scheduler runs inside
@@ -73,27 +77,21 @@ from throttllem._subjects import (
     REQUEST_ABORTED,
     REQUEST_COMPLETED,
     REQUEST_DEFERRED,
+    engine_aborts_durable,
+    engine_admissions_durable,
     engine_iteration,
     health,
     request_admitted,
-    token,
 )
 
 # How many finished (completed, aborted, refused) request ids an engine remembers to drop
 # a late duplicate admission.
 REMEMBERED_IDS: Final = 65_536
+# Wall seconds after which an admission held by a dead engine goes to its restart (the
+# admissions durable's ack wait); those being served are kept alive three times as often.
+ADMISSION_ACK_WAIT_S: Final = 6.0
 # The service name an engine process heartbeats under (`health.engine`).
 ENGINE_SERVICE: Final = "engine"
-
-
-def admissions_durable(instance: str) -> str:
-    """The durable consumer an instance reads its admissions through (one per instance, so a
-    restarted engine resumes where it stopped)."""
-    return f"engine-{token(instance)}"
-
-
-def aborts_durable(instance: str) -> str:
-    return f"engine-{token(instance)}-aborts"
 
 
 def completion_msg_id(request_id: str) -> str:
@@ -146,15 +144,19 @@ OBLIGATIONS: Final[tuple[Obligation, ...]] = (
         duty="consume its admissions",
         subject=_shown(request_admitted),
         payload="`RequestAdmitted`",
-        delivery=f"JetStream, durable `{_shown(admissions_durable)}`; ack on acceptance",
+        delivery=f"JetStream, durable `{_shown(engine_admissions_durable)}`; ack once the request "
+                 "is done (kept alive meanwhile)",
         guarantee="admissions published while the engine is down are served when it starts; "
-                  "none starts before its `decided_s`",
-        vllm_owner="gateway (forwards the HTTP request to vLLM)"),
+                  "one accepted by an engine that dies is handed to its restart (within "
+                  f"{ADMISSION_ACK_WAIT_S:g} s of the death) and served; none starts before "
+                  "its `decided_s`",
+        vllm_owner="gateway (forwards the HTTP request to vLLM; a gateway that dies takes "
+                   "its clients' connections with it)"),
     Obligation(
         duty="stop aborted requests",
         subject=REQUEST_ABORTED,
         payload="`RequestAborted` (instance = this one or empty)",
-        delivery=f"JetStream, durable `{_shown(aborts_durable)}`",
+        delivery=f"JetStream, durable `{_shown(engine_aborts_durable)}`",
         guarantee="gone from the batch within one pass, KV freed, nothing more published "
                   "for it, later admissions of the id dropped",
         vllm_owner="gateway (cancels the HTTP request; vLLM aborts the sequence)"),

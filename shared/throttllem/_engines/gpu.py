@@ -35,42 +35,23 @@ import importlib
 import json
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import IO, Any, Final
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 import structlog
 
 from throttllem._bus import Bus
 from throttllem._core.energy import EnergyLedger
-from throttllem._engines.contract import (
-    ENGINE_SERVICE,
-    REMEMBERED_IDS,
-    EngineAdapter,
-    aborts_durable,
-    acts_on_abort,
-    admissions_durable,
-    completion_msg_id,
-    refusal_msg_id,
-)
-from throttllem._errors import ConfigError, GpuError, RequestRejectedError
-from throttllem._events import (
-    REQUEST_CODEC,
-    EngineIteration,
-    RequestAborted,
-    RequestAdmitted,
-    RequestCompleted,
-    RequestDeferred,
-    RequestEvent,
-)
+from throttllem._engines.contract import ENGINE_SERVICE, EngineAdapter
+from throttllem._engines.shell import EngineShell
+from throttllem._errors import ConfigError, GpuError
+from throttllem._events import EngineIteration, RequestCompleted
 from throttllem._gpulab.decoder import LLAMA3_8B, DecoderShape
 from throttllem._gpulab.loop import (
     FakePassRunner,
@@ -81,15 +62,8 @@ from throttllem._gpulab.loop import (
 from throttllem._gpulab.sampler import PassEnergyMeter
 from throttllem._runtime import Clock
 from throttllem._setup import DEFAULT_SETUP
-from throttllem._subjects import (
-    REQUEST_ABORTED,
-    REQUEST_COMPLETED,
-    REQUEST_DEFERRED,
-    engine_iteration,
-    request_admitted,
-    token,
-)
-from throttllem._twin.engine import EngineTwin
+from throttllem._subjects import token
+from throttllem._twin.engine import EngineTwin, IterationOutcome
 from throttllem._twin.profile import SetupProfile, load_profile
 
 log = structlog.get_logger("throttllem.engine")
@@ -107,10 +81,6 @@ MODELS: Final[dict[str, DecoderShape]] = {
 }
 # GPU memory kept free beside the weights and the KV cache (activations, CUDA graphs).
 _GPU_MARGIN_BYTES: Final = 12 * 2**30
-# While idle, how often (wall seconds) the loop wakes.
-_IDLE_POLL_WALL_S: Final = 0.25
-
-_InboxItem = RequestAdmitted | RequestAborted
 
 
 def _no_clock() -> float:
@@ -231,8 +201,7 @@ class GpuEngineService:
                               else ENERGY_NOT_MEASURED)
         self.meta: dict[str, Any] = {}
         self.ledger = EnergyLedger()
-        self._held: set[str] = set()
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        self.shell: EngineShell | None = None  # once built
         self._closers: list[Any] = []
         self.engine: EngineTwin | None = None
         self.gpu: _LiveLoopGpu | None = None
@@ -240,12 +209,10 @@ class GpuEngineService:
     def health_metrics(self) -> dict[str, float]:
         """Heartbeat metrics: requests in the batch, accepted ones not in it yet, passes, and
         whether energy is measured (1) or not (0)."""
-        if self.engine is None:
-            return {"energy_measured": float(self.options.energy_measured)}
-        running = self.engine.running_count
-        return {"running": float(running), "waiting": float(len(self._held) - running),
-                "iterations": float(self.engine.iterations),
-                "energy_measured": float(self.options.energy_measured)}
+        measured = {"energy_measured": float(self.options.energy_measured)}
+        if self.shell is None:
+            return measured
+        return self.shell.health_metrics() | measured
 
     # ------------------------------------------------------------------ building the runner
 
@@ -353,154 +320,7 @@ class GpuEngineService:
 
         return PassEnergyMeter(sampler.energy_at), sm_clock_mhz
 
-    # ------------------------------------------------------------------ consumers
-
-    async def _on_admitted(self, event: RequestEvent) -> None:
-        if isinstance(event, RequestAdmitted) and event.instance == self.instance:
-            await self._inbox_send.send(event)
-
-    async def _on_aborted(self, event: RequestEvent) -> None:
-        if isinstance(event, RequestAborted) and acts_on_abort(self.instance, event):
-            await self._inbox_send.send(event)
-
-    # ------------------------------------------------------------------ state changes
-
-    def _forget(self, request_id: str) -> None:
-        self._held.discard(request_id)
-        self._finished[request_id] = None
-        self._finished.move_to_end(request_id)
-        if len(self._finished) > REMEMBERED_IDS:
-            self._finished.popitem(last=False)
-
-    def _take(self, bus: Bus, item: _InboxItem, pending: list[RequestAdmitted]) -> None:
-        """Accept an admission into `pending` (unless it is a duplicate), or act on an abort."""
-        engine, gpu = self._parts()
-        if isinstance(item, RequestAborted):
-            rid = item.id
-            if rid in self._held:
-                before = len(pending)
-                pending[:] = [a for a in pending if a.request.id != rid]
-                if len(pending) < before or engine.abort(rid):
-                    gpu.release([rid])  # its KV region and token slot
-                    self.ledger.pop(rid)
-                    bus.counters["requests_aborted"] += 1
-                    log.info("engine.request_aborted", instance=self.instance, id=rid,
-                             cause=item.cause)
-            self._forget(rid)
-            return
-        rid = item.request.id
-        if rid in self._held or rid in self._finished:
-            bus.counters["admissions_duplicate"] += 1
-            log.info("engine.duplicate_admission", instance=self.instance, id=rid)
-            return
-        self._held.add(rid)
-        pending.append(item)
-
-    async def _admit(self, bus: Bus, admission: RequestAdmitted, admitted_s: float) -> None:
-        engine, _ = self._parts()
-        request = admission.request
-        try:
-            engine.admit(request, admitted_s=admitted_s)
-        except RequestRejectedError as e:
-            self._forget(request.id)
-            bus.counters["requests_rejected"] += 1
-            log.warning("engine.request_rejected", instance=self.instance, id=request.id,
-                        error=str(e))
-            await bus.publish_durable(REQUEST_DEFERRED, RequestDeferred(
-                id=request.id, decided_s=admitted_s, reason=f"{self.instance}: {e}",
-                final=True), msg_id=refusal_msg_id(request.id))
-
-    def _parts(self) -> tuple[EngineTwin, _LiveLoopGpu]:
-        if self.engine is None or self.gpu is None:
-            raise RuntimeError("the GPU engine is not built yet")
-        return self.engine, self.gpu
-
-    # ------------------------------------------------------------------ serving loop
-
-    def _step(self, clock: Clock) -> Any:
-        """One pass (in a worker thread): the engine's next pass starting now."""
-        engine, gpu = self._parts()
-        gpu.before_step()
-        return engine.step(clock.now_s())
-
-    def _publishable(self, done: RequestCompleted) -> RequestCompleted:
-        """A completion with the energy this engine measured for it (its token share of every
-        pass it took part in), or none where nothing is measured."""
-        energy = self.ledger.pop(done.id)
-        return msgspec.structs.replace(
-            done, energy_mj=energy if self.options.energy_measured else None)
-
-    def _record_pass(self, records: _Records, it: EngineIteration) -> None:
-        _, gpu = self._parts()
-        rec = gpu.passes.pop()  # keep memory flat: the record file keeps the passes
-        gpu.tracker.segments.clear()
-        records.write("pass", {
-            "seq": it.seq, "start_s": it.start_s, "duration_ms": it.duration_ms,
-            "gpu_ms": rec.gpu_ms, "wall_ms": rec.wall_ms, "batch": it.batch_size,
-            "decode_tokens": it.decode_tokens, "prefill_tokens": it.prefill_tokens,
-            "queue_len": it.queue_len, "graphed": rec.graphed, "energy_mj": it.energy_mj,
-            "clock_mhz": it.clock_mhz, "energy_source": self.energy_source})
-
-    async def _loop(self, bus: Bus, clock: Clock, records: _Records) -> None:
-        engine, gpu = self._parts()
-        iteration_subject = engine_iteration(self.instance)
-        measured = self.options.energy_measured
-        pending: list[RequestAdmitted] = []
-        while True:
-            while True:
-                try:
-                    self._take(bus, self._inbox.receive_nowait(), pending)
-                except anyio.WouldBlock:
-                    break
-            now_s = clock.now_s()
-            if pending:
-                pending.sort(key=lambda a: a.decided_s)
-                due = [a for a in pending if a.decided_s <= now_s]
-                pending = pending[len(due):]
-                for admission in due:
-                    await self._admit(bus, admission, max(now_s, admission.decided_s))
-            if not engine.has_work():
-                if gpu.meter is not None:
-                    gpu.meter.break_chain()
-                wait_s = _IDLE_POLL_WALL_S
-                if pending:
-                    wait_s = min(wait_s, max(clock.wall_at(pending[0].decided_s) - time.time(),
-                                             0.0))
-                with anyio.move_on_after(wait_s):
-                    self._take(bus, await self._inbox.receive(), pending)
-                continue
-            try:
-                outcome = await anyio.to_thread.run_sync(self._step, clock)
-            except MemoryError as e:
-                # KV regions are reserved at a request's final length, the engine's blocks
-                # at its current one: under heavy load the first can run out first.
-                log.error("engine.kv_regions_exhausted", instance=self.instance, error=str(e),
-                          running=engine.running_count, queued=engine.queue_len)
-                raise GpuError(f"{self.instance}: the runner's KV cache is out of room "
-                               f"({e}); restart with a larger --kv-tokens or fewer "
-                               "concurrent requests") from e
-            if outcome is None:  # nothing runnable yet (a head not due): let the bus in
-                await anyio.sleep(0.001)
-                continue
-            it = outcome.iteration
-            await bus.publish(iteration_subject, it)
-            if measured:
-                self.ledger.add_iteration(it.request_ids, it.request_tokens, it.energy_mj)
-            self._record_pass(records, it)
-            for done in outcome.completed:
-                gpu.release([done.id])
-                self._forget(done.id)
-                published = self._publishable(done)
-                await bus.publish_durable(REQUEST_COMPLETED, published,
-                                          msg_id=completion_msg_id(done.id))
-                records.write("request", {
-                    "id": done.id, "tenant": done.tenant, "prompt_tokens": done.prompt_tokens,
-                    "generated_tokens": done.generated_tokens, "ttft_ms": done.ttft_ms,
-                    "tbt_mean_ms": done.tbt_mean_ms, "e2e_ms": done.e2e_ms,
-                    "completed_s": done.completed_s, "energy_mj": published.energy_mj,
-                    "energy_source": self.energy_source}, flush=True)
-            # Let the consumers hand over admissions and aborts between passes.
-            await anyio.lowlevel.checkpoint()
+    # ------------------------------------------------------------------ serving
 
     async def run(self, bus: Bus, clock: Clock, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -513,31 +333,95 @@ class GpuEngineService:
             log.info("engine.built", **{k: v for k, v in self.meta.items()
                                         if k not in ("runner_notes", "gpu")},
                      gpu=(self.meta.get("gpu") or {}).get("name"))
-            await bus.ensure_request_stream()
-            self._inbox_send, self._inbox = anyio.create_memory_object_stream[_InboxItem](
-                max_buffer_size=math.inf)
-            with self._inbox_send, self._inbox:
-                await self._serve(bus, clock, records, task_status)
+            engine, gpu = self._parts()
+            self.shell = EngineShell(self.instance, _RealPasses(
+                engine, gpu, clock, records, self.ledger,
+                energy_measured=self.options.energy_measured, energy_source=self.energy_source))
+            await self.shell.run(bus, clock, task_status=task_status, log_fields={
+                "setup": self.profile.name, "backend": "gpu", "runner": self.options.runner,
+                "device": self.options.device, "energy_source": self.energy_source})
         finally:
             records.close()
             for close in self._closers:
                 close()
 
-    async def _serve(self, bus: Bus, clock: Clock, records: _Records,
-                     task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as tg:
-            await tg.start(partial(
-                bus.consume, durable=admissions_durable(self.instance), deliver_new_only=True,
-                subject=request_admitted(self.instance), codec=REQUEST_CODEC,
-                handler=self._on_admitted))
-            await tg.start(partial(
-                bus.consume, durable=aborts_durable(self.instance), deliver_new_only=True,
-                subject=REQUEST_ABORTED, codec=REQUEST_CODEC, handler=self._on_aborted))
-            tg.start_soon(self._loop, bus, clock, records)
-            log.info("engine.started", instance=self.instance, setup=self.profile.name,
-                     backend="gpu", runner=self.options.runner, device=self.options.device,
-                     energy_source=self.energy_source)
-            task_status.started()
+    def _parts(self) -> tuple[EngineTwin, _LiveLoopGpu]:
+        if self.engine is None or self.gpu is None:
+            raise RuntimeError("the GPU engine is not built yet")
+        return self.engine, self.gpu
+
+
+class _RealPasses:
+    """The GPU engine's `PassDriver`: each pass really runs (in a worker thread, so the bus
+    keeps being served) and starts at the clock's now; its energy, where measured, is
+    attributed to its requests by token share."""
+
+    simulated_time = False
+    lag_wall_s = 0.0
+
+    def __init__(self, engine: EngineTwin, gpu: _LiveLoopGpu, clock: Clock, records: _Records,
+                 ledger: EnergyLedger, *, energy_measured: bool, energy_source: str) -> None:
+        self.engine = engine
+        self.gpu = gpu
+        self.clock = clock
+        self.records = records
+        self.ledger = ledger
+        self.energy_measured = energy_measured
+        self.energy_source = energy_source
+
+    def _step(self) -> IterationOutcome | None:
+        """One pass (in a worker thread): the engine's next pass starting now."""
+        self.gpu.before_step()
+        return self.engine.step(self.clock.now_s())
+
+    async def run_pass(self, now_s: float) -> IterationOutcome | None:
+        try:
+            return await anyio.to_thread.run_sync(self._step)
+        except MemoryError as e:
+            # KV regions are reserved at a request's final length, the engine's blocks at
+            # its current one: under heavy load the first can run out first.
+            log.error("engine.kv_regions_exhausted", instance=self.engine.instance,
+                      error=str(e), running=self.engine.running_count,
+                      queued=self.engine.queue_len)
+            raise GpuError(f"{self.engine.instance}: the runner's KV cache is out of room "
+                           f"({e}); restart with a larger --kv-tokens or fewer concurrent "
+                           "requests") from e
+
+    def idle(self, now_s: float) -> None:
+        if self.gpu.meter is not None:
+            self.gpu.meter.break_chain()  # idle time is charged to no pass
+
+    def passed(self, iteration: EngineIteration) -> None:
+        it = iteration
+        if self.energy_measured:
+            self.ledger.add_iteration(it.request_ids, it.request_tokens, it.energy_mj)
+        rec = self.gpu.passes.pop()  # keep memory flat: the record file keeps the passes
+        self.gpu.tracker.segments.clear()
+        self.records.write("pass", {
+            "seq": it.seq, "start_s": it.start_s, "duration_ms": it.duration_ms,
+            "gpu_ms": rec.gpu_ms, "wall_ms": rec.wall_ms, "batch": it.batch_size,
+            "decode_tokens": it.decode_tokens, "prefill_tokens": it.prefill_tokens,
+            "queue_len": it.queue_len, "graphed": rec.graphed, "energy_mj": it.energy_mj,
+            "clock_mhz": it.clock_mhz, "energy_source": self.energy_source})
+
+    def completed(self, done: RequestCompleted) -> RequestCompleted:
+        """The completion with the energy this engine measured for it (its token share of
+        every pass it took part in), or none where nothing is measured."""
+        self.gpu.release([done.id])  # its KV region and token slot
+        energy = self.ledger.pop(done.id)
+        published = msgspec.structs.replace(
+            done, energy_mj=energy if self.energy_measured else None)
+        self.records.write("request", {
+            "id": done.id, "tenant": done.tenant, "prompt_tokens": done.prompt_tokens,
+            "generated_tokens": done.generated_tokens, "ttft_ms": done.ttft_ms,
+            "tbt_mean_ms": done.tbt_mean_ms, "e2e_ms": done.e2e_ms,
+            "completed_s": done.completed_s, "energy_mj": published.energy_mj,
+            "energy_source": self.energy_source}, flush=True)
+        return published
+
+    def aborted(self, request_id: str) -> None:
+        self.gpu.release([request_id])  # its KV region and token slot
+        self.ledger.pop(request_id)
 
 
 class _ThreadDevice:

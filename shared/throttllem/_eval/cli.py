@@ -16,6 +16,7 @@ from throttllem._eval.driver import (
     parse_power,
     to_document,
 )
+from throttllem._eval.node import NODE_POLICIES
 from throttllem._eval.policies import DEFAULT_POLICIES, POLICIES
 from throttllem._setup import DEFAULT_SETUP
 
@@ -40,7 +41,13 @@ def add_evaluate_parser(sub: Any) -> None:
     p.add_argument("--capacity-rps", type=float, default=None,
                    help="one instance's capacity (default: measured on the twin)")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                   help=f"comma-separated, of {', '.join(POLICIES)}")
+                   help=f"comma-separated, of {', '.join((*POLICIES, *NODE_POLICIES))} "
+                        "(the last two need --node-setups)")
+    p.add_argument("--node-setups", default="",
+                   help="TP configurations of one model the node autoscaler may mix, e.g. "
+                        "h100-llama2-13b-tp1,h100-llama2-13b-tp2,h100-llama2-13b-tp4")
+    p.add_argument("--node-gpus", type=int, default=None,
+                   help="the node's GPUs (default: --instances x the setup's TP degree)")
     p.add_argument("--length-error", default="0.15",
                    help="oracle length predictor's relative error (0, 0.15, 0.3) or 'measured'")
     p.add_argument("--length-errors", default="",
@@ -97,6 +104,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         future_prefills=not args.no_future_prefills, power=parse_power(args.power),
         slo_config=args.slo_config, slo_class=args.slo_class,
         fidelity=not args.no_fidelity, band=args.band,
+        node_setups=[s.strip() for s in args.node_setups.split(",") if s.strip()],
+        node_gpus=args.node_gpus,
         clocking=({} if args.switch_latency_s is None
                   else {"switch_latency_s": args.switch_latency_s}))
 

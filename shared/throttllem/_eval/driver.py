@@ -37,7 +37,7 @@ from typing import Any
 import msgspec
 
 from throttllem._core.perf import PerfModel
-from throttllem._core.placement import EngineShape, clock_policy
+from throttllem._core.placement import EngineShape, Policy, clock_policy
 from throttllem._core.report import ClockAccumulator, RunReport, summarize
 from throttllem._core.scaling import ScalingPolicy
 from throttllem._core.slo import (
@@ -47,11 +47,19 @@ from throttllem._core.slo import (
     require_slo_class,
 )
 from throttllem._errors import ConfigError
+from throttllem._eval.node import (
+    NODE_POLICIES,
+    build_node,
+    format_node_lines,
+    node_simulation,
+    node_summary,
+)
 from throttllem._eval.policies import (
     DEFAULT_POLICIES,
     POLICIES,
     POLICY_SPECS,
     PREDICTIVE,
+    PolicySpec,
     lowest_passing_clock,
     make_policy,
     oracle_predictions,
@@ -100,6 +108,10 @@ class EvalOptions(msgspec.Struct, frozen=True, kw_only=True):
     clocking: dict[str, str | float] = msgspec.field(default_factory=dict)
     # Also run every policy but `static` under each `BAND_VARIANTS` entry (saving band).
     band: bool = False
+    # The node policies (`_eval/node.py`): the setups (TP configurations) the node autoscaler
+    # may mix, and the node's GPUs (None: `instances` × the setup's TP degree).
+    node_setups: list[str] = msgspec.field(default_factory=list)
+    node_gpus: int | None = None
 
 
 # One assumed parameter at a time at the low and high end of its plausible range: the
@@ -127,6 +139,7 @@ class PolicyRun(msgspec.Struct, frozen=True, kw_only=True):
     gpu_energy_mj: list[float]  # each GPU's counter at the horizon
     idle_floor_j: float  # idle power × GPU-seconds provisioned
     instance_hours: float
+    gpu_hours: float  # GPUs provisioned (warming and draining included) × hours
     deferred: int
     iterations: int
     ticks: int
@@ -135,6 +148,7 @@ class PolicyRun(msgspec.Struct, frozen=True, kw_only=True):
     tbt_ms: list[float]  # each served request's mean TBT (more than one token)
     e2e_ms: list[float]
     scale_events: int
+    node: dict[str, Any] | None = None  # the node autoscaler's figures (node policies)
 
 
 class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
@@ -292,11 +306,16 @@ def static_clock_mhz(profile: SetupProfile, requests: Sequence[RequestArrived],
     return chosen if chosen is not None else clocks[-1]
 
 
+def _spec(name: str) -> PolicySpec:
+    return POLICY_SPECS[name] if name in POLICY_SPECS else NODE_POLICIES[name]
+
+
 def _runs_to_make(opts: EvalOptions) -> list[tuple[str, str, str | None]]:
     """(label, policy, length error) for every run, in table order."""
     out: list[tuple[str, str, str | None]] = []
     for name in opts.policies:
-        out.append((name, name, opts.length_error if name in PREDICTIVE else None))
+        predictive = name in PREDICTIVE or _spec(name).admission == "place"
+        out.append((name, name, opts.length_error if predictive else None))
     if "throttllem" in opts.policies:
         for err in opts.length_errors:
             if parse_length_error(err) != parse_length_error(opts.length_error):
@@ -304,27 +323,51 @@ def _runs_to_make(opts: EvalOptions) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def evaluate(opts: EvalOptions) -> Evaluation:
-    """Set up the window (capacity, time-scaling) and run every policy on it."""
+def _twin_profile(opts: EvalOptions, setup: str) -> SetupProfile:
+    """The twin profile of `setup` with the options' power, fidelity and clocking changes."""
     from throttllem._twin.profile import load_profile  # noqa: PLC0415
 
+    profile = with_power(load_profile(setup), opts.power)
+    if not opts.fidelity:
+        profile = profile.with_overrides({"clocking.locked_idle_w": "flat",
+                                          "clocking.switch_latency_s": 0.0})
+    if opts.clocking:
+        profile = profile.with_overrides({f"clocking.{k}": v for k, v in opts.clocking.items()})
+    return profile
+
+
+def _node_clock_policy(opts: EvalOptions, profile: SetupProfile) -> Policy:
+    """A node pool's clock policy, as the single-setup runs get theirs: the setup's own
+    shipped performance model (or the twin's formula with `--perf-model twin`)."""
+    spec = "twin" if opts.perf_model == "twin" else None
+    policy = clock_policy(profile.setup, perf_model_for(profile.setup.name, spec))
+    if not opts.future_prefills:
+        policy = dataclasses.replace(policy, arrival_window_s=None)
+    if not opts.warm_start:
+        policy = dataclasses.replace(policy, warm_start=False)
+    if opts.power:
+        policy = dataclasses.replace(policy, floor_mhz=efficient_clock_mhz(profile))
+    return policy
+
+
+def evaluate(opts: EvalOptions) -> Evaluation:
+    """Set up the window (capacity, time-scaling) and run every policy on it."""
     if opts.instances < 1:
         raise ConfigError("--instances must be at least 1")
     if opts.minutes <= 0 or opts.retune_s <= 0 or opts.peak_load <= 0:
         raise ConfigError("the window length, --retune-s and --peak-load must be positive")
     if not 0 < opts.slo_target <= 1:
         raise ConfigError("--slo-target is a fraction in (0, 1]")
-    unknown = [p for p in opts.policies if p not in POLICIES]
+    known = (*POLICIES, *NODE_POLICIES)
+    unknown = [p for p in opts.policies if p not in known]
     if unknown or not opts.policies:
-        raise ConfigError(f"--policies takes some of {', '.join(POLICIES)}, not {unknown}")
+        raise ConfigError(f"--policies takes some of {', '.join(known)}, not {unknown}")
+    if any(p in NODE_POLICIES for p in opts.policies) and not opts.node_setups:
+        raise ConfigError("the node policies need --node-setups (the TP configurations the "
+                          "node may run, e.g. h100-llama2-13b-tp1,h100-llama2-13b-tp2)")
     for spec in (opts.length_error, *opts.length_errors):
         parse_length_error(spec)
-    profile = with_power(load_profile(opts.setup), opts.power)
-    if not opts.fidelity:
-        profile = profile.with_overrides({"clocking.locked_idle_w": "flat",
-                                          "clocking.switch_latency_s": 0.0})
-    if opts.clocking:
-        profile = profile.with_overrides({f"clocking.{k}": v for k, v in opts.clocking.items()})
+    profile = _twin_profile(opts, opts.setup)
     idle_power = controller_idle_power(profile) if opts.fidelity else None
     switch_latency_s = profile.clocking.switch_latency_s
     slo_classes = load_slo_classes(opts.slo_config)
@@ -346,7 +389,7 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     if capacity is not None and capacity <= 0:
         raise ConfigError("--capacity-rps must be positive")
     if capacity is None and (scaled_by_capacity or any(
-            POLICY_SPECS[name].scaling for _, name, _ in runs_to_make)):
+            _spec(name).scaling for _, name, _ in runs_to_make)):
         capacity = measure_capacity_rps(profile, unscaled, slo_target=opts.slo_target,
                                         slo_classes=slo_classes)
     if not opts.time_scale:
@@ -359,7 +402,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     rate_factor = span_unscaled / span_scaled if span_scaled > 0 else 1.0
 
     instances = [f"i{n}" for n in range(opts.instances)]
-    needs_controller = any(name not in {"default", "autoscale"} for _, name, _ in runs_to_make)
+    needs_controller = any(name not in {"default", "autoscale", *NODE_POLICIES}
+                           for _, name, _ in runs_to_make)
     shape = EngineShape.of(profile.setup)
     policy = None
     if needs_controller:
@@ -380,6 +424,17 @@ def evaluate(opts: EvalOptions) -> Evaluation:
                                       policy.floor_mhz, slo_target=opts.slo_target,
                                       slo_classes=slo_classes)
     predictions: dict[str, dict[str, tuple[float, float]]] = {}
+    node = None
+    if any(name in NODE_POLICIES for _, name, _ in runs_to_make):
+        assert capacity is not None
+        node = build_node(
+            opts.node_setups, node_gpus=opts.node_gpus or opts.instances
+            * profile.engine.tp_degree, base=profile, base_capacity=capacity,
+            profile_of=lambda s: _twin_profile(opts, s),
+            capacity_of=lambda p: measure_capacity_rps(
+                p, unscaled, slo_target=opts.slo_target, slo_classes=slo_classes),
+            clock_policy_of=lambda p: _node_clock_policy(opts, p),
+            fidelity=opts.fidelity, warmup_s=opts.warmup_s, cooldown_s=opts.cooldown_s)
 
     sims: dict[str, Simulation] = {}
     errors: dict[str, str | None] = {}
@@ -390,11 +445,17 @@ def evaluate(opts: EvalOptions) -> Evaluation:
                 predictions[err] = oracle_predictions(requests, parse_length_error(err),
                                                       opts.seed)
             preds = predictions[err]
-        sim = Simulation(profile, instances, make_policy(
-            name, instances, shape=shape, policy=policy, predictions=preds, scaling=scaling,
-            static_clock_mhz=static_mhz, tick_s=opts.retune_s, label=label,
-            slo_classes=slo_classes, idle_power=idle_power,
-            switch_latency_s=switch_latency_s))
+        if name in NODE_POLICIES:
+            assert node is not None
+            sim = node_simulation(name, node.policy, node.pools(name), base=profile,
+                                  predictions=preds, tick_s=opts.retune_s,
+                                  slo_classes=slo_classes, label=label)
+        else:
+            sim = Simulation(profile, instances, make_policy(
+                name, instances, shape=shape, policy=policy, predictions=preds,
+                scaling=scaling, static_clock_mhz=static_mhz, tick_s=opts.retune_s,
+                label=label, slo_classes=slo_classes, idle_power=idle_power,
+                switch_latency_s=switch_latency_s))
         sim.run(requests)
         sims[label] = sim
         errors[label] = err
@@ -409,13 +470,15 @@ def evaluate(opts: EvalOptions) -> Evaluation:
         instance_s = sim.instance_seconds(horizon_s)
         runs[label] = PolicyRun(
             report=report, gpu_energy_mj=sim.gpu_energy_mj(),
-            idle_floor_j=profile.gpu.idle_power_w * instance_s * profile.engine.tp_degree,
-            instance_hours=instance_s / 3600.0, deferred=sim.policy.deferred,
+            idle_floor_j=profile.gpu.idle_power_w * sim.gpu_seconds(horizon_s),
+            instance_hours=instance_s / 3600.0,
+            gpu_hours=sim.gpu_seconds(horizon_s) / 3600.0, deferred=sim.policy.deferred,
             iterations=res.iterations, ticks=res.ticks, length_error=errors[label],
             timeline=res.timeline,
             tbt_ms=[c.tbt_mean_ms for c in res.completions if c.generated_tokens > 1],
             e2e_ms=[c.e2e_ms for c in res.completions],
-            scale_events=len(getattr(sim.policy, "scale_log", ())))
+            scale_events=len(getattr(sim.policy, "scale_log", ())),
+            node=node_summary(sim.policy, horizon_s))
     band: dict[str, dict[str, float]] = {}
     if opts.band:
         band = _band_savings(opts, capacity, peak_rps if opts.time_scale else None)
@@ -455,6 +518,7 @@ def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
             "saving_vs_default": (1 - r.energy_j / base.report.energy_j) if base else None,
             "tokens_per_joule": r.generated_tokens / r.energy_j if r.energy_j > 0 else None,
             "instance_hours": run.instance_hours,
+            "gpu_hours": run.gpu_hours,
             "idle_floor_j": run.idle_floor_j,
             "deferred": run.deferred,
             "iterations": run.iterations,
@@ -462,6 +526,7 @@ def to_document(ev: Evaluation, opts: EvalOptions) -> dict[str, Any]:
             "scale_events": run.scale_events,
             "length_error": run.length_error,
             "saving_band": (None if (band := ev.saving_band(name)) is None else list(band)),
+            "node": run.node,
         }
     options = {k: str(v) if isinstance(v, Path) else v
                for k, v in msgspec.structs.asdict(opts).items()
@@ -488,7 +553,7 @@ def format_evaluation(ev: Evaluation) -> str:
     header = ("policy", "energy kJ", "saved", *(("band",) if banded else ()), "tok/J",
               "SLO met", "TTFT/TBT/E2E met",
               "TTFT p50/p99", "TBT p50/p99", "E2E p50/p99", "clock", "batch", "inst-h",
-              "deferred")
+              "GPU-h", "deferred")
     rows: list[tuple[str, ...]] = []
     for name, run in ev.runs.items():
         r = run.report
@@ -504,7 +569,8 @@ def format_evaluation(ev: Evaluation) -> str:
             f"{100 * r.e2e_attainment:.1f}",
             f"{r.ttft_ms.p50:.0f}/{r.ttft_ms.p99:.0f}", f"{r.tbt_ms.p50:.1f}/{r.tbt_ms.p99:.1f}",
             f"{r.e2e_ms.p50:.0f}/{r.e2e_ms.p99:.0f}", f"{r.mean_sm_clock_mhz:.0f}",
-            f"{r.mean_batch:.1f}", f"{run.instance_hours:.2f}", f"{run.deferred}"))
+            f"{r.mean_batch:.1f}", f"{run.instance_hours:.2f}", f"{run.gpu_hours:.2f}",
+            f"{run.deferred}"))
     widths = [max(len(row[k]) for row in (header, *rows)) for k in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[0]) if k == 0 else cell.rjust(widths[k])
                        for k, cell in enumerate(row)) for row in (header, *rows)]
@@ -520,10 +586,11 @@ def format_evaluation(ev: Evaluation) -> str:
             f"{ev.horizon_s:.0f} s simulated")
     legend = ("saved: energy vs default; SLO met: share of requests meeting TTFT, mean TBT "
               "and E2E bounds (unserved count as missed); latencies in ms; clock: busy-time "
-              "mean SM clock (MHz); inst-h: instance-hours"
+              "mean SM clock (MHz); inst-h: instance-hours; GPU-h: GPU-hours"
               + ("; band: saving's min..max over the assumed twin parameters' plausible "
                  "ranges (BAND_VARIANTS)" if banded else ""))
-    return "\n".join([head, *lines, legend, *_ranking(ev)])
+    nodes = {name: run.node for name, run in ev.runs.items() if run.node is not None}
+    return "\n".join([head, *lines, legend, *format_node_lines(nodes), *_ranking(ev)])
 
 
 def _ranking(ev: Evaluation, slo_target: float = 0.99) -> list[str]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from throttllem._core.report import ClockAccumulator
@@ -128,7 +128,8 @@ class Simulation:
     """Engine twins (each on its own GpuTwin) driven by one policy in simulated time."""
 
     def __init__(self, profile: SetupProfile, instances: Sequence[str],
-                 policy: SimPolicy, *, sample_s: float = DEFAULT_SAMPLE_S) -> None:
+                 policy: SimPolicy, *, sample_s: float = DEFAULT_SAMPLE_S,
+                 profiles: Mapping[str, SetupProfile] | None = None) -> None:
         if not instances:
             raise ConfigError("a simulation needs at least one instance")
         if not sample_s > 0:
@@ -138,8 +139,8 @@ class Simulation:
         self.now_s = 0.0
         self._inst: dict[str, _Instance] = {}
         self._removed: list[_Instance] = []
-        for name in instances:
-            self.add_instance(name)
+        for name in instances:  # `profiles`: an instance's own setup, where it has one
+            self.add_instance(name, (profiles or {}).get(name))
         self._heap: list[tuple[float, int, int, str]] = []
         self._seq = 0
         self.result = SimResult(timeline=Timeline(sample_s=sample_s))
@@ -151,13 +152,14 @@ class Simulation:
         """Instances that exist now (warming, serving or draining), in creation order."""
         return list(self._inst)
 
-    def add_instance(self, name: str) -> None:
+    def add_instance(self, name: str, profile: SetupProfile | None = None) -> None:
         """A new engine instance exists from now on: its GPUs draw idle power at once (the
-        policy decides when it serves, i.e. how long it warms up)."""
+        policy decides when it serves, i.e. how long it warms up). `profile`: its own setup
+        (a node mixing TP configurations); default: the simulation's."""
         if name in self._inst:
             raise ConfigError(f"instance {name!r} exists already")
-        gpu = GpuTwin(self.profile, start_s=self.now_s)
-        engine = EngineTwin(self.profile, name, gpu)
+        gpu = GpuTwin(profile or self.profile, start_s=self.now_s)
+        engine = EngineTwin(profile or self.profile, name, gpu)
         self._inst[name] = _Instance(name, gpu, engine, tuple(range(gpu.gpu_count())),
                                      added_s=self.now_s)
 
@@ -313,6 +315,11 @@ class Simulation:
         """Every GPU's energy counter now (mJ), instance by instance, removed ones first."""
         return [inst.gpu.energy_mj(i) for inst in (*self._removed, *self._inst.values())
                 for i in inst.gpu_indices]
+
+    def gpu_seconds(self, horizon_s: float) -> float:
+        """Seconds each GPU existed (drew power), summed, up to `horizon_s`."""
+        return sum(((horizon_s if inst.removed_s is None else inst.removed_s) - inst.added_s)
+                   * len(inst.gpu_indices) for inst in (*self._removed, *self._inst.values()))
 
     def gpu_count(self) -> int:
         """GPUs of every instance that ever existed."""

@@ -14,7 +14,9 @@ the engine contract (services/README.md).
 
 Stack: Starlette routes (anyio-native) on uvicorn's httptools protocol, inside the service's
 anyio task group (uvicorn's own signal handling is off: the runtime owns SIGTERM); httpx
-(anyio-native, through httpcore) to the engines, one pooled client for all of them. The two
+(anyio-native, through httpcore) to the engines, one client for all of them, over our own
+connection pool (`upstream.UpstreamTransport`: httpx's costs grow with the square of the
+open streams). The two
 proxy endpoints are plain ASGI callables, so they can watch for a client disconnect while
 they wait and stream without per-chunk framework overhead.
 """
@@ -26,6 +28,7 @@ import math
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Any, Final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import httpx
 import msgspec
 import structlog
@@ -44,6 +48,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from throttllem._bus import Bus
+from throttllem._engines.contract import REMEMBERED_IDS, acts_on_abort
 from throttllem._errors import ApiRequestError, BusError, ConfigError
 from throttllem._events import (
     REQUEST_CODEC,
@@ -76,6 +81,7 @@ from throttllem._gateway.protocol import (
     upstream_body,
 )
 from throttllem._gateway.tokenizer import PromptCounter
+from throttllem._gateway.upstream import UpstreamTransport
 from throttllem._runtime import Clock
 from throttllem._subjects import (
     REQUEST_ABORTED,
@@ -161,6 +167,9 @@ class _Flight:
     # bus already, the gateway publishes nothing more for it.
     settled: bool = False
     aborted_by: RequestAborted | None = None
+    # An abort naming an instance, seen before this gateway learnt where the request was
+    # admitted: it applies once the admission names that instance.
+    abort_if_admitted: RequestAborted | None = None
     client_gone: bool = False
     response_started: bool = False
     scope: anyio.CancelScope | None = None
@@ -184,6 +193,9 @@ class GatewayService:
         self.listening: socket.socket | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._flights: dict[str, _Flight] = {}
+        # Ids whose requests ended here, so that a late admission of one is counted as the
+        # duplicate it is (the engine contract's `admissions_duplicate`).
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._in_flight = 0
         self._started_wall = int(time.time())
         self._bus: Bus | None = None
@@ -197,9 +209,10 @@ class GatewayService:
         if isinstance(event, RequestAdmitted):
             waiter = self._waiters.get(event.request.id)
             if waiter is None or waiter.decision is not None:
-                if event.request.id in self._flights:  # decided already: never served twice
+                rid = event.request.id
+                if rid in self._flights or rid in self._ended:  # never served twice
                     self.bus.counters["admissions_duplicate"] += 1
-                return  # else another gateway's request, or one that has ended
+                return  # else another gateway's request
             waiter.decision = event
             waiter.event.set()
         elif isinstance(event, RequestDeferred):
@@ -214,12 +227,23 @@ class GatewayService:
     async def _on_aborted(self, event: RequestEvent) -> None:
         """An abort from elsewhere (the controller shedding a request) of one this gateway is
         serving: cancel it, which closes its upstream connection so the engine stops too.
-        The gateway's own aborts are published after their request has left `_flights`."""
+        As the engine contract has it, an abort counts when it names the instance the
+        request was admitted to, or none; one naming another instance is ignored (the
+        controller may have placed the id elsewhere). The gateway's own aborts are published
+        after their request has left `_flights`."""
         if not isinstance(event, RequestAborted):
             return
         flight = self._flights.get(event.id)
-        if flight is not None and flight.scope is not None and flight.aborted_by is None:
-            flight.aborted_by = event
+        if flight is None or flight.aborted_by is not None:
+            return
+        if not flight.instance and event.instance:
+            flight.abort_if_admitted = event  # the admission will say whether it is ours
+            return
+        if not acts_on_abort(flight.instance, event):
+            self.bus.counters["gateway.abort_for_other_instance"] += 1
+            return
+        flight.aborted_by = event
+        if flight.scope is not None:  # else not serving yet: it never starts
             flight.scope.cancel()
 
     async def _on_scale(self, event: ScaleEvent) -> None:
@@ -328,14 +352,16 @@ class GatewayService:
             tbt_slo_ms=slo.tpot_ms)
         flight = _Flight(request)
         waiter = _Waiter()
-        # Registered before the arrival is published: no decision can come before it.
+        # Registered before the arrival is published: no decision or abort can come first.
         self._waiters[request.id] = waiter
+        self._flights[request.id] = flight
         self._in_flight += 1
         try:
             await self.bus.publish_durable(REQUEST_ARRIVED, request,
                                            msg_id=f"arrived-{request.id}")
         except BusError as e:
             self._waiters.pop(request.id, None)
+            self._flights.pop(request.id, None)
             self._in_flight -= 1
             # It may have been stored all the same (an ack lost): tell the controller.
             flight.outcome = self._aborted(flight, "shed", f"arrival not acknowledged: {e}")
@@ -346,10 +372,11 @@ class GatewayService:
             self._refused(err)
             await self._send_error(send, err)
             return
-        self._flights[request.id] = flight
         try:
             async with anyio.create_task_group() as tg:
                 flight.scope = tg.cancel_scope
+                if flight.aborted_by is not None:  # while its arrival was being published
+                    tg.cancel_scope.cancel()
                 tg.start_soon(self._watch_disconnect, receive, flight, tg.cancel_scope)
                 await self._serve(flight, waiter, parsed, send)
                 tg.cancel_scope.cancel()
@@ -360,6 +387,9 @@ class GatewayService:
         finally:
             self._waiters.pop(request.id, None)
             self._flights.pop(request.id, None)
+            self._ended[request.id] = None
+            if len(self._ended) > REMEMBERED_IDS:
+                self._ended.popitem(last=False)
             self._in_flight -= 1
             self._finish_later(flight)
 
@@ -427,6 +457,14 @@ class GatewayService:
                                   code="refused_by_controller")
         flight.instance = decision.instance
         flight.admitted_s = self.clock.now_s()
+        pending = flight.abort_if_admitted
+        if pending is not None and acts_on_abort(decision.instance, pending):
+            flight.aborted_by = pending  # aborted at this instance before we knew it was here
+            assert flight.scope is not None
+            flight.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+        elif pending is not None:
+            self.bus.counters["gateway.abort_for_other_instance"] += 1
         return decision
 
     def _instance_url(self, flight: _Flight, admitted: RequestAdmitted) -> str:
@@ -559,8 +597,12 @@ class GatewayService:
                 tail += b"data: [DONE]\n\n"
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
-        flight.outcome = self._completed(flight, output_times, self.clock.now_s(), usage,
-                                         len(output_times))
+        # Completed when its last token arrived (the usage chunk and [DONE] that follow are
+        # bookkeeping), so E2E and the mean gap between tokens agree, as the engine contract
+        # has them.
+        flight.outcome = self._completed(
+            flight, output_times, output_times[-1] if output_times else self.clock.now_s(),
+            usage, len(output_times))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     # ------------------------------------------------------------------ outcomes
@@ -606,7 +648,7 @@ class GatewayService:
 
     # ------------------------------------------------------------------ app
 
-    def app(self) -> Starlette:
+    def app(self) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         def proxy(kind: Kind) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
             async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
                 await self._generate(kind, scope, receive, send)
@@ -634,7 +676,22 @@ class GatewayService:
                   Route("/v1/chat/completions", proxy("chat"), methods=["POST"]),
                   Route("/v1/models", models, methods=["GET"]),
                   Route("/health", health, methods=["GET"])]
-        return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
+        starlette = Starlette(routes=routes,
+                              exception_handlers={404: http_error, 405: http_error})
+        direct: dict[str, Kind] = {"/v1/completions": "completions",
+                                   "/v1/chat/completions": "chat"}
+
+        async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+            # The proxy endpoints skip Starlette's middleware: it would wrap every relayed
+            # event's send in three more layers. Everything else is Starlette's.
+            kind = (direct.get(scope.get("path", "")) if scope["type"] == "http"
+                    and scope.get("method") == "POST" else None)
+            if kind is not None:
+                await self._generate(kind, scope, receive, send)
+            else:
+                await starlette(scope, receive, send)
+
+        return dispatch
 
     # ------------------------------------------------------------------ running
 
@@ -666,6 +723,7 @@ class GatewayService:
         sock = self._bind()
         server = _Server(uvicorn.Config(
             self.app(), http="httptools", lifespan="off", log_config=None, access_log=False,
+            proxy_headers=False,  # nothing reads the client's address
             timeout_graceful_shutdown=max(1, math.ceil(self.config.shutdown_grace_s)),
             # Clients' idle connections must expire before ours do (httpx's and the OpenAI
             # SDK's pools keep them 5 s, uvicorn's default too): a request sent on a connection
@@ -674,10 +732,9 @@ class GatewayService:
         # Idle connections expire well before the engine's own keep-alive timeout (uvicorn's
         # and vLLM's default is 5 s): a request sent on a connection the engine is closing at
         # that instant would fail as if the engine had.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=4096,
-                              keepalive_expiry=2.0)
+        transport = UpstreamTransport(keepalive_expiry_s=2.0)
         timeout = httpx.Timeout(None, connect=self.config.connect_timeout_s)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as http, \
+        async with httpx.AsyncClient(transport=transport, timeout=timeout) as http, \
                 anyio.create_task_group() as tg:
             self._http, self._tg = http, tg
 

@@ -62,6 +62,7 @@ from throttllem._setup import Setup
 from throttllem._subjects import (
     DEAD_REQUEST,
     ENGINE_ITERATION_ALL,
+    FORECASTER_DEAD_LETTERS_DURABLE,
     REQUEST_ABORTED,
     REQUEST_ALL,
     REQUEST_ARRIVED,
@@ -69,15 +70,13 @@ from throttllem._subjects import (
     REQUEST_DEFERRED,
     REQUEST_PREDICTED,
     SCALE_TARGET,
+    forecaster_durable,
     freq_target,
     request_admitted,
     token,
 )
 
 log = structlog.get_logger("throttllem.forecaster")
-
-# The durable consumer of dead-lettered request events (shared by forecaster replicas).
-DEAD_LETTERS_DURABLE = "forecaster-dead-letters"
 
 
 class ForecasterService:
@@ -259,12 +258,12 @@ class ForecasterService:
         predicted = ctl.config.needs_predictions
         async with anyio.create_task_group() as tg:
             await tg.start(partial(
-                bus.consume, durable=f"forecaster-{self.policy_name}",
+                bus.consume, durable=forecaster_durable(self.policy_name),
                 subject=REQUEST_PREDICTED if predicted else REQUEST_ARRIVED,
                 deliver_new_only=True, codec=REQUEST_CODEC,
                 handler=partial(self._on_request, bus, clock)))
             await tg.start(partial(
-                bus.consume, durable=DEAD_LETTERS_DURABLE, subject=DEAD_REQUEST,
+                bus.consume, durable=FORECASTER_DEAD_LETTERS_DURABLE, subject=DEAD_REQUEST,
                 codec=REQUEST_CODEC, handler=partial(self._on_dead_letter, bus, clock)))
             tg.start_soon(self._tick_forever, bus, clock)
             log.info("forecaster.started", policy=self.policy_name, instances=self.instances)

@@ -45,6 +45,7 @@ from throttllem._events import (
 )
 from throttllem._runtime import Clock
 from throttllem._subjects import (
+    LENGTH_PREDICTOR_DURABLE,
     PREDICT_RPC,
     REQUEST_ARRIVED,
     REQUEST_COMPLETED,
@@ -212,7 +213,7 @@ class LengthPredictorService:
             await bus.serve_deferred(PREDICT_RPC, ARRIVAL_CODEC, self._accept_rpc,
                                      queue=QUEUE_GROUP, what="length prediction")
             await tg.start(partial(
-                bus.consume, durable="length-predictor", subject=REQUEST_ARRIVED,
+                bus.consume, durable=LENGTH_PREDICTOR_DURABLE, subject=REQUEST_ARRIVED,
                 deliver_new_only=True,
                 codec=REQUEST_CODEC, handler=partial(self._on_arrived, bus), concurrent=True))
             log.info("length_predictor.started", model_version=self.model_version,

@@ -35,6 +35,7 @@ from throttllem._subjects import (
     ENERGY_REQUEST,
     ENGINE_ITERATION_ALL,
     REQUEST_COMPLETED,
+    TELEMETRY_DURABLE,
     gpu_sample,
     token,
     twin_gpu,
@@ -188,8 +189,9 @@ class TelemetryService:
         await bus.subscribe(ENGINE_ITERATION_ALL, ENGINE_CODEC, self._on_iteration)
         async with anyio.create_task_group() as tg:
             await tg.start(partial(
-                bus.consume, durable="telemetry", subject=REQUEST_COMPLETED, deliver_new_only=True,
-                codec=REQUEST_CODEC, handler=partial(self._on_completed, bus)))
+                bus.consume, durable=TELEMETRY_DURABLE, subject=REQUEST_COMPLETED,
+                deliver_new_only=True, codec=REQUEST_CODEC,
+                handler=partial(self._on_completed, bus)))
             tg.start_soon(self._sample_forever, bus, clock, gpus)
             log.info("telemetry.started", backend=self.backend, instances=self.instances)
             task_status.started()

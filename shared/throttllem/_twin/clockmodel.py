@@ -246,6 +246,88 @@ def effective_clock_scalar(profile: SetupProfile, *, batch: float, kv_tokens: fl
     return clocks[best], best_it if best_it is not None else at(0)
 
 
+class ScalarClockModel:
+    """`effective_clock_scalar` for one profile, with what depends only on the clock (the
+    HBM-knee factor, the clock ratio, the weights term and its power, the voltage-scaled
+    dynamic power factor) computed once per supported clock: the engine twin asks for one
+    iteration per pass, so those powers would otherwise be recomputed every pass. The same
+    float operations in the same order as `iteration_scalar`, hence the same numbers."""
+
+    def __init__(self, profile: SetupProfile) -> None:
+        self.profile = profile
+        g = profile.gpu
+        self._clocks = g.supported_clocks_mhz
+        self._clock_min = g.clock_min_mhz
+        self._clock_step = g.clock_step_mhz
+        self._cap_w = g.power_cap_w
+        # per clock index: (clock, m, r, t_weights, t_weights**q, g)
+        self._per_clock: dict[int, tuple[int, float, float, float, float, float]] = {}
+
+    def _at_clock(self, i: int) -> tuple[int, float, float, float, float, float]:
+        hit = self._per_clock.get(i)
+        if hit is None:
+            profile = self.profile
+            tm = profile.time
+            pm = profile.power
+            fmax = profile.gpu.clock_max_mhz
+            clock_mhz = self._clocks[i]
+            k = tm.hbm_knee_sharpness
+            m = ((1.0 + (tm.hbm_knee_mhz / clock_mhz) ** k)
+                 / (1.0 + (tm.hbm_knee_mhz / fmax) ** k)) ** (1.0 / k)
+            r = fmax / clock_mhz
+            t_weights = tm.weights_ms * m
+            rise = min(max((clock_mhz - pm.voltage_knee_mhz) / (fmax - pm.voltage_knee_mhz),
+                           0.0), 1.0)
+            v = pm.voltage_min_ratio + (1.0 - pm.voltage_min_ratio) * rise
+            hit = (clock_mhz, m, r, t_weights, t_weights**tm.roofline_sharpness,
+                   clock_mhz / fmax * v * v)
+            self._per_clock[i] = hit
+        return hit
+
+    def iteration(self, i: int, batch: float, kv_tokens: float, prefill_tokens: float,
+                  prefill_attn_tokens2: float) -> ScalarIteration:
+        """`iteration_scalar` at the `i`-th supported clock."""
+        _, m, r, t_weights, t_weights_q, g = self._at_clock(i)
+        tm = self.profile.time
+        pm = self.profile.power
+        q = tm.roofline_sharpness
+        t_compute = tm.token_ms * (batch + prefill_tokens) * r
+        t_core = (t_weights_q + t_compute**q) ** (1.0 / q)
+        t_kv = tm.kv_ms_per_ktoken * kv_tokens / 1e3 * m
+        t_clocked = (tm.prefill_attn_ms_per_mtoken2 * prefill_attn_tokens2 / 1e6
+                     + tm.latency_ms) * r
+        total = t_core + t_kv + t_clocked
+        u_c = min((t_compute + t_clocked) / total, 1.0)
+        power = pm.static_w + pm.kv_w * t_kv / total + g * (pm.clock_w + pm.compute_w * u_c)
+        return ScalarIteration(total / 1e3, power, u_c, min((t_weights + t_kv) / total, 1.0))
+
+    def effective(self, *, batch: float, kv_tokens: float, prefill_tokens: float,
+                  requested_clock_mhz: float,
+                  prefill_attn_tokens2: float = 0.0) -> tuple[int, ScalarIteration]:
+        """`effective_clock_scalar` (the same search, the same answer)."""
+        clocks = self._clocks
+        top = min(len(clocks) - 1,
+                  max(0, math.floor((requested_clock_mhz - self._clock_min) / self._clock_step)))
+        it = self.iteration(top, batch, kv_tokens, prefill_tokens, prefill_attn_tokens2)
+        cap = self._cap_w
+        if it.power_w <= cap:
+            return clocks[top], it
+        lo, hi = 0, top - 1  # the answer is in [lo, hi], or clocks[0] when none fits
+        best = 0
+        best_it: ScalarIteration | None = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            cand = self.iteration(mid, batch, kv_tokens, prefill_tokens, prefill_attn_tokens2)
+            if cand.power_w <= cap:
+                best, best_it = mid, cand
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        if best_it is None:
+            best_it = self.iteration(0, batch, kv_tokens, prefill_tokens, prefill_attn_tokens2)
+        return clocks[best], best_it
+
+
 def efficient_clock_mhz(profile: SetupProfile) -> int:
     """The most energy-efficient supported clock of a typical decode pass (batch 32, 1k-token
     contexts) under the profile's power model: below it a slower pass costs more static

@@ -100,6 +100,10 @@ class _Req:
         self.preemptions = 0
 
 
+# `EngineTwin._left_min` with no request running.
+_NO_REQUEST = 1 << 62
+
+
 class EngineTwin:
     """One simulated engine instance serving the profile's model on `gpu`."""
 
@@ -124,15 +128,24 @@ class EngineTwin:
         self._max_batch = e.max_batch
         self._max_batched_tokens = e.max_batched_tokens
         cap = e.max_batch
-        # Batch slots 0..n-1, in admission order.
-        self._ctx = np.zeros(cap, dtype=np.int64)  # prompt + generated
-        self._gen = np.zeros(cap, dtype=np.int64)
-        self._target = np.zeros(cap, dtype=np.int64)
-        self._last = np.zeros(cap, dtype=np.float64)  # time of the latest token
-        self._gap = np.zeros(cap, dtype=np.float64)  # largest gap between tokens so far
-        self._energy = np.zeros(cap, dtype=np.float64)
+        # Batch slots 0..n-1, in admission order: rows of one integer and one float matrix,
+        # so that a pass updates and a completion compacts each with one operation.
+        self._slot_ints = np.zeros((3, cap), dtype=np.int64)
+        self._ctx: npt.NDArray[np.int64] = self._slot_ints[0]  # prompt + generated
+        self._gen: npt.NDArray[np.int64] = self._slot_ints[1]
+        self._target: npt.NDArray[np.int64] = self._slot_ints[2]
+        self._slot_floats = np.zeros((3, cap), dtype=np.float64)
+        self._last: npt.NDArray[np.float64] = self._slot_floats[0]  # time of the latest token
+        # largest gap between tokens so far
+        self._gap: npt.NDArray[np.float64] = self._slot_floats[1]
+        self._energy: npt.NDArray[np.float64] = self._slot_floats[2]
         self._reqs: list[_Req] = []
+        self._req_ids: list[str] = []  # their ids, in slot order
         self._n = 0
+        # A lower bound on the tokens any running request still has to generate: while it
+        # is positive, no request completes and the pass need not look.
+        self._left_min = _NO_REQUEST
+        self._ctx_sum = 0  # Σ context tokens of the running requests (their KV tokens)
         self._queue: deque[_Req] = deque()
         self._ids: set[str] = set()
         self._now_s = gpu.now_s(idx[0])
@@ -252,7 +265,7 @@ class EngineTwin:
             if r.id == request_id:
                 self._queue.remove(r)
                 return True
-        keep = np.array([r.id != request_id for r in self._reqs], dtype=bool)
+        keep = np.array([rid != request_id for rid in self._req_ids], dtype=bool)
         self._keep_slots(keep)
         return True
 
@@ -310,7 +323,7 @@ class EngineTwin:
             self._now_s = start
             return None
 
-        kv_tokens = int(self._ctx[:n].sum()) if n else 0
+        kv_tokens = self._ctx_sum
         res = self.gpu.run_iteration(start, batch=n, kv_tokens=kv_tokens,
                                      prefill_tokens=prefill_tokens,
                                      prefill_attn_tokens2=float(attn_tokens2),
@@ -321,9 +334,10 @@ class EngineTwin:
             gap = self._gap[:n]
             np.maximum(gap, end - self._last[:n], out=gap)
             self._last[:n] = end
-            self._gen[:n] += 1
-            self._ctx[:n] += 1
+            self._slot_ints[0:2, :n] += 1  # context and generated tokens
+            self._ctx_sum += n
             self._energy[:n] += per_token_mj
+            self._left_min -= 1
         request_tokens = [1] * n
         for k, r in enumerate(admitted, start=n):
             ctx = r.prompt + r.generated
@@ -333,11 +347,14 @@ class EngineTwin:
             else:
                 self._gap[k] = max(r.max_gap_s, end - r.last_token_s)
             self._ctx[k] = ctx + 1
+            self._ctx_sum += ctx + 1
             self._gen[k] = r.generated + 1
             self._target[k] = r.target
             self._last[k] = end
             self._energy[k] = r.energy_mj + per_token_mj * ctx
             self._reqs.append(r)
+            self._req_ids.append(r.id)
+            self._left_min = min(self._left_min, r.target - (r.generated + 1))
             request_tokens.append(ctx)
         m = n + len(admitted)
         self._n = m
@@ -348,7 +365,7 @@ class EngineTwin:
             duration_ms=res.duration_s * 1e3, batch_size=m, decode_tokens=n,
             prefill_tokens=prefill_tokens, kv_blocks_used=used, kv_blocks_total=self._kv_total,
             queue_len=len(self._queue), clock_mhz=res.clock_mhz, energy_mj=res.energy_mj,
-            power_w=res.power_w, request_ids=[r.id for r in self._reqs],
+            power_w=res.power_w, request_ids=self._req_ids.copy(),
             request_tokens=request_tokens)
         self._seq += 1
         return IterationOutcome(iteration=iteration, completed=self._complete(end))
@@ -358,6 +375,8 @@ class EngineTwin:
     def _preempt_slot(self, k: int) -> None:
         """Move the request in the last slot `k` back to the head of the queue."""
         r = self._reqs.pop()
+        self._req_ids.pop()
+        self._ctx_sum -= int(self._ctx[k])
         r.generated = int(self._gen[k])
         r.last_token_s = float(self._last[k])
         r.max_gap_s = float(self._gap[k])
@@ -367,9 +386,13 @@ class EngineTwin:
         self.preemptions_total += 1
 
     def _complete(self, end: float) -> list[RequestCompleted]:
+        if self._left_min > 0:  # nothing can be done yet
+            return []
         m = self._n
-        done = self._gen[:m] >= self._target[:m]
+        left = self._target[:m] - self._gen[:m]
+        done = left <= 0
         if not done.any():
+            self._left_min = int(left.min()) if m else _NO_REQUEST
             return []
         out: list[RequestCompleted] = []
         for k in np.flatnonzero(done).tolist():
@@ -393,7 +416,12 @@ class EngineTwin:
         keeping admission order."""
         m = self._n
         kept = int(keep.sum())
-        for arr in (self._ctx, self._gen, self._target, self._last, self._gap, self._energy):
-            arr[:kept] = arr[:m][keep]
-        self._reqs = [r for r, k in zip(self._reqs, keep.tolist(), strict=True) if k]
+        self._slot_ints[:, :kept] = self._slot_ints[:, :m][:, keep]
+        self._slot_floats[:, :kept] = self._slot_floats[:, :m][:, keep]
+        flags = keep.tolist()
+        self._reqs = list(itertools.compress(self._reqs, flags))
+        self._req_ids = list(itertools.compress(self._req_ids, flags))
         self._n = kept
+        self._ctx_sum = int(self._ctx[:kept].sum())
+        self._left_min = (int((self._target[:kept] - self._gen[:kept]).min()) if kept
+                          else _NO_REQUEST)

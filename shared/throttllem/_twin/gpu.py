@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from throttllem._errors import ClockOutOfRangeError, GpuError, GpuNotFoundError
 from throttllem._gpu.backend import GpuReading
-from throttllem._twin.clockmodel import effective_clock_scalar
+from throttllem._twin.clockmodel import ScalarClockModel
 from throttllem._twin.profile import SetupProfile, locked_idle_power_w
 
 # Simulated times closer than this are the same instant (float noise of summed durations).
@@ -81,6 +81,8 @@ class GpuTwin:
         if self._switch_s < 0:
             raise ValueError("switch_latency_s must be >= 0")
         self._idle_points = profile.clocking.locked_idle_points
+        self._idle_w_at: dict[tuple[int, int], float] = {}  # lock -> idle watts
+        self._scalar = ScalarClockModel(profile)  # the clock model, per-clock terms kept
         self._gpus = [_GpuState(now_s=start_s) for _ in range(n)]
         for i in range(n):
             self._set_idle_reading(i)
@@ -154,7 +156,11 @@ class GpuTwin:
     def _idle_w(self, lock: tuple[int, int] | None) -> float:
         if lock is None or self._idle_points is None:
             return self.profile.gpu.idle_power_w
-        return locked_idle_power_w(self._idle_points, float(lock[0]))
+        watts = self._idle_w_at.get(lock)
+        if watts is None:
+            watts = locked_idle_power_w(self._idle_points, float(lock[0]))
+            self._idle_w_at[lock] = watts
+        return watts
 
     # ------------------------------------------------------------------ twin-only
 
@@ -215,8 +221,8 @@ class GpuTwin:
             self._commit(self._gpus[i], start_s)
         runs = []
         for i in idx:
-            clock, it = effective_clock_scalar(
-                self.profile, batch=float(batch), kv_tokens=float(kv_tokens),
+            clock, it = self._scalar.effective(
+                batch=float(batch), kv_tokens=float(kv_tokens),
                 prefill_tokens=float(prefill_tokens),
                 requested_clock_mhz=float(self.requested_clock_mhz(i, start_s)),
                 prefill_attn_tokens2=float(prefill_attn_tokens2))
