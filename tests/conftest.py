@@ -5,9 +5,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from throttllem._bus import EmbeddedNatsServer
-from throttllem.testing import VllmServer, nats_server, vllm_available, vllm_server
+from throttllem.testing import (
+    TINY_TEST_CONTEXT,
+    VllmServer,
+    nats_server,
+    vllm_available,
+    vllm_server,
+)
 
 
 @pytest.fixture
@@ -20,6 +27,15 @@ def nats(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config_per_test() -> Iterator[None]:
+    """A test that runs a CLI command in-process configures logging (a command may filter
+    below warning): restore the configuration, so `capture_logs` in later tests sees all."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 # --------------------------------------------------------------------------- vLLM (CPU)
@@ -41,10 +57,15 @@ def _need_vllm() -> None:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight Llama model and its tokenizer (`throttllem model tiny`)."""
     pytest.importorskip("tokenizers", reason="needs the tiny-model extra")
-    from throttllem._engines.vllm.tiny_model import write_tiny_model  # noqa: PLC0415
+    from throttllem._engines.vllm.tiny_model import (  # noqa: PLC0415
+        TinyModelSpec,
+        write_tiny_model,
+    )
 
     out = tmp_path_factory.mktemp("tiny-model")
-    write_tiny_model(out)
+    # A long context, so that a long request is still generating when an abort lands even
+    # where the tiny model decodes thousands of tokens a second.
+    write_tiny_model(out, TinyModelSpec(context=TINY_TEST_CONTEXT))
     return out
 
 

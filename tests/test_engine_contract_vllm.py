@@ -41,7 +41,7 @@ from throttllem._events import RequestArrived
 from throttllem._gateway.service import default_max_model_len
 from throttllem._runtime import REAL_TIME
 from throttllem._subjects import health
-from throttllem.testing import VllmServer
+from throttllem.testing import TINY_TEST_CONTEXT, VllmServer
 from throttllem.testing_engine_contract import (
     EngineContractSuite,
     EngineProcess,
@@ -97,8 +97,9 @@ class TestVllmBehindGatewayContract(EngineContractSuite):
         "not promised for vLLM: the gateway holds a request in memory with its client's "
         "connection, so a killed gateway publishes no outcome for it (vLLM aborts it when "
         "the connection closes)")
-    # Prompt (100) and output fit the tiny model's 4,096-token context.
-    long_output_tokens = 3000
+    # Prompt (100) and output fit the test session's tiny-model context; most of it, so the
+    # request is still generating when its abort reaches vLLM.
+    long_output_tokens = TINY_TEST_CONTEXT - 400
 
     @pytest.fixture
     def nats(self, session_nats: EmbeddedNatsServer) -> EmbeddedNatsServer:

@@ -554,3 +554,8 @@ def wait_for_metrics_url(log_path: Path, timeout_s: float = 30.0) -> str:
                                  f"{log_path.read_text(errors='replace')}")
         time.sleep(0.05)
     return url
+
+
+# The tiny model's context in the vLLM test session (tests/conftest.py): long enough that a
+# request asking for most of it outlasts an abort's trip through the bus and the gateway.
+TINY_TEST_CONTEXT = 16384
