@@ -5,8 +5,6 @@ over a real nats-server."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from prometheus_client import generate_latest
 from throttllem import _metrics as m
 from throttllem._bus import EmbeddedNatsServer
 from throttllem._cli import main
-from throttllem.testing import wait_for_metrics_url
+from throttllem.testing import ServiceProcess, wait_for_metrics_url
 
 
 def page(*, beat: bool = True, connected: bool | None = True) -> tuple[str, float]:
@@ -92,14 +90,10 @@ def probe_until(url: str, capsys: pytest.CaptureFixture[str], want: int,
 @pytest.mark.slow
 def test_the_probe_follows_a_real_service_through_a_bus_outage_and_its_death(
         nats: EmbeddedNatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    log_path = tmp_path / "scaler.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "throttllem", "run", "scaler", "--nats", nats.url,
-             "--instances", "i0,i1", "--capacity", "10", "--metrics-port", "0"],
-            stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        url = wait_for_metrics_url(log_path)
+    with ServiceProcess("scaler", ["scaler", "--instances", "i0,i1", "--capacity", "10",
+                                   "--metrics-port", "0"], nats.url, tmp_path) as scaler:
+        scaler.start()
+        url = wait_for_metrics_url(scaler.log_path)
 
         out = probe_until(url, capsys, 0, "--require-bus")
         assert out.startswith("healthy: scaler 0.1.0: heartbeat")
@@ -111,9 +105,6 @@ def test_the_probe_follows_a_real_service_through_a_bus_outage_and_its_death(
         code, out = probe(url, capsys)
         assert code == 0, out
         assert out.endswith("NATS reconnecting")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     code, out = probe(url, capsys)
     assert code == 1
     assert out.startswith(f"unhealthy: cannot read {url}:")

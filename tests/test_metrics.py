@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -37,7 +35,7 @@ from throttllem._setup import DEFAULT_SETUP
 from throttllem._subjects import ENERGY_REQUEST, freq_target, request_admitted, twin_gpu
 from throttllem._twin.gpu import GpuTwin
 from throttllem._twin.profile import load_profile
-from throttllem.testing import wait_for_metrics_url
+from throttllem.testing import ServiceProcess, wait_for_metrics_url
 
 ROOT = Path(__file__).resolve().parents[1]
 README_TABLE = re.compile(r"<!-- metrics-table:start -->\n(.*?)\n<!-- metrics-table:end -->",
@@ -202,14 +200,10 @@ async def test_actuator_exports_target_and_applied_clock(nats: EmbeddedNatsServe
 @pytest.mark.slow
 def test_run_metrics_port_serves_the_scalers_target_over_http(
         nats: EmbeddedNatsServer, tmp_path: Path) -> None:
-    log_path = tmp_path / "scaler.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "throttllem", "run", "scaler", "--nats", nats.url,
-             "--instances", "i0,i1", "--capacity", "10", "--metrics-port", "0"],
-            stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        url = wait_for_metrics_url(log_path)
+    with ServiceProcess("scaler", ["scaler", "--instances", "i0,i1", "--capacity", "10",
+                                   "--metrics-port", "0"], nats.url, tmp_path) as scaler:
+        scaler.start()
+        url = wait_for_metrics_url(scaler.log_path)
         deadline = time.monotonic() + 30
         assert url.startswith("http://127.0.0.1:"), "bound to loopback by default"
         page: dict[str, tuple[str, list[tuple[dict[str, str], float]]]] = {}
@@ -224,9 +218,6 @@ def test_run_metrics_port_serves_the_scalers_target_over_http(
         assert {labels["phase"]: v for labels, v in phases} == {
             "warming": 0.0, "active": 2.0, "draining": 0.0}
         assert page["throttllem_build_info"][1][0][0]["service"] == "scaler"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_dashboard_queries_only_defined_metrics() -> None:
